@@ -1,0 +1,58 @@
+"""Facts shared by several plugins: names, priorities, header names, client-facing messages.
+
+Plugin-specific messages live beside the plugin's core; everything here is used by more than one.
+"""
+
+from __future__ import annotations
+
+from kong_mtls import __version__
+
+#: The `x.y.z` version string every plugin reports to Kong (Kong rejects anything else).
+PLUGIN_VERSION = __version__
+
+# Kong plugin names. Kong runs plugins by descending priority (Kong's bundled plugins for reference:
+# key-auth 1250, ip-restriction 990, acl 950, post-function -1000, Enterprise mtls-auth 1600).
+IP_ALLOWLIST = "ip-allowlist"
+CLIENT_CERT_AUTH = "client-cert-auth"
+API_KEY_AUTH = "api-key-auth"
+UPSTREAM_IDENTITY = "upstream-identity"
+
+PRIORITIES: dict[str, int] = {
+    # First: a refused peer costs nothing else, and the resolved client address is published for
+    # the plugins below.
+    IP_ALLOWLIST: 1800,
+    # Like Enterprise mtls-auth: before key auth, so api-key-auth can bind a key to the certificate.
+    CLIENT_CERT_AUTH: 1600,
+    # Just above Kong's key-auth (1250).
+    API_KEY_AUTH: 1260,
+    # After acl (950): only authorised requests reach the upstream check.
+    UPSTREAM_IDENTITY: 800,
+}
+
+# kong.ctx.shared key under which each plugin publishes its verdict for a request it let through.
+# The Kong-side fail-closed guard (kong_mtls.guard) refuses requests that lack the mark of a plugin
+# that should have run, which is what happens when Kong fails open on a plugin-server error.
+def shared_mark(plugin_name: str) -> str:
+    return f"kong_mtls.{plugin_name}"
+
+
+# Kong's acl plugin reads the consumer's groups from here when no consumer ACL rows exist.
+SHARED_AUTHENTICATED_GROUPS = "authenticated_groups"
+
+# Headers Kong's own auth plugins send upstream (kong/plugins/key-auth/handler.lua, set_consumer).
+HEADER_CONSUMER_ID = "X-Consumer-ID"
+HEADER_CONSUMER_CUSTOM_ID = "X-Consumer-Custom-ID"
+HEADER_CONSUMER_USERNAME = "X-Consumer-Username"
+HEADER_CREDENTIAL_IDENTIFIER = "X-Credential-Identifier"
+HEADER_ANONYMOUS_CONSUMER = "X-Anonymous-Consumer"
+CONSUMER_HEADERS = (
+    HEADER_CONSUMER_ID,
+    HEADER_CONSUMER_CUSTOM_ID,
+    HEADER_CONSUMER_USERNAME,
+    HEADER_CREDENTIAL_IDENTIFIER,
+    HEADER_ANONYMOUS_CONSUMER,
+)
+
+HEADER_WWW_AUTHENTICATE = "WWW-Authenticate"
+
+MESSAGE_UNEXPECTED = "An unexpected error occurred"

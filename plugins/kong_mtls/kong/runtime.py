@@ -1,0 +1,101 @@
+"""What every plugin adapter shares: refusals, the safe phase wrapper, logging.
+
+Kong fails open when a Python plugin errors, and kong-pdk 0.36 wedges its whole server when a
+handler raises before its first PDK call. So no exception may leave a phase handler: the wrapper
+turns one into a 500 `{"message": "An unexpected error occurred"}` with the reason in the log.
+Handlers never call `kong.response.exit` themselves; they return a `Refusal`, and the wrapper
+answers it and returns at once (code after `exit` would otherwise keep running).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from kong_mtls.constants import MESSAGE_UNEXPECTED
+
+#: Our own log lines carry this tag, then `plugin=... reason=...` pairs, so they can be grepped.
+LOG_TAG = "[kong-mtls]"
+
+#: Reason code logged when a handler raised.
+REASON_UNEXPECTED = "UNEXPECTED_ERROR"
+
+_stderr_log = logging.getLogger("kong_mtls")
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """An answer to the client instead of proxying: status, public message, and a logged reason."""
+
+    status: int
+    message: str
+    reason: str
+    detail: str = ""
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+#: A phase handler returns a refusal, or None to let the request go on.
+PhaseResult = Optional[Refusal]
+
+
+def log_line(plugin: str, event: str, **fields: Any) -> str:
+    """One grep-able line: `[kong-mtls] client-cert-auth refused reason=CERT_EXPIRED ...`."""
+    parts = [LOG_TAG, plugin, event]
+    parts.extend(f"{k}={_log_value(v)}" for k, v in fields.items() if v not in (None, ""))
+    return " ".join(parts)
+
+
+def _log_value(value: Any) -> str:
+    text = str(value).replace("\n", "\\n").replace("\r", "\\r")
+    if len(text) > 300:
+        text = text[:300] + "..."
+    return f'"{text}"' if " " in text else text
+
+
+def refuse(kong: Any, plugin: str, refusal: Refusal) -> None:
+    """Log the refusal's reason, then answer it. The caller must return right after."""
+    kong.log.warn(log_line(plugin, "refused", status=refusal.status, reason=refusal.reason,
+                           detail=refusal.detail))
+    kong.response.exit(refusal.status, {"message": refusal.message}, dict(refusal.headers))
+
+
+def phase(plugin: str) -> Callable[[Callable[[Any, Any], PhaseResult]], Callable[[Any, Any], None]]:
+    """Decorate a phase method `(self, kong) -> Refusal | None` so that nothing escapes it."""
+
+    def decorate(handler: Callable[[Any, Any], PhaseResult]) -> Callable[[Any, Any], None]:
+        @functools.wraps(handler)
+        def safe_handler(self: Any, kong: Any) -> None:
+            try:
+                refusal = handler(self, kong)
+                if refusal is not None:
+                    refuse(kong, plugin, refusal)
+                return
+            except Exception as exc:  # the point of this wrapper
+                _answer_unexpected(kong, plugin, exc)
+
+        return safe_handler
+
+    return decorate
+
+
+def _answer_unexpected(kong: Any, plugin: str, exc: BaseException) -> None:
+    reason = f"{type(exc).__name__}: {exc}"
+    _stderr_log.error(log_line(plugin, "error", reason=REASON_UNEXPECTED, detail=reason), exc_info=exc)
+    try:
+        kong.log.err(log_line(plugin, "error", reason=REASON_UNEXPECTED, detail=reason))
+        kong.response.exit(500, {"message": MESSAGE_UNEXPECTED}, {})
+    except Exception:  # Kong is unreachable: its side fails open, the guard catches it
+        _stderr_log.exception(log_line(plugin, "error", reason="PDK_UNREACHABLE"))
+
+
+def configure_stderr_logging(verbose: bool = False) -> None:
+    """Plugin-server output goes to stderr, which Kong merges into its error log."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    _stderr_log.addHandler(handler)
+    _stderr_log.setLevel(logging.DEBUG if verbose else logging.INFO)
+    _stderr_log.propagate = False

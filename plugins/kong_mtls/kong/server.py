@@ -1,0 +1,150 @@
+"""One dedicated kong-pdk plugin server per Kong plugin.
+
+Kong 3.9 registers only the first plugin of a multi-plugin server, so every plugin has its own
+entry point. This replaces kong-pdk's `start_dedicated_server` (same flags Kong uses: `--dump`,
+`-p <prefix>`) to fix what is unsafe in kong-pdk 0.36 for an auth plugin:
+
+* always gevent mode (the thread mode serialises events behind a global lock) and python-style
+  PDK return values (lua-style `(value, err)` tuples make `if kong.request.get_header(h):` always
+  true);
+* the socket reader decodes invalid UTF-8 (a header with raw bytes) with `surrogateescape` and
+  packs it back the same way. kong-pdk's reader raises on it and drops the connection, which Kong
+  answers by letting the request through (fail open);
+* an event whose first PDK call is `kong.response.exit` is forgotten at once; kong-pdk keeps it
+  (and its greenlet) forever;
+* `plugin.GetRuntimeStats` reports open events and greenlets (Kong never calls it; the soak test does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import re
+import sys
+import types
+from collections.abc import Sequence
+from typing import Any
+
+import msgpack
+from kong_pdk.listener import UnixStreamServer
+from kong_pdk.logger import Logger
+from kong_pdk.module import Module
+from kong_pdk.server import PluginServer, terminal_methods
+
+from kong_mtls.constants import PLUGIN_VERSION, PRIORITIES
+from kong_mtls.kong.runtime import configure_stderr_logging
+
+DEFAULT_PREFIX = "/usr/local/kong"
+_CAMEL = re.compile("([a-z])([A-Z])")
+
+
+class SafePluginServer(PluginServer):
+    def handle_event(self, event: dict) -> dict:
+        answer = super().handle_event(event)
+        data = answer.get("Data")
+        if isinstance(data, dict) and data.get("Method") in terminal_methods:
+            # Kong never steps an event again after exit; drop it so its greenlet can be collected.
+            self.events.pop(answer["EventId"], None)
+        return answer
+
+    def get_runtime_stats(self, *_: Any) -> dict:
+        import greenlet  # gevent's dependency
+
+        return {
+            "Pid": os.getpid(),
+            "Events": len(self.events),
+            "Instances": len(self.instances),
+            "Greenlets": sum(1 for o in gc.get_objects() if isinstance(o, greenlet.greenlet)),
+        }
+
+
+class _SocketReader:
+    def __init__(self, sock: Any) -> None:
+        self.sock = sock
+
+    def read(self, n: int) -> bytes:
+        return self.sock.recv(n)
+
+
+class SafeUnixStreamServer(UnixStreamServer):
+    """kong-pdk's listener with a byte-safe MessagePack codec."""
+
+    def handle(self, sock: Any, address: Any, *_: Any) -> None:
+        unpacker = msgpack.Unpacker(_SocketReader(sock), strict_map_key=False,
+                                    unicode_errors="surrogateescape")
+        packer = msgpack.Packer(unicode_errors="surrogateescape")
+        try:
+            for message in unpacker:
+                sock.sendall(packer.pack(self._answer(message)))
+        except (OSError, ValueError, msgpack.UnpackException) as exc:
+            self.logger.warn(f"closing plugin-server connection: {exc}")
+        finally:
+            sock.close()
+
+    def _answer(self, message: Any) -> list:
+        if not (isinstance(message, list) and len(message) == 4 and message[0] == 0):
+            return [1, None, "malformed request", None]
+        _, msgid, method, params = message
+        namespace, _, command = str(method).partition(".")
+        if namespace != "plugin" or not command:
+            return [1, msgid, f"RPC for {namespace} is not supported", None]
+        name = command[0].lower() + _CAMEL.sub(lambda m: f"{m.group(1)}_{m.group(2).lower()}", command[1:])
+        target = getattr(self.ps, name, None)
+        if target is None or name.startswith("_"):
+            return [1, msgid, f"no method {method}", None]
+        try:
+            return [1, msgid, None, target(*(params or []))]
+        except Exception as exc:  # reported to Kong as the RPC error, like kong-pdk
+            self.logger.warn(f"rpc {method} failed: {exc}")
+            return [1, msgid, str(exc), None]
+
+
+def plugin_info(name: str, plugin_cls: type, schema: list, priority: int | None = None) -> dict:
+    """What `--dump` prints for one plugin (Kong reads a JSON array of these)."""
+    server = SafePluginServer(loglevel=Logger.WARNING, use_gevent=True, lua_style=False)
+    server.plugins[name] = _module(name, plugin_cls, schema, priority)
+    return server.get_plugin_info(name)
+
+
+def _module(name: str, plugin_cls: type, schema: list, priority: int | None) -> Module:
+    definition = types.SimpleNamespace(Plugin=plugin_cls, Schema=schema, version=PLUGIN_VERSION,
+                                       priority=PRIORITIES[name] if priority is None else priority)
+    return Module(name, module=definition)
+
+
+def _arguments(name: str, argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=f"kong-mtls-{name}",
+                                     description=f"Kong plugin server for the {name} plugin.")
+    parser.add_argument("--dump", action="store_true",
+                        help="print the plugin's name, version, priority, phases and schema as JSON "
+                             "(Kong's pluginserver query_cmd)")
+    parser.add_argument("-p", "--kong-prefix", dest="prefix", default=DEFAULT_PREFIX,
+                        help=f"directory for the socket <prefix>/{name}.sock (default: %(default)s)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    # Accepted for compatibility with kong-pdk command lines; gevent mode is always on.
+    parser.add_argument("-g", "--gevent", action="store_true", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def serve(name: str, plugin_cls: type, schema: list, argv: Sequence[str] | None = None,
+          priority: int | None = None) -> int:
+    """Entry point body for one plugin: `--dump`, or serve on `<prefix>/<name>.sock`."""
+    args = _arguments(name, argv)
+    if args.dump:
+        sys.stdout.write(json.dumps([plugin_info(name, plugin_cls, schema, priority)]))
+        return 0
+    if not os.path.isdir(args.prefix):
+        sys.stderr.write(f"kong prefix {args.prefix} does not exist; cannot create the socket\n")
+        return 2
+    configure_stderr_logging(args.verbose)
+    loglevel = Logger.DEBUG if args.verbose else Logger.WARNING
+    server = SafePluginServer(loglevel=loglevel, use_gevent=True, name=f"{name} {PLUGIN_VERSION}",
+                              lua_style=False)
+    server.plugins[name] = _module(name, plugin_cls, schema, priority)
+    listener = SafeUnixStreamServer(server, args.prefix, sock_name=f"{name}.sock", use_gevent=True)
+    with contextlib.suppress(KeyboardInterrupt):
+        listener.serve_forever()
+    return 0

@@ -1,0 +1,854 @@
+"""The Kong side of the plugin-server protocol, for tests and benchmarks.
+
+Written from Kong's Lua source, Kong/kong 3.9.x:
+* `kong/runloop/plugin_servers/rpc/mp_rpc.lua`: the MessagePack-RPC client (`Rpc:call`), the
+  event loop (`bridge_loop`: HandleEvent, then one `plugin.Step*` per PDK call), `call_pdk_method`
+  (only the FIRST return value of a PDK function is forwarded, so a Lua `nil, err` arrives as nil;
+  unknown names are logged and answered with nil), `get_step_method` (the Step variant is chosen by
+  the PDK method: StepConsumer, StepCredential, StepMultiMap ...), `fix_mmap`/`fix_raw`, and
+  `handle_event` (an RPC failure is only logged: the request goes on, Kong fails OPEN; a
+  "no plugin instance" error restarts the instance and retries);
+* `kong/runloop/plugin_servers/plugin.lua`: `get_instance_id` (StartInstance with the config as
+  JSON, keyed by the plugin id and `__seq__`; a failed StartInstance raises, which Kong answers
+  with a 500), the PDK overrides in `exposed_api` (`kong.nginx.get_var`, `kong.ctx.shared.*`);
+* `kong/runloop/plugins_iterator.lua` (`get_plugin_config`): the keys Kong adds to a config
+  (`route_id`, `service_id`, `consumer_id`, `plugin_instance_name`, `__plugin_id`, `__key__`,
+  `__seq__`); fields the user did not set are JSON null (schema defaults filled in before);
+* `kong/init.lua`: a plugin handler that raises gets 500 `An unexpected error occurred`;
+  `kong.response.exit` in access stops the plugin (its coroutine yields and is never resumed, so the
+  plugin server never sees another Step for that event) and the remaining plugins;
+* PDK behaviour in `kong/pdk/request.lua`, `client.lua`, `client/tls.lua`, `service/request.lua`,
+  `response.lua`: header names case-insensitive; `get_header` returns nginx's `$http_*` value, which
+  joins repeated header lines with ", " since nginx 1.23 (Kong 3.9 ships OpenResty 1.25; Kong 2.8
+  returns the first line); `kong.service.request.set_header(s)` replaces every client-sent copy,
+  and an empty value (`""` or `{}`) removes the header (lua-nginx-module `ngx.req.set_header`);
+  `kong.client.authenticate` raises unless given a consumer or a credential table.
+Kong 2.8 (`kong/runloop/plugin_servers/mp_rpc.lua` at 2.8.x) still forwarded the error of a PDK
+call (`StepError`); `KongSide(kong_version="2.8")` does the same.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable
+from urllib.parse import parse_qsl
+
+import msgpack
+
+from kong_mtls.guard import GUARD_MESSAGE, GUARD_STATUS, missing_marks
+from tests.harness.lua_msgpack import Binary, EmptyMap, as_lua, pack
+
+MESSAGE_UNEXPECTED = "An unexpected error occurred"  # kong/init.lua, handler errors
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+#: Kong plugin name -> module serving it.
+PLUGIN_MODULES = {
+    "ip-allowlist": "kong_mtls.kong.ip_allowlist",
+    "client-cert-auth": "kong_mtls.kong.client_cert_auth",
+    "api-key-auth": "kong_mtls.kong.api_key_auth",
+    "upstream-identity": "kong_mtls.kong.upstream_identity",
+}
+
+# mp_rpc.lua, get_step_method: by_pdk_method
+_STEP_BY_METHOD = {
+    "kong.client.get_credential": "plugin.StepCredential",
+    "kong.client.load_consumer": "plugin.StepConsumer",
+    "kong.client.get_consumer": "plugin.StepConsumer",
+    "kong.client.authenticate": "plugin.StepCredential",
+    "kong.node.get_memory_stats": "plugin.StepMemoryStats",
+    "kong.router.get_route": "plugin.StepRoute",
+    "kong.router.get_service": "plugin.StepService",
+    "kong.request.get_query": "plugin.StepMultiMap",
+    "kong.request.get_headers": "plugin.StepMultiMap",
+    "kong.response.get_headers": "plugin.StepMultiMap",
+    "kong.service.response.get_headers": "plugin.StepMultiMap",
+}
+
+
+class LuaError(Exception):
+    """A Lua `error()` raised by a PDK function: Kong answers the request with a 500."""
+
+
+class RpcError(Exception):
+    """The plugin server answered with an error, or the socket failed."""
+
+
+class _Exit(Exception):
+    """`kong.response.exit`: the plugin's coroutine yields for good."""
+
+
+# --------------------------------------------------------------------------------------------
+# The plugin server process
+# --------------------------------------------------------------------------------------------
+class PluginServerProcess:
+    """A real plugin server started as Kong starts it (`<start_cmd> -p <prefix>`)."""
+
+    def __init__(self, name: str, module: str | None = None, prefix: str | None = None,
+                 extra_args: Sequence[str] = ()) -> None:
+        self.name = name
+        self.module = module or PLUGIN_MODULES[name]
+        self._own_prefix = prefix is None
+        self.prefix = prefix or tempfile.mkdtemp(prefix="kong-mtls-")
+        self.socket_path = os.path.join(self.prefix, f"{name}.sock")
+        self.log_path = os.path.join(self.prefix, f"{name}.log")
+        self.extra_args = list(extra_args)
+        self.proc: subprocess.Popen | None = None
+        info = self.dump()[0]
+        self.priority: int = info["Priority"]
+        self.version: str = info["Version"]
+        self.schema: dict = info["Schema"]
+
+    def command(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", self.module, *args]
+
+    def dump(self) -> list[dict]:
+        """Kong's `query_cmd`: `<entry> --dump`, a JSON array of plugin infos."""
+        out = subprocess.run(self.command("--dump"), capture_output=True, text=True, timeout=60,
+                             check=True, cwd=ROOT)
+        return json.loads(out.stdout)
+
+    def start(self, timeout: float = 20.0) -> PluginServerProcess:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.socket_path)
+        log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
+        self.proc = subprocess.Popen(self.command("-p", self.prefix, *self.extra_args), stdout=log,
+                                     stderr=subprocess.STDOUT, cwd=ROOT)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} plugin server exited: {self.output()}")
+            try:
+                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                    s.connect(self.socket_path)
+                return self
+            except OSError:
+                time.sleep(0.02)
+        raise RuntimeError(f"{self.name} plugin server did not listen on {self.socket_path}")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.resume()
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.proc = None
+
+    def kill(self) -> None:
+        """Die abruptly (SIGKILL), as a crashed plugin server does."""
+        if self.proc:
+            self.proc.kill()
+            self.proc.wait(5)
+
+    def pause(self) -> None:
+        """Hang (SIGSTOP): the socket accepts, nothing answers."""
+        if self.proc:
+            self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+
+    def restart(self) -> PluginServerProcess:
+        """What Kong's process manager does when its plugin server dies: start it again."""
+        self.stop()
+        return self.start()
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def output(self) -> str:
+        try:
+            with open(self.log_path, encoding="utf-8", errors="replace") as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
+
+    def rss_kb(self) -> int:
+        with open(f"/proc/{self.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+        raise RuntimeError("no VmRSS")
+
+    def close(self) -> None:
+        self.stop()
+        if self._own_prefix:
+            for entry in os.listdir(self.prefix):
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(self.prefix, entry))
+            with contextlib.suppress(OSError):
+                os.rmdir(self.prefix)
+
+
+# --------------------------------------------------------------------------------------------
+# MessagePack-RPC client (mp_rpc.lua, Rpc:call)
+# --------------------------------------------------------------------------------------------
+class RpcConnection:
+    def __init__(self, path: str, timeout: float) -> None:
+        self.path = path
+        self.timeout = timeout
+        self.msg_id = 0
+        self._sock: socket.socket | None = None
+        self._unpacker: msgpack.Unpacker | None = None
+
+    def _connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.path)
+        except OSError:
+            sock.close()
+            raise
+        self._sock = sock
+        self._unpacker = msgpack.Unpacker(raw=False, strict_map_key=False,
+                                          unicode_errors="surrogateescape")
+
+    def close(self) -> None:
+        if self._sock:
+            self._sock.close()
+        self._sock = None
+
+    def call(self, method: str, *args: Any) -> Any:
+        self.msg_id += 1
+        msg_id = self.msg_id
+        try:
+            if self._sock is None:
+                self._connect()
+            self._sock.sendall(pack([0, msg_id, method, list(args)]))
+            while True:
+                for message in self._unpacker:
+                    if message[0] == 2:  # notification
+                        continue
+                    if message[0] != 1 or message[1] != msg_id:
+                        raise RpcError(f"unexpected RPC response {message[:2]} to #{msg_id}")
+                    if message[2] is not None:
+                        raise RpcError(str(message[2]))
+                    return message[3]
+                data = self._sock.recv(65536)
+                if not data:
+                    raise RpcError("no data")
+                self._unpacker.feed(data)
+        except socket.timeout as exc:
+            self.close()
+            raise RpcError("timeout") from exc
+        except OSError as exc:
+            self.close()
+            raise RpcError(str(exc)) from exc
+
+
+# --------------------------------------------------------------------------------------------
+# Scenario and outcome
+# --------------------------------------------------------------------------------------------
+HeaderValue = Any  # str | bytes | list of those
+
+
+@dataclass
+class Consumer:
+    id: str
+    username: str | None = None
+    custom_id: str | None = None
+
+    def as_lua(self) -> dict:
+        row = {"id": self.id, "created_at": 1_700_000_000, "type": 0}
+        if self.username is not None:
+            row["username"] = self.username
+        if self.custom_id is not None:
+            row["custom_id"] = self.custom_id
+        return row
+
+
+@dataclass
+class Request:
+    method: str = "GET"
+    path: str = "/"
+    headers: Mapping[str, HeaderValue] | Sequence[tuple[str, HeaderValue]] = field(default_factory=dict)
+    query: Mapping[str, Any] = field(default_factory=dict)
+    body: bytes = b""
+    client_ip: str = "198.51.100.7"
+    realip_remote_addr: str | None = None
+    forwarded_ip: str | None = None
+    client_chain_pem: str | None = None
+    scheme: str = "https"
+    host: str = "api.example.test"
+    port: int = 443
+    vars: Mapping[str, Any] = field(default_factory=dict)
+    route: Mapping[str, Any] = field(default_factory=lambda: {"id": "00000000-0000-4000-8000-00000000a001",
+                                                                "name": "test-route"})
+    service: Mapping[str, Any] = field(default_factory=lambda: {
+        "id": "00000000-0000-4000-8000-00000000b001", "name": "test-service", "host": "upstream.test",
+        "port": 443, "protocol": "https"})
+
+
+@dataclass
+class Exit:
+    status: int
+    body: Any
+    headers: dict[str, Any]
+    source: str  # plugin name, "kong" (handler error) or "guard"
+
+
+@dataclass
+class Outcome:
+    exit: Exit | None = None
+    upstream_headers: dict[str, list[str]] = field(default_factory=dict)
+    upstream_query: dict[str, list[str]] = field(default_factory=dict)
+    upstream_body: bytes = b""
+    authenticated: list[tuple[Any, Any]] = field(default_factory=list)
+    ctx_shared: dict[str, Any] = field(default_factory=dict)
+    logs: list[tuple[str, str]] = field(default_factory=list)
+    pdk_calls: list[str] = field(default_factory=list)
+    client_verify: str | None = None
+    service_tls: dict[str, Any] = field(default_factory=dict)
+    rpc_errors: list[str] = field(default_factory=list)
+
+    @property
+    def proxied(self) -> bool:
+        return self.exit is None
+
+    @property
+    def status(self) -> int:
+        """The status the client would see (200 standing for "proxied to the upstream")."""
+        return self.exit.status if self.exit else 200
+
+    @property
+    def message(self) -> Any:
+        return self.exit.body.get("message") if self.exit and isinstance(self.exit.body, dict) else None
+
+    def header(self, name: str) -> str | None:
+        values = self.upstream_headers.get(name.lower())
+        return ", ".join(values) if values else None
+
+    def log_text(self) -> str:
+        return "\n".join(f"{level} {msg}" for level, msg in self.logs)
+
+
+# --------------------------------------------------------------------------------------------
+# The PDK as Kong implements it, over one request
+# --------------------------------------------------------------------------------------------
+_UUID_CHARS = set("0123456789abcdefABCDEF-")
+
+
+def _is_uuid(value: str) -> bool:
+    return len(value) == 36 and set(value) <= _UUID_CHARS
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "surrogateescape")
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+class RequestState:
+    """One request as Kong holds it while the plugins run, and the PDK over it."""
+
+    def __init__(self, request: Request, consumers: Iterable[Consumer], ctx_shared: Mapping[str, Any],
+                 kong_version: str, outcome: Outcome) -> None:
+        self.request = request
+        self.kong_version = kong_version
+        self.outcome = outcome
+        pairs = request.headers.items() if isinstance(request.headers, Mapping) else request.headers
+        self.headers: list[tuple[str, str]] = []
+        for name, value in pairs:
+            for v in value if isinstance(value, list) else [value]:
+                self.headers.append((name, _text(v)))
+        self.upstream: list[tuple[str, str]] = list(self.headers)
+        self.query = {k: v for k, v in request.query.items()}
+        self.upstream_query: dict[str, list[str]] | None = None
+        self.upstream_body: bytes | None = None
+        self.consumers = list(consumers)
+        outcome.ctx_shared.update(ctx_shared)
+        self.ctx: dict[str, Any] = {}
+        self.plugin_id: str | None = None
+        self.plugin_name = ""
+        self._methods: dict[str, Callable[..., Any]] = {
+            name[len("pdk_"):].replace("__", "."): getattr(self, name)
+            for name in dir(self) if name.startswith("pdk_")
+        }
+
+    # -- dispatch ----------------------------------------------------------------------------
+    def call(self, method: str, args: list) -> tuple[Any, Any]:
+        """(value, err) of a PDK call; raises LuaError for a Lua error() and _Exit for exit."""
+        self.outcome.pdk_calls.append(method)
+        fn = self._methods.get(method)
+        if fn is None:
+            self.log("err", f"could not find pdk method: {method}")
+            return None, None
+        result = fn(*args)
+        if isinstance(result, tuple):  # Lua multiple returns: value, err, ...
+            return result[0], result[1] if len(result) > 1 else None
+        return result, None
+
+    def log(self, level: str, message: str) -> None:
+        self.outcome.logs.append((level, message))
+
+    # -- kong.request --------------------------------------------------------------------------
+    def _header_values(self, name: str, headers: list[tuple[str, str]] | None = None) -> list[str]:
+        lname = name.lower().replace("_", "-")
+        return [v for n, v in (headers if headers is not None else self.headers)
+                if n.lower().replace("_", "-") == lname]
+
+    def pdk_kong__request__get_header(self, name: Any) -> Any:
+        if not isinstance(name, str):
+            raise LuaError("header name must be a string")
+        values = self._header_values(name)
+        if not values:
+            return None
+        return values[0] if self.kong_version.startswith("2.") else ", ".join(values)
+
+    def pdk_kong__request__get_headers(self, max_headers: int = 100) -> Any:
+        out: dict[str, list[str]] = {}
+        for n, v in self.headers[:max_headers]:
+            out.setdefault(n.lower(), []).append(v)
+        return (out or EmptyMap(), "truncated" if len(self.headers) > max_headers else None)
+
+    def pdk_kong__request__get_method(self) -> str:
+        return self.request.method
+
+    def pdk_kong__request__get_path(self) -> str:
+        return self.request.path
+
+    def pdk_kong__request__get_scheme(self) -> str:
+        return self.request.scheme
+
+    def pdk_kong__request__get_host(self) -> str:
+        return self.request.host
+
+    def pdk_kong__request__get_port(self) -> int:
+        return self.request.port
+
+    def pdk_kong__request__get_http_version(self) -> float:
+        return 1.1
+
+    def pdk_kong__request__get_raw_query(self) -> str:
+        from urllib.parse import urlencode
+
+        return urlencode([(k, v) for k, vs in self.query.items()
+                          for v in (vs if isinstance(vs, list) else [vs])])
+
+    def pdk_kong__request__get_query(self, max_args: int = 100) -> Any:
+        out: dict[str, Any] = {}
+        for k, v in list(self.query.items())[:max_args]:
+            # fix_mmap: `true` (an argument without value) becomes an empty array
+            out[k] = [] if v is True else ([_text(x) for x in v] if isinstance(v, list) else [_text(v)])
+        return out or EmptyMap()
+
+    def pdk_kong__request__get_query_arg(self, name: str) -> Any:
+        value = self.query.get(name)
+        return value[0] if isinstance(value, list) else value
+
+    def pdk_kong__request__get_raw_body(self) -> Any:
+        return Binary(self.request.body)
+
+    def pdk_kong__request__get_body(self, mimetype: str | None = None, max_args: int = 100) -> Any:
+        content_type = (mimetype or self.pdk_kong__request__get_header("Content-Type") or "").lower()
+        body = self.request.body
+        if content_type.startswith("application/x-www-form-urlencoded"):
+            out: dict[str, Any] = {}
+            for k, v in parse_qsl(body.decode("utf-8", "surrogateescape"), keep_blank_values=True):
+                out.setdefault(k, []).append(v)
+            return ({k: v[0] if len(v) == 1 else v for k, v in out.items()}, None, content_type)
+        if content_type.startswith("application/json"):
+            try:
+                return (json.loads(body or b"null"), None, content_type)
+            except ValueError:
+                return (None, "invalid json body", content_type)
+        return (None, "unsupported content type '" + content_type + "'", content_type)
+
+    # -- kong.client ---------------------------------------------------------------------------
+    def pdk_kong__client__get_ip(self) -> str:
+        return self.request.client_ip
+
+    def pdk_kong__client__get_forwarded_ip(self) -> str:
+        return self.request.forwarded_ip or self.request.client_ip
+
+    def pdk_kong__client__get_port(self) -> int:
+        return 54321
+
+    def pdk_kong__client__load_consumer(self, consumer_id: Any = None, search_by_username: Any = None) -> Any:
+        if not isinstance(consumer_id, str):
+            raise LuaError("consumer_id must be a string")
+        for c in self.consumers:
+            if _is_uuid(consumer_id) and c.id == consumer_id:
+                return c.as_lua()
+        if search_by_username:
+            for c in self.consumers:
+                if c.username == consumer_id:
+                    return c.as_lua()
+        return None
+
+    def pdk_kong__client__authenticate(self, consumer: Any = None, credential: Any = None) -> Any:
+        if not consumer and not credential:
+            raise LuaError("either credential or consumer must be provided")
+        if consumer is not None and not isinstance(consumer, dict):
+            raise LuaError("consumer must be a table or nil")
+        if credential is not None and not isinstance(credential, dict):
+            raise LuaError("credential must be a table or nil")
+        self.ctx["authenticated_consumer"] = consumer
+        self.ctx["authenticated_credential"] = credential
+        self.outcome.authenticated.append((consumer, credential))
+        return None
+
+    def pdk_kong__client__get_consumer(self) -> Any:
+        return self.ctx.get("authenticated_consumer")
+
+    def pdk_kong__client__get_credential(self) -> Any:
+        return self.ctx.get("authenticated_credential")
+
+    def pdk_kong__client__tls__get_full_client_certificate_chain(self) -> Any:
+        return self.request.client_chain_pem
+
+    def pdk_kong__client__tls__set_client_verify(self, value: Any = None) -> Any:
+        if not isinstance(value, str) or not (value in ("SUCCESS", "NONE") or value.startswith("FAILED:")):
+            raise LuaError("unknown client verify value: " + _text(value))
+        self.outcome.client_verify = value
+        return None
+
+    # -- kong.ctx / kong.nginx (plugin.lua, exposed_api) ------------------------------------------
+    def pdk_kong__ctx__shared__get(self, key: Any = None) -> Any:
+        return self.outcome.ctx_shared.get(key)
+
+    def pdk_kong__ctx__shared__set(self, key: Any = None, value: Any = None) -> Any:
+        if value is None:
+            self.outcome.ctx_shared.pop(key, None)
+        else:
+            self.outcome.ctx_shared[key] = value
+        return None
+
+    def pdk_kong__nginx__get_var(self, name: Any = None) -> Any:
+        if not isinstance(name, str):
+            return None
+        nginx_vars = {
+            "remote_addr": self.request.client_ip,
+            "realip_remote_addr": self.request.realip_remote_addr or self.request.client_ip,
+            "scheme": self.request.scheme,
+            "host": self.request.host,
+            "server_port": str(self.request.port),
+            "request_method": self.request.method,
+            "uri": self.request.path,
+            "ssl_client_verify": "NONE" if self.request.client_chain_pem is None
+            else "FAILED:unable to verify the first certificate",
+        }
+        nginx_vars.update(self.request.vars)
+        return nginx_vars.get(name)
+
+    def pdk_kong__nginx__get_ctx(self, key: Any = None) -> Any:
+        return self.ctx.get(("ngx", key))
+
+    def pdk_kong__nginx__set_ctx(self, key: Any = None, value: Any = None) -> Any:
+        self.ctx[("ngx", key)] = value
+        return None
+
+    # -- kong.router / kong.plugin / kong.node ---------------------------------------------------
+    def pdk_kong__router__get_route(self) -> Any:
+        return dict(self.request.route)
+
+    def pdk_kong__router__get_service(self) -> Any:
+        return dict(self.request.service)
+
+    def pdk_kong__plugin__get_id(self) -> Any:
+        return self.plugin_id
+
+    def pdk_kong__node__get_id(self) -> str:
+        return "00000000-0000-4000-8000-0000000000e1"
+
+    # -- kong.log -------------------------------------------------------------------------------
+    def _kong_log(self, level: str, *args: Any) -> None:
+        self.log(level, f"[{self.plugin_name}] " + "".join(_text(a) for a in args))
+
+    def pdk_kong__log__err(self, *args: Any) -> None:
+        self._kong_log("err", *args)
+
+    def pdk_kong__log__warn(self, *args: Any) -> None:
+        self._kong_log("warn", *args)
+
+    def pdk_kong__log__notice(self, *args: Any) -> None:
+        self._kong_log("notice", *args)
+
+    def pdk_kong__log__info(self, *args: Any) -> None:
+        self._kong_log("info", *args)
+
+    def pdk_kong__log__debug(self, *args: Any) -> None:
+        self._kong_log("debug", *args)
+
+    def pdk_kong__log__crit(self, *args: Any) -> None:
+        self._kong_log("crit", *args)
+
+    # -- kong.response ---------------------------------------------------------------------------
+    def pdk_kong__response__exit(self, status: Any = None, body: Any = None, headers: Any = None) -> None:
+        if not isinstance(status, int) or not 100 <= status <= 599:
+            raise LuaError("code must be a number between 100 and 599")
+        if headers is not None and not isinstance(headers, dict):
+            raise LuaError("headers must be a nil or table")
+        if isinstance(body, (bytes, str)):
+            body = _text(body)
+        self.outcome.exit = Exit(status, body, dict(headers or {}), self.plugin_name)
+        raise _Exit
+
+    def pdk_kong__response__error(self, status: Any = None, message: Any = None, headers: Any = None) -> None:
+        self.pdk_kong__response__exit(status, {"message": message or "An error occurred"}, headers)
+
+    # -- kong.service ----------------------------------------------------------------------------
+    def _set_upstream_header(self, name: Any, value: Any, *, replace: bool) -> None:
+        if not isinstance(name, str):
+            raise LuaError(f"invalid header name {name!r}: got {type(name).__name__}, expected string")
+        values = value if isinstance(value, list) else [value]
+        for v in values:
+            if not isinstance(v, (str, bytes, int, float, bool)):
+                raise LuaError(f"invalid header value for {name!r}: got {type(v).__name__}")
+        values = [_text(v) for v in values]
+        lname = name.lower()
+        if replace:
+            self.upstream = [(n, v) for n, v in self.upstream if n.lower() != lname]
+            if values in ([], [""]):
+                return
+        self.upstream.extend((name, v) for v in values)
+
+    def pdk_kong__service__request__set_header(self, name: Any = None, value: Any = None) -> None:
+        self._set_upstream_header(name, value, replace=True)
+
+    def pdk_kong__service__request__add_header(self, name: Any = None, value: Any = None) -> None:
+        self._set_upstream_header(name, value, replace=False)
+
+    def pdk_kong__service__request__clear_header(self, name: Any = None) -> None:
+        self._set_upstream_header(name, [], replace=True)
+
+    def pdk_kong__service__request__set_headers(self, headers: Any = None) -> None:
+        if not isinstance(headers, dict):
+            raise LuaError("headers must be a table")
+        for name, value in headers.items():
+            self._set_upstream_header(name, value, replace=True)
+
+    def _query(self) -> dict[str, list[str]]:
+        if self.upstream_query is None:
+            self.upstream_query = {k: ([_text(x) for x in v] if isinstance(v, list) else
+                                       ([] if v is True else [_text(v)]))
+                                   for k, v in self.query.items()}
+        return self.upstream_query
+
+    def pdk_kong__service__request__set_query(self, args: Any = None) -> None:
+        if not isinstance(args, dict):
+            raise LuaError("args must be a table")
+        self.upstream_query = {k: ([_text(x) for x in v] if isinstance(v, list) else [_text(v)])
+                               for k, v in args.items()}
+
+    def pdk_kong__service__request__clear_query_arg(self, name: Any = None) -> None:
+        if not isinstance(name, str):
+            raise LuaError("query argument name must be a string")
+        self._query().pop(name, None)
+
+    def pdk_kong__service__request__set_raw_query(self, query: Any = None) -> None:
+        if not isinstance(query, str):
+            raise LuaError("query must be a string")
+        out: dict[str, list[str]] = {}
+        for k, v in parse_qsl(query, keep_blank_values=True):
+            out.setdefault(k, []).append(v)
+        self.upstream_query = out
+
+    def pdk_kong__service__request__set_raw_body(self, body: Any = None) -> None:
+        if not isinstance(body, (str, bytes)):
+            raise LuaError("body must be a string")
+        self.upstream_body = body.encode("utf-8", "surrogateescape") if isinstance(body, str) else body
+
+    def pdk_kong__service__request__set_body(self, args: Any = None, mimetype: Any = None) -> Any:
+        content_type = (mimetype or self.pdk_kong__request__get_header("Content-Type") or "").lower()
+        if content_type.startswith("application/json"):
+            self.upstream_body = json.dumps(args).encode()
+        elif content_type.startswith("application/x-www-form-urlencoded"):
+            from urllib.parse import urlencode
+
+            self.upstream_body = urlencode(
+                [(k, v) for k, vs in (args or {}).items() for v in (vs if isinstance(vs, list) else [vs])]
+            ).encode()
+        else:
+            return None, "unsupported content type '" + content_type + "'"
+        return True
+
+    def pdk_kong__service__set_tls_verify(self, on: Any = None) -> Any:
+        if not isinstance(on, bool):
+            raise LuaError("argument must be a boolean")
+        self.outcome.service_tls["verify"] = on
+        return True
+
+    def pdk_kong__service__set_tls_verify_depth(self, depth: Any = None) -> Any:
+        if not isinstance(depth, int):
+            raise LuaError("argument must be a number")
+        self.outcome.service_tls["verify_depth"] = depth
+        return True
+
+    # -- result ----------------------------------------------------------------------------------
+    def finish(self) -> None:
+        out: dict[str, list[str]] = {}
+        for n, v in self.upstream:
+            out.setdefault(n.lower(), []).append(v)
+        self.outcome.upstream_headers = out
+        self.outcome.upstream_query = self._query()
+        self.outcome.upstream_body = self.request.body if self.upstream_body is None else self.upstream_body
+
+
+# --------------------------------------------------------------------------------------------
+# Kong
+# --------------------------------------------------------------------------------------------
+def kong_config(schema: Mapping[str, Any], config: Mapping[str, Any]) -> dict[str, Any]:
+    """The config as Kong stores it: schema defaults filled, unset fields null (ngx.null)."""
+    fields = next(f["config"]["fields"] for f in schema["fields"] if "config" in f)
+    return _fill(fields, config)
+
+
+def _fill(fields: list, config: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(config)
+    for item in fields:
+        ((name, spec),) = item.items()
+        if out.get(name) is None:
+            out[name] = spec.get("default")
+        value = out[name]
+        elements = spec.get("elements", {})
+        if elements.get("type") == "record" and isinstance(value, list):
+            out[name] = [_fill(elements["fields"], v) if isinstance(v, Mapping) else v for v in value]
+        elif spec.get("type") == "record" and isinstance(value, Mapping):
+            out[name] = _fill(spec["fields"], value)
+    return out
+
+
+@dataclass
+class _Instance:
+    seq: int
+    instance_id: int
+
+
+class KongSide:
+    """Kong's end of the plugin-server sockets: one per test (or per benchmark worker)."""
+
+    def __init__(self, kong_version: str = "3.9", rpc_timeout: float = 10.0) -> None:
+        self.kong_version = kong_version
+        self.rpc_timeout = rpc_timeout
+        self._connections: dict[str, RpcConnection] = {}
+        self._instances: dict[str, _Instance] = {}
+        self._configs: dict[str, str] = {}
+        self._next_seq = 0
+
+    def close(self) -> None:
+        for conn in self._connections.values():
+            conn.close()
+        self._connections.clear()
+
+    def __enter__(self) -> KongSide:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _rpc(self, server: PluginServerProcess) -> RpcConnection:
+        conn = self._connections.get(server.socket_path)
+        if conn is None:
+            conn = self._connections[server.socket_path] = RpcConnection(server.socket_path, self.rpc_timeout)
+        return conn
+
+    def run(self, request: Request, plugins: Sequence[tuple[PluginServerProcess, Mapping[str, Any]]],
+            *, consumers: Iterable[Consumer] = (), ctx_shared: Mapping[str, Any] | None = None,
+            guard: Sequence[str] | None = None, phase: str = "access") -> Outcome:
+        """Run `phase` of the given plugins (highest priority first) for one request.
+
+        `guard` lists the plugins whose mark the route's post-function guard requires
+        (`kong_mtls.guard`); None means the route has no guard.
+        """
+        outcome = Outcome()
+        state = RequestState(request, consumers, ctx_shared or {}, self.kong_version, outcome)
+        ordered = sorted(plugins, key=lambda p: -p[0].priority)
+        for server, config in ordered:
+            state.plugin_name = server.name
+            try:
+                self._handle_event(server, config, phase, state)
+            except _Exit:
+                break
+            except LuaError as exc:
+                state.log("err", f"[{server.name}] {exc}")
+                outcome.exit = Exit(500, {"message": MESSAGE_UNEXPECTED}, {}, "kong")
+                break
+        if outcome.exit is None and guard:
+            missing = missing_marks(guard, outcome.ctx_shared)
+            if missing:
+                state.log("err", f"[post-function] [kong-mtls] guard refused missing={missing[0]}")
+                outcome.exit = Exit(GUARD_STATUS, {"message": GUARD_MESSAGE}, {}, "guard")
+        state.finish()
+        return outcome
+
+    # plugin.lua, get_instance_id
+    def _instance_id(self, server: PluginServerProcess, config: Mapping[str, Any],
+                     state: RequestState) -> int:
+        plugin_id = config.get("__plugin_id") or str(uuid.uuid5(
+            uuid.NAMESPACE_URL, server.name + json.dumps(config, sort_keys=True, default=str)))
+        state.plugin_id = plugin_id
+        encoded = json.dumps(config, sort_keys=True, default=str)
+        known = self._instances.get(plugin_id)
+        if known and self._configs.get(plugin_id) == encoded:
+            return known.instance_id
+        self._next_seq += 1
+        full = kong_config(server.schema, config)
+        full.update({"route_id": request_route_id(state.request), "__plugin_id": plugin_id,
+                     "__key__": f"plugins:{server.name}:{request_route_id(state.request)}::::",
+                     "__seq__": self._next_seq})
+        try:
+            started = self._rpc(server).call("plugin.StartInstance",
+                                             {"Name": server.name, "Config": json.dumps(full)})
+        except RpcError as exc:
+            state.log("err", f"starting instance: {exc}")
+            self._instances.pop(plugin_id, None)
+            raise LuaError(str(exc)) from exc
+        self._instances[plugin_id] = _Instance(self._next_seq, started["Id"])
+        self._configs[plugin_id] = encoded
+        if known:
+            with contextlib.suppress(RpcError):
+                self._rpc(server).call("plugin.CloseInstance", known.instance_id)
+        return started["Id"]
+
+    # mp_rpc.lua, handle_event and bridge_loop
+    def _handle_event(self, server: PluginServerProcess, config: Mapping[str, Any], phase: str,
+                      state: RequestState, retried: bool = False) -> None:
+        instance_id = self._instance_id(server, config, state)
+        rpc = self._rpc(server)
+        try:
+            step = rpc.call("plugin.HandleEvent", {"InstanceId": instance_id, "EventName": phase})
+            event_id = step["EventId"]
+            while step["Data"] != "ret":
+                data = step["Data"]
+                method = data["Method"]
+                value, err = state.call(method, as_lua(data.get("Args") or []))
+                step_method = _STEP_BY_METHOD.get(method, "plugin.Step")
+                if self.kong_version.startswith("2.") and value is None and err is not None:
+                    step_method, value = "plugin.StepError", err
+                step = rpc.call(step_method, {"EventId": event_id, "Data": value})
+        except RpcError as exc:
+            if "no plugin instance" in str(exc).lower() and not retried:
+                state.log("warn", str(exc))
+                self._instances.pop(state.plugin_id, None)
+                self._handle_event(server, config, phase, state, retried=True)
+                return
+            # Kong logs and carries on: the request is NOT stopped (fail open).
+            state.log("err", str(exc))
+            state.outcome.rpc_errors.append(f"{server.name}: {exc}")
+
+
+def request_route_id(request: Request) -> str:
+    return str(request.route.get("id"))

@@ -1,0 +1,132 @@
+"""The foundation through the real plugin server: round trips, refusals, errors, fail-open."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from kong_mtls.constants import MESSAGE_UNEXPECTED
+from kong_mtls.guard import GUARD_MESSAGE, GUARD_STATUS
+from tests.harness.kong_side import KongSide, PluginServerProcess, Request
+
+
+@pytest.fixture(scope="module")
+def trivial(plugin_server) -> PluginServerProcess:
+    return plugin_server("trivial", "tests.plugins.trivial")
+
+
+def test_pdk_round_trip_sets_upstream_header(kong, trivial):
+    outcome = kong.run(Request(headers={"x-echo": "hello"}), [(trivial, {})])
+    assert outcome.proxied
+    assert outcome.upstream_headers["x-echoed"] == ["hello"]
+    assert outcome.ctx_shared["kong_mtls.trivial"] == {"echoed": "hello"}
+    assert outcome.pdk_calls == ["kong.request.get_header", "kong.service.request.set_header",
+                                 "kong.ctx.shared.set"]
+
+
+def test_repeated_header_lines_arrive_joined_as_in_kong_3_9(kong, trivial):
+    outcome = kong.run(Request(headers=[("X-Echo", "a"), ("x-echo", "b")]), [(trivial, {})])
+    assert outcome.upstream_headers["x-echoed"] == ["a, b"]
+    with KongSide(kong_version="2.8") as old:
+        assert old.run(Request(headers=[("X-Echo", "a"), ("x-echo", "b")]),
+                       [(trivial, {})]).upstream_headers["x-echoed"] == ["a"]
+
+
+def test_refusal_answers_kong_style_and_logs_reason(kong, trivial):
+    outcome = kong.run(Request(headers={"x-echo": "v"}), [(trivial, {"mode": "refuse"})])
+    assert outcome.exit.status == 403
+    assert outcome.exit.body == {"message": "Go away"}
+    assert any("reason=TEST_REFUSED" in msg and level == "warn" for level, msg in outcome.logs)
+    # Nothing after exit: the handler returned at once.
+    assert outcome.pdk_calls[-1] == "kong.response.exit"
+    assert "kong.service.request.set_header" not in outcome.pdk_calls
+
+
+@pytest.mark.parametrize("mode", ["raise-first", "raise-later"])
+def test_exception_gives_500_and_server_keeps_serving(kong, trivial, mode):
+    for _ in range(3):
+        outcome = kong.run(Request(headers={"x-echo": "v"}), [(trivial, {"mode": mode})])
+        assert outcome.exit.status == 500
+        assert outcome.exit.body == {"message": MESSAGE_UNEXPECTED}
+        assert any("reason=UNEXPECTED_ERROR" in msg for _, msg in outcome.logs)
+    # The server is not wedged: the next event of another instance is answered normally.
+    ok = kong.run(Request(headers={"x-echo": "after"}), [(trivial, {})])
+    assert ok.proxied and ok.upstream_headers["x-echoed"] == ["after"]
+    assert "boom" in trivial.output()
+
+
+def test_unknown_pdk_function_is_answered_with_nil(kong, trivial):
+    outcome = kong.run(Request(headers={"x-echo": "v"}), [(trivial, {"mode": "unknown-pdk"})])
+    assert outcome.proxied
+    assert outcome.upstream_headers["x-echoed"] == ["nil"]
+    assert ("err", "could not find pdk method: kong.request.no_such_function") in outcome.logs
+
+
+def test_invalid_config_fails_start_instance_with_500(kong, trivial):
+    outcome = kong.run(Request(), [(trivial, {"calls": 0})])
+    assert outcome.exit.status == 500 and outcome.exit.source == "kong"
+    assert any("starting instance" in msg and "calls" in msg for _, msg in outcome.logs)
+
+
+def test_exit_as_first_call_does_not_leak_events(kong, trivial):
+    rpc = kong._rpc(trivial)
+    before = rpc.call("plugin.GetRuntimeStats")
+    for _ in range(20):
+        assert kong.run(Request(), [(trivial, {"mode": "exit-first"})]).status == 401
+    after = rpc.call("plugin.GetRuntimeStats")
+    assert after["Events"] == before["Events"]
+
+
+def test_config_reaches_plugin_with_kong_extras_and_nulls(kong, trivial):
+    # Kong adds route_id, __plugin_id, __key__, __seq__; the plugin ignores them.
+    outcome = kong.run(Request(headers={"x-echo": "x"}), [(trivial, {"mode": "echo", "calls": 2})])
+    assert outcome.pdk_calls.count("kong.request.get_header") == 2
+
+
+def test_dead_plugin_server_fails_open_and_guard_closes_it(plugin_server):
+    server = PluginServerProcess("trivial", "tests.plugins.trivial").start()
+    try:
+        with KongSide(rpc_timeout=1.0) as kong:
+            assert kong.run(Request(), [(server, {})], guard=["trivial"]).proxied
+            server.kill()
+            opened = kong.run(Request(), [(server, {})])
+            assert opened.proxied, "Kong lets the request through when the plugin server is gone"
+            assert opened.rpc_errors
+            guarded = kong.run(Request(), [(server, {})], guard=["trivial"])
+            assert guarded.exit.status == GUARD_STATUS and guarded.exit.source == "guard"
+            assert guarded.exit.body == {"message": GUARD_MESSAGE}
+            server.start()  # Kong's process manager restarts it; instances are started again
+            assert kong.run(Request(headers={"x-echo": "back"}),
+                            [(server, {})]).upstream_headers["x-echoed"] == ["back"]
+    finally:
+        server.close()
+
+
+def test_hung_plugin_server_fails_open_after_timeout():
+    server = PluginServerProcess("trivial", "tests.plugins.trivial").start()
+    try:
+        with KongSide(rpc_timeout=0.5) as kong:
+            assert kong.run(Request(), [(server, {})]).proxied
+            server.pause()
+            started = time.monotonic()
+            outcome = kong.run(Request(), [(server, {})])
+            assert outcome.proxied and "timeout" in outcome.rpc_errors[0]
+            assert time.monotonic() - started < 5
+            assert kong.run(Request(), [(server, {})], guard=["trivial"]).exit.source == "guard"
+    finally:
+        server.close()
+
+
+def test_kong_pdk_server_without_wrapper_wedges():
+    """Why the wrapper exists: kong-pdk's own server never answers again after such an exception."""
+    server = PluginServerProcess("unwrapped", "tests.plugins.unwrapped", extra_args=["-g"]).start()
+    try:
+        with KongSide(rpc_timeout=0.5) as kong:
+            first = kong.run(Request(), [(server, {})])
+            assert first.proxied and "timeout" in first.rpc_errors[0]
+        with KongSide(rpc_timeout=0.5) as kong:
+            second = kong.run(Request(), [(server, {})])
+            assert second.proxied and "timeout" in second.rpc_errors[0]
+    finally:
+        server.close()
