@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Union
@@ -188,11 +189,13 @@ class Authority:
         subject = name(common_name, organization=organization, organizational_units=organizational_units)
         return self.issue(subject, sans=SubjectAltNames(dns, uris, emails, ips), **kwargs)
 
-    def server(self, hostnames: Sequence[str], *, ips: Sequence[str] = (), **kwargs) -> Issued:
+    def server(self, hostnames: Sequence[str], *, ips: Sequence[str] = (), sans_uris: Sequence[str] = (),
+               **kwargs) -> Issued:
         """A TLS server certificate for the given host names (EKU serverAuth)."""
         kwargs.setdefault("extended_key_usage", (SERVER_AUTH,))
         common_name = hostnames[0] if hostnames else (ips[0] if ips else "server")
-        return self.issue(name(common_name), sans=SubjectAltNames(dns=hostnames, ips=ips), **kwargs)
+        return self.issue(name(common_name), sans=SubjectAltNames(dns=hostnames, uris=sans_uris, ips=ips),
+                          **kwargs)
 
     def revoke(self, cert: x509.Certificate, when: dt.datetime | None = None) -> None:
         self.revoked[cert.serial_number] = when or _now() - dt.timedelta(minutes=1)
@@ -243,3 +246,75 @@ def _leaf_key_usage(key: PrivateKey) -> x509.KeyUsage:
                          key_encipherment=isinstance(key, rsa.RSAPrivateKey), data_encipherment=False,
                          key_agreement=False, key_cert_sign=False, crl_sign=False, encipher_only=False,
                          decipher_only=False)
+
+
+#: What `write_dev_pki` creates, relative to its output directory (certificate paths; each `.pem`
+#: that has a key has it beside it as `.key`).
+DEV_PKI_LAYOUT = {
+    "root_ca": "ca/root.pem",
+    "issuing_ca": "ca/intermediate.pem",
+    "kong_server": "kong/server.pem",
+    "kong_server_b": "kong/server-b.pem",
+    "kong_upstream_client": "kong/upstream-client.pem",
+    "client_alice": "clients/alice.pem",
+    "client_bob": "clients/bob.pem",
+    "client_stranger": "clients/stranger.pem",
+    "stranger_ca": "ca/stranger-root.pem",
+    "aop_ca": "aop/ca.pem",
+    "aop_client": "aop/client.pem",
+    "upstream_server": "upstream/server.pem",
+    "upstream_impostor": "upstream/impostor.pem",
+}
+
+
+def write_dev_pki(out_dir: str, *, kong_hosts: Sequence[str] = ("localhost", "kong", "api.example.test"),
+                  kong_hosts_b: Sequence[str] = ("other.example.test",),
+                  upstream_hosts: Sequence[str] = ("upstream", "echo", "localhost"),
+                  force: bool = False) -> dict[str, str]:
+    """Create a complete development PKI under `out_dir`; returns name -> certificate path.
+
+    Nothing is overwritten unless `force`: an existing `ca/root.pem` means the PKI exists.
+    Certificate files hold the chain (leaf, then intermediates); keys are written mode 0600.
+    """
+    paths = {name: os.path.join(out_dir, rel) for name, rel in DEV_PKI_LAYOUT.items()}
+    if os.path.exists(paths["root_ca"]) and not force:
+        return paths
+    root = Authority.root("kong-mtls dev root CA")
+    issuing = root.intermediate("kong-mtls dev issuing CA")
+    stranger = Authority.root("kong-mtls dev stranger CA", organization="Elsewhere")
+    # Same shape as Cloudflare's Authenticated Origin Pulls CA (a self-signed root that issues the
+    # client certificate Cloudflare presents), so the recipe can be tried without Cloudflare.
+    aop = Authority.root("origin-pull.cloudflare.net (dev stand-in)", organization="CloudFlare, Inc. (dev)")
+    issued: dict[str, Issued] = {
+        "kong_server": issuing.server(list(kong_hosts), ips=["127.0.0.1"]),
+        "kong_server_b": issuing.server(list(kong_hosts_b)),
+        "kong_upstream_client": issuing.client("kong-gateway", dns=["kong.internal"],
+                                               uris=["spiffe://dev.kong-mtls/gateway"]),
+        "client_alice": issuing.client("alice", dns=["alice.clients.example"],
+                                       uris=["spiffe://dev.kong-mtls/ns/payments/sa/alice"],
+                                       emails=["alice@example.org"], organization="Example Org",
+                                       organizational_units=["payments", "admins"]),
+        "client_bob": issuing.client("bob", emails=["bob@example.org"], organizational_units=["support"]),
+        "client_stranger": stranger.client("stranger", dns=["stranger.example"]),
+        "aop_client": aop.client("Cloudflare (dev stand-in)"),
+        "upstream_server": issuing.server(list(upstream_hosts), ips=["127.0.0.1"],
+                                          sans_uris=["spiffe://dev.kong-mtls/upstream/echo"]),
+        "upstream_impostor": issuing.server(list(upstream_hosts), ips=["127.0.0.1"],
+                                            sans_uris=["spiffe://dev.kong-mtls/upstream/impostor"]),
+    }
+    cas = {"root_ca": root, "issuing_ca": issuing, "stranger_ca": stranger, "aop_ca": aop}
+    for name, ca in cas.items():
+        _write(paths[name], ca.cert_pem, 0o644)
+        _write(paths[name][:-4] + ".key", key_pem(ca.key), 0o600)
+    for name, item in issued.items():
+        _write(paths[name], item.chain_pem, 0o644)
+        _write(paths[name][:-4] + ".key", item.key_pem, 0o600)
+    return paths
+
+
+def _write(path: str, text: str, mode: int) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.chmod(path, mode)
