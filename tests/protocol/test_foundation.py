@@ -130,3 +130,12 @@ def test_kong_pdk_server_without_wrapper_wedges():
             assert second.proxied and "timeout" in second.rpc_errors[0]
     finally:
         server.close()
+
+
+def test_header_with_invalid_utf8_is_served_not_dropped(kong, trivial):
+    # Kong sends Lua strings as MessagePack str whatever their bytes. kong-pdk's reader raises on
+    # invalid UTF-8 and drops the connection, which Kong answers by proxying (fail open); ours
+    # decodes the bytes and hands them back unchanged.
+    outcome = kong.run(Request(headers={"x-echo": b"caf\xe9\xff"}), [(trivial, {})])
+    assert outcome.proxied and not outcome.rpc_errors
+    assert outcome.upstream_headers["x-echoed"] == [b"caf\xe9\xff".decode("utf-8", "surrogateescape")]
