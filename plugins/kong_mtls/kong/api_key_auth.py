@@ -1,0 +1,113 @@
+"""Kong adapter of the `api-key-auth` plugin: hashed API keys, optionally bound to the client certificate.
+
+The decisions are in `kong_mtls.core.api_keys`; this module only moves data between Kong and the core,
+with as few PDK round trips as the request allows: one `get_headers` for every key name, the query
+or the body only when the key is not found before them, the other plugins' verdicts only for a
+credential bound to them, and one `set_headers` for all upstream header changes.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from kong_pdk.exception import PDKException
+
+from kong_mtls import schema
+from kong_mtls.constants import API_KEY_AUTH, CLIENT_CERT_AUTH, IP_ALLOWLIST, shared_mark
+from kong_mtls.core.api_keys import (
+    ApiKeyAuth,
+    ConsumerCache,
+    Outcome,
+    kong_credential,
+    pass_mark,
+    resolve_client_ip,
+    upstream_headers,
+)
+from kong_mtls.kong.runtime import PhaseResult, Refusal, phase
+from kong_mtls.kong.server import serve
+
+NAME = API_KEY_AUTH
+MARK = shared_mark(API_KEY_AUTH)
+
+Schema = [
+    schema.strings("key_names", default=["apikey"], required=True, len_min=1),
+    schema.boolean("key_in_header", default=True, required=True),
+    schema.boolean("key_in_query", default=True, required=True),
+    schema.boolean("key_in_body", default=False, required=True),
+    schema.boolean("hide_credentials", default=False, required=True),
+    schema.string("anonymous"),
+    schema.boolean("run_on_preflight", default=True, required=True),
+    schema.string("realm"),
+    schema.integer("consumer_cache_ttl", default=60, required=True, between=(0, 86400)),
+    schema.records("credentials", [
+        schema.string("id", required=True),
+        schema.string("hash", required=True),
+        schema.string("consumer", required=True),
+        schema.string("key_index"),
+        schema.string("expires_at"),
+        schema.strings("allowed_cidrs"),
+        schema.boolean("client_cert", default=False),
+        schema.strings("client_spki_sha256"),
+    ], default=[], required=True),
+]
+
+class Plugin:
+    def __init__(self, config: Mapping[str, Any]) -> None:
+        settings = schema.validate(Schema, config)
+        self.auth = ApiKeyAuth.from_config(settings)
+        self.consumers = ConsumerCache(float(settings["consumer_cache_ttl"]))
+
+    @phase(NAME)
+    def access(self, kong: Any) -> PhaseResult:
+        auth = self.auth
+        skipped = auth.skip_reason(kong.request.get_method, kong.client.get_credential)
+        if skipped is not None:
+            kong.ctx.shared.set(MARK, pass_mark(skipped=skipped))
+            return None
+
+        def load_consumer(ref: str) -> Any:
+            return self.consumers.get(ref, lambda r: kong.client.load_consumer(r, True))
+
+        def load_body() -> Any:
+            try:
+                return kong.request.get_body()
+            except PDKException:  # Kong 2.8 forwards "unsupported content type" as an error
+                return None
+
+        decision = auth.authenticate(
+            load_headers=kong.request.get_headers,
+            load_query=kong.request.get_query,
+            load_body=load_body,
+            load_consumer=load_consumer,
+            load_client_ip=lambda: resolve_client_ip(kong.ctx.shared.get(shared_mark(IP_ALLOWLIST)),
+                                                     kong.client.get_forwarded_ip),
+            load_cert_mark=lambda: kong.ctx.shared.get(shared_mark(CLIENT_CERT_AUTH)),
+            now=time.time(),
+        )
+        if decision.outcome is Outcome.REFUSED:
+            return Refusal(decision.status, decision.message, decision.reason.value,
+                           detail=decision.log_detail(), headers=decision.headers)
+
+        credential = kong_credential(decision)
+        if credential is None:  # a nil credential would leave a hole in the RPC argument list
+            kong.client.authenticate(dict(decision.consumer))
+        else:
+            kong.client.authenticate(dict(decision.consumer), credential)
+        kong.service.request.set_headers(upstream_headers(decision))
+        if decision.rewrite.query is not None:
+            kong.service.request.set_query(dict(decision.rewrite.query))
+        if decision.rewrite.body is not None:
+            kong.service.request.set_body(dict(decision.rewrite.body))
+        kong.ctx.shared.set(MARK, pass_mark(decision))
+        return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return serve(NAME, Plugin, Schema, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
