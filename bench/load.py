@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import threading
 import time
@@ -77,10 +78,8 @@ def measure(case: Case, *, connections: int = 1, requests: int = 2000, warmup: i
     threads = [threading.Thread(target=worker, args=(n,)) for n in range(connections)]
     for t in threads:
         t.start()
-    try:
+    with contextlib.suppress(threading.BrokenBarrierError):
         barrier.wait()
-    except threading.BrokenBarrierError:
-        pass
     started = time.perf_counter()
     for t in threads:
         t.join()

@@ -477,8 +477,10 @@ class RequestState:
         return (None, "unsupported content type '" + content_type + "'", content_type)
 
     # -- kong.client ---------------------------------------------------------------------------
+    # kong/pdk/client.lua: get_ip is $realip_remote_addr (the TCP peer, before nginx's real-IP
+    # rewrite); get_forwarded_ip is $remote_addr (after it).
     def pdk_kong__client__get_ip(self) -> str:
-        return self.request.client_ip
+        return self.request.realip_remote_addr or self.request.client_ip
 
     def pdk_kong__client__get_forwarded_ip(self) -> str:
         return self.request.forwarded_ip or self.request.client_ip

@@ -1,0 +1,108 @@
+"""Named lists shipped with the package, and the loader plugins use to read them.
+
+A CIDR preset is a JSON document (`cloudflare-ips.json` is the model):
+
+    {"name": "cloudflare", "taken": "2026-11-24", "source": "<where it came from>",
+     "ipv4_cidrs": ["173.245.48.0/20", ...], "ipv6_cidrs": ["2400:cb00::/32", ...]}
+
+`kong-mtls cloudflare-ranges` writes files in the same format, so an operator can point a plugin at
+a fresher copy than the one shipped (`load_cidr_preset(name, override_file=...)`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from kong_mtls.core.addresses import AddressError, parse_network
+
+PRESET_DIR = Path(__file__).resolve().parent
+
+#: CIDR preset name -> file shipped in this package.
+CIDR_PRESET_FILES: dict[str, str] = {"cloudflare": "cloudflare-ips.json"}
+CIDR_PRESET_NAMES: tuple[str, ...] = tuple(CIDR_PRESET_FILES)
+
+_MAX_FILE_BYTES = 4 * 1024 * 1024
+
+
+class PresetError(ValueError):
+    """A preset that is unknown, unreadable or malformed; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class CidrList:
+    name: str
+    taken: str
+    source: str
+    ipv4_cidrs: tuple[str, ...]
+    ipv6_cidrs: tuple[str, ...]
+
+    @property
+    def cidrs(self) -> tuple[str, ...]:
+        return self.ipv4_cidrs + self.ipv6_cidrs
+
+    def to_json(self) -> str:
+        document = {"name": self.name, "taken": self.taken, "source": self.source,
+                    "ipv4_cidrs": list(self.ipv4_cidrs), "ipv6_cidrs": list(self.ipv6_cidrs)}
+        return json.dumps(document, indent=2) + "\n"
+
+
+def parse_cidr_list(document: object, origin: str) -> CidrList:
+    """Check a preset document: every CIDR valid and of the family its list names, at least one."""
+    if not isinstance(document, Mapping):
+        raise PresetError(f"{origin}: expected a JSON object")
+    name = document.get("name")
+    if not isinstance(name, str) or not name:
+        raise PresetError(f"{origin}: 'name' must be a non-empty string")
+    families = {}
+    for key, version in (("ipv4_cidrs", 4), ("ipv6_cidrs", 6)):
+        items = document.get(key, [])
+        if not isinstance(items, list):
+            raise PresetError(f"{origin}: {key!r} must be a list of CIDR strings")
+        for i, item in enumerate(items, start=1):
+            try:
+                network = parse_network(item)
+            except AddressError as exc:
+                raise PresetError(f"{origin}: {key}[{i}]: {exc}") from None
+            if network.version != version:
+                raise PresetError(f"{origin}: {key}[{i}]: {item!r} is not an IPv{version} CIDR")
+        families[key] = tuple(items)
+    if not families["ipv4_cidrs"] and not families["ipv6_cidrs"]:
+        raise PresetError(f"{origin}: no CIDRs")
+    return CidrList(name=name, taken=str(document.get("taken") or ""),
+                    source=str(document.get("source") or ""), **families)
+
+
+def read_cidr_list(path: str | Path) -> CidrList:
+    """A preset-format file (a shipped preset or one written by `kong-mtls cloudflare-ranges`)."""
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(_MAX_FILE_BYTES + 1)
+    except OSError as exc:
+        raise PresetError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    if len(data) > _MAX_FILE_BYTES:
+        raise PresetError(f"{path}: larger than {_MAX_FILE_BYTES} bytes")
+    try:
+        document = json.loads(data)
+    except ValueError as exc:
+        raise PresetError(f"{path}: not valid JSON: {exc}") from None
+    return parse_cidr_list(document, str(path))
+
+
+def cidr_list(name: str, override_file: str | Path | None = None) -> CidrList:
+    """The named CIDR preset: from `override_file` when given (its `name` must match), else shipped."""
+    if name not in CIDR_PRESET_FILES:
+        raise PresetError(f"unknown preset {name!r}; known: {', '.join(CIDR_PRESET_NAMES)}")
+    if override_file is None:
+        return read_cidr_list(PRESET_DIR / CIDR_PRESET_FILES[name])
+    loaded = read_cidr_list(override_file)
+    if loaded.name != name:
+        raise PresetError(f"{override_file}: holds preset {loaded.name!r}, not {name!r}")
+    return loaded
+
+
+def load_cidr_preset(name: str, override_file: str | Path | None = None) -> tuple[str, ...]:
+    """The CIDRs (IPv4 then IPv6) of a named preset; raises PresetError."""
+    return cidr_list(name, override_file).cidrs
