@@ -1,0 +1,845 @@
+"""Who is the upstream? A real TLS probe, an identity verdict, and a short-lived verdict cache.
+
+Kong OSS verifies an upstream's certificate chain and host name per connection when the Service has
+`tls_verify` on, but cannot check the certificate's other SAN entries, a SPIFFE ID, or pin its key.
+This module does that by connecting to the upstream the way Kong does, and judging what it presents:
+
+* `UpstreamPolicy.build(...)`: the trust store (CA PEM text and/or files), Kong's client certificate
+  and key (files; presented to the upstream like the Service's `client_certificate`), the expected
+  identity (SAN DNS names, SAN URIs such as SPIFFE IDs, SHA-256 pins of the SubjectPublicKeyInfo) and
+  timeouts. Config problems raise `ConfigError` naming the field.
+* `probe(target, settings)`: one TCP connect + TLS handshake with Python's `ssl` (OpenSSL, the same
+  verification nginx runs for `proxy_ssl_verify`), bounded by one deadline, never raising. In TLS 1.3
+  a server judges the client certificate after the handshake has completed on the client side, so the
+  probe then waits (at most `post_handshake_wait`) for the server's verdict: an alert means our
+  certificate was refused; a session ticket or data means it was accepted.
+* `evaluate(observation, policy)` → `Verdict` with a stable `Reason`, plus `ExpiryNotice`s for the
+  upstream's certificate and Kong's own client certificate when they expire within the warning window.
+* `VerdictCache`: verdicts per target with a TTL (shorter for failures) and a refresh-ahead point, so
+  a caller serves from cache and refreshes in the background before the verdict goes stale.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime as dt
+import re
+import selectors
+import socket
+import ssl
+import time
+from collections import OrderedDict
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Callable
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+
+from kong_mtls.schema import ConfigError
+
+#: Client-facing message of a refusal (the reason and the details go to the log only).
+MESSAGE_UNVERIFIED = "The upstream server's identity could not be verified"
+#: Status of a refusal: Kong answers 502 when it cannot get a valid answer from the upstream.
+REFUSAL_STATUS = 502
+
+DEFAULT_TIMEOUT = 5.0
+DEFAULT_POST_HANDSHAKE_WAIT = 0.5
+DEFAULT_WARNING_DAYS = 14
+#: A verdict older than this fraction of its TTL is refreshed in the background while still served.
+REFRESH_FRACTION = 0.5
+MIN_TLS_VERSION = ssl.TLSVersion.TLSv1_2
+
+# OpenSSL X509_V_ERR_* codes (include/openssl/x509_vfy.h) mapped to our reasons.
+_X509_V_ERR_CERT_NOT_YET_VALID = 9
+_X509_V_ERR_CERT_HAS_EXPIRED = 10
+_X509_V_ERR_HOSTNAME_MISMATCH = 62
+_X509_V_ERR_IP_ADDRESS_MISMATCH = 64
+
+# TLS alerts a server sends when it refuses the client's certificate (or its absence in TLS 1.3).
+_CLIENT_CERT_ALERTS = ("CERTIFICATE", "UNKNOWN_CA", "ACCESS_DENIED", "DECRYPT_ERROR")
+
+_DNS_LABEL = re.compile(r"^(?!-)[a-z0-9_-]{1,63}(?<!-)$")
+_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:\S+$")
+_HEX_PIN = re.compile(r"^[0-9a-fA-F]{64}$")
+_MAX_DETAIL = 200
+
+
+class Reason(str, Enum):
+    """Stable codes for a verdict, logged with every refusal."""
+
+    IDENTITY_OK = "IDENTITY_OK"
+    SAN_MISMATCH = "SAN_MISMATCH"                      # none of the expected DNS names in the SAN
+    URI_SAN_MISMATCH = "URI_SAN_MISMATCH"              # none of the expected URIs / SPIFFE IDs in the SAN
+    SPKI_MISMATCH = "SPKI_MISMATCH"                    # the public key matches none of the pins
+    HOSTNAME_MISMATCH = "HOSTNAME_MISMATCH"            # not valid for the server name (as tls_verify checks)
+    UPSTREAM_CERT_EXPIRED = "UPSTREAM_CERT_EXPIRED"    # the leaf (or a chain certificate) has expired
+    UPSTREAM_CERT_NOT_YET_VALID = "UPSTREAM_CERT_NOT_YET_VALID"
+    UNTRUSTED_UPSTREAM = "UNTRUSTED_UPSTREAM"          # the chain does not lead to a trusted CA
+    CLIENT_CERT_REJECTED = "CLIENT_CERT_REJECTED"      # the upstream refused Kong's client cert (or none)
+    CLIENT_CERT_UNUSABLE = "CLIENT_CERT_UNUSABLE"      # Kong's client cert/key files cannot be loaded
+    TRUST_STORE_UNUSABLE = "TRUST_STORE_UNUSABLE"      # the CA files cannot be loaded
+    HANDSHAKE_FAILED = "HANDSHAKE_FAILED"              # any other TLS failure (protocol, cipher, not TLS)
+    UPSTREAM_UNREACHABLE = "UPSTREAM_UNREACHABLE"      # name not resolved, connection refused, no route
+    PROBE_TIMEOUT = "PROBE_TIMEOUT"                    # no verdict within the probe timeout
+    PROBE_ERROR = "PROBE_ERROR"                        # the probe itself failed unexpectedly
+    UPSTREAM_NOT_TLS = "UPSTREAM_NOT_TLS"              # the Service does not speak TLS to its upstream
+    NO_TARGET = "NO_TARGET"                            # no host/port to probe
+
+
+class Notice(str, Enum):
+    """Warnings that do not refuse anything."""
+
+    UPSTREAM_CERT_EXPIRING = "UPSTREAM_CERT_EXPIRING"
+    CLIENT_CERT_EXPIRING = "CLIENT_CERT_EXPIRING"
+    CLIENT_CERT_EXPIRED = "CLIENT_CERT_EXPIRED"
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def _short(text: str) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= _MAX_DETAIL else text[:_MAX_DETAIL] + "..."
+
+
+# -- certificates -----------------------------------------------------------------------------------
+
+def spki_sha256(cert: x509.Certificate) -> bytes:
+    """SHA-256 of the DER SubjectPublicKeyInfo (what HPKP `pin-sha256` and Envoy's
+    `verify_certificate_spki` pin)."""
+    spki = cert.public_key().public_bytes(serialization.Encoding.DER,
+                                          serialization.PublicFormat.SubjectPublicKeyInfo)
+    return _sha256(spki)
+
+
+def _sha256(data: bytes) -> bytes:
+    digest = hashes.Hash(hashes.SHA256())
+    digest.update(data)
+    return digest.finalize()
+
+
+@dataclass(frozen=True)
+class CertSummary:
+    """What a certificate says about itself, for verdicts, logs and the CLI."""
+
+    subject: str
+    issuer: str
+    serial: str
+    not_before: dt.datetime
+    not_after: dt.datetime
+    dns_names: tuple[str, ...]
+    uris: tuple[str, ...]
+    ips: tuple[str, ...]
+    spki_sha256: bytes
+    fingerprint_sha256: bytes
+
+    @classmethod
+    def of(cls, cert: x509.Certificate) -> CertSummary:
+        try:
+            san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+            dns = tuple(san.get_values_for_type(x509.DNSName))
+            uris = tuple(san.get_values_for_type(x509.UniformResourceIdentifier))
+            ips = tuple(str(i) for i in san.get_values_for_type(x509.IPAddress))
+        except (x509.ExtensionNotFound, ValueError):
+            dns, uris, ips = (), (), ()
+        return cls(subject=cert.subject.rfc4514_string(), issuer=cert.issuer.rfc4514_string(),
+                   serial=format(cert.serial_number, "x"), not_before=cert.not_valid_before_utc,
+                   not_after=cert.not_valid_after_utc, dns_names=dns, uris=uris, ips=ips,
+                   spki_sha256=spki_sha256(cert),
+                   fingerprint_sha256=cert.fingerprint(hashes.SHA256()))
+
+    @property
+    def spki_b64(self) -> str:
+        return base64.b64encode(self.spki_sha256).decode()
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"subject": self.subject, "issuer": self.issuer, "serial": self.serial,
+                "not_before": self.not_before.isoformat(), "not_after": self.not_after.isoformat(),
+                "dns_names": list(self.dns_names), "uris": list(self.uris), "ips": list(self.ips),
+                "spki_sha256": self.spki_b64, "spki_sha256_hex": self.spki_sha256.hex(),
+                "fingerprint_sha256": self.fingerprint_sha256.hex()}
+
+
+def parse_spki_pin(text: object) -> bytes:
+    """A SHA-256 SPKI pin as base64 (44 chars, optionally prefixed `sha256/`) or hex (64 digits,
+    colons allowed). Raises ValueError otherwise."""
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError("expected a SHA-256 pin (base64 or hex)")
+    value = text.strip()
+    if value.lower().startswith("sha256/"):
+        value = value[len("sha256/"):]
+    hexed = value.replace(":", "")
+    if _HEX_PIN.match(hexed):
+        return bytes.fromhex(hexed)
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raw = b""
+    if len(raw) != 32:
+        raise ValueError(f"{text!r} is not a SHA-256 pin (base64 of 32 bytes, or 64 hex digits)")
+    return raw
+
+
+def _normalise_dns_name(text: object) -> str:
+    if not isinstance(text, str):
+        raise ValueError("expected a DNS name")
+    name = text.strip().rstrip(".").lower()
+    labels = name.split(".")
+    if labels and labels[0] == "*":
+        labels = labels[1:]
+        if len(labels) < 2:
+            raise ValueError(f"{text!r}: a wildcard needs at least two labels after '*.'")
+    if not name.isascii() or not labels or not all(_DNS_LABEL.match(label) for label in labels):
+        raise ValueError(f"{text!r} is not a DNS name (use the ASCII/punycode form)")
+    return name
+
+
+def _normalise_uri(text: object) -> str:
+    if not isinstance(text, str) or not _URI.match(text.strip()) or not text.strip().isascii():
+        raise ValueError(f"{text!r} is not a URI (e.g. spiffe://example.org/ns/default/sa/api)")
+    uri = text.strip()
+    if uri.lower().startswith("spiffe://"):
+        # SPIFFE: scheme and trust domain are lower case; the path is compared as is.
+        rest = uri[len("spiffe://"):]
+        domain, slash, path = rest.partition("/")
+        if not domain or domain != domain.lower():
+            raise ValueError(f"{text!r}: a SPIFFE ID's trust domain must be non-empty lower case")
+        uri = "spiffe://" + domain + slash + path
+    return uri
+
+
+def dns_name_matches(expected: str, presented: str) -> bool:
+    """Does the certificate's SAN DNS entry `presented` cover the `expected` name?
+
+    Exact match (case-insensitive), or `presented` is a wildcard `*.rest` covering exactly one
+    left-most label of `expected` (RFC 6125 6.4.3). An expected wildcard matches only itself.
+    """
+    presented = presented.lower().rstrip(".")
+    if expected == presented:
+        return True
+    if not presented.startswith("*.") or expected.startswith("*."):
+        return False
+    first, dot, rest = expected.partition(".")
+    return bool(first) and bool(dot) and rest == presented[2:]
+
+
+# -- configuration ----------------------------------------------------------------------------------
+
+def check_server_name(name: object) -> str:
+    """A name usable as SNI and for the certificate check (ASCII host name or IP), else ValueError."""
+    if (not isinstance(name, str) or not name or len(name) > 253 or not name.isascii()
+            or any(c.isspace() or c in "/:@" for c in name)):
+        raise ValueError(f"invalid server name {name!r}")
+    return name
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where to probe, and the server name sent as SNI and checked against the certificate."""
+
+    host: str
+    port: int
+    server_name: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.host, str) or not self.host or any(c.isspace() for c in self.host):
+            raise ValueError(f"invalid host {self.host!r}")
+        if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 < self.port < 65536:
+            raise ValueError(f"invalid port {self.port!r}")
+        if self.server_name is not None:
+            check_server_name(self.server_name)
+
+    @property
+    def name(self) -> str:
+        """The name sent as SNI and verified: `server_name`, else the host."""
+        return self.server_name or self.host
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+def parse_target(text: str, default_port: int | None = None) -> Target:
+    """`host:port`, `[ipv6]:port`, or a bare host/IPv4 when `default_port` is given."""
+    text = text.strip()
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        port_text = rest[1:] if rest.startswith(":") else None
+        if not sep or (rest and port_text is None):
+            raise ValueError(f"{text!r}: expected [ipv6]:port")
+    elif text.count(":") == 1:
+        host, _, port_text = text.partition(":")
+    elif ":" in text:
+        raise ValueError(f"{text!r}: put an IPv6 address in brackets, e.g. [::1]:443")
+    else:
+        host, port_text = text, None
+    if port_text is None:
+        if default_port is None:
+            raise ValueError(f"{text!r}: expected host:port")
+        port = default_port
+    elif port_text.isdigit():
+        port = int(port_text)
+    else:
+        raise ValueError(f"{text!r}: the port must be a number")
+    return Target(host, port)
+
+
+@dataclass(frozen=True)
+class ProbeSettings:
+    """How to connect: trust store, Kong's client certificate, host-name check, time limits.
+
+    Files are read again by every probe, so rotated certificates are picked up without a restart.
+    """
+
+    ca_pem: str = ""
+    ca_files: tuple[str, ...] = ()
+    client_cert_file: str | None = None
+    client_key_file: str | None = None
+    verify_hostname: bool = True
+    timeout: float = DEFAULT_TIMEOUT
+    post_handshake_wait: float = DEFAULT_POST_HANDSHAKE_WAIT
+
+    @property
+    def has_trust(self) -> bool:
+        return bool(self.ca_pem or self.ca_files)
+
+
+@dataclass(frozen=True)
+class Expectation:
+    """The identity the upstream must prove. Within a kind any entry may match; every kind that is
+    set must match."""
+
+    dns_names: frozenset[str] = frozenset()
+    uris: frozenset[str] = frozenset()
+    spki_pins: frozenset[bytes] = frozenset()
+
+
+@dataclass(frozen=True)
+class UpstreamPolicy:
+    settings: ProbeSettings
+    expectation: Expectation
+    warn_within: dt.timedelta = dt.timedelta(days=DEFAULT_WARNING_DAYS)
+
+    @classmethod
+    def build(cls, *, trusted_ca_pem: str | None = None, trusted_ca_files: Sequence[str] = (),
+              client_cert_file: str | None = None, client_key_file: str | None = None,
+              expected_dns_names: Sequence[str] = (), expected_uris: Sequence[str] = (),
+              spki_sha256_pins: Sequence[str] = (), verify_hostname: bool = True,
+              timeout: float = DEFAULT_TIMEOUT, expiry_warning_days: int = DEFAULT_WARNING_DAYS,
+              post_handshake_wait: float = DEFAULT_POST_HANDSHAKE_WAIT,
+              field_names: Mapping[str, str] | None = None,
+              allow_unverified: bool = False) -> UpstreamPolicy:
+        """Check and compile a policy; `ConfigError` names the offending field (`field_names` maps
+        the keyword names to the caller's, e.g. CLI options). `allow_unverified` accepts a policy with
+        neither CAs nor pins (only to look at an upstream: such a policy proves nothing)."""
+        names = dict(field_names or {})
+
+        def where(key: str, index: int | None = None) -> str:
+            base = names.get(key, key)
+            return base if index is None else f"{base}[{index}]"
+
+        ca_pem = (trusted_ca_pem or "").strip()
+        if ca_pem:
+            try:
+                load_certificates(ca_pem.encode())
+            except ValueError as exc:
+                raise ConfigError(where("trusted_ca_pem"), str(exc)) from None
+        for i, path in enumerate(trusted_ca_files, start=1):
+            try:
+                load_certificates(_read(path))
+            except (OSError, ValueError) as exc:
+                raise ConfigError(where("trusted_ca_files", i), f"{path}: {_os_error(exc)}") from None
+        if bool(client_cert_file) != bool(client_key_file):
+            missing = "client_key_file" if client_cert_file else "client_cert_file"
+            raise ConfigError(where(missing), "the client certificate and its key go together")
+        if client_cert_file and client_key_file:
+            try:
+                load_client_certificate(client_cert_file, client_key_file)
+            except ClientCertError as exc:
+                raise ConfigError(where(exc.field), str(exc)) from None
+        dns = frozenset(_each(expected_dns_names, _normalise_dns_name, where, "expected_dns_names"))
+        uris = frozenset(_each(expected_uris, _normalise_uri, where, "expected_uris"))
+        pins = frozenset(_each(spki_sha256_pins, parse_spki_pin, where, "spki_sha256_pins"))
+        if not (ca_pem or trusted_ca_files) and not pins and not allow_unverified:
+            raise ConfigError(where("trusted_ca_pem"),
+                              f"give trusted CA certificates ({where('trusted_ca_pem')} or "
+                              f"{where('trusted_ca_files')}) or {where('spki_sha256_pins')}: without "
+                              "either nothing proves who the upstream is")
+        if not 0 < timeout <= 60:
+            raise ConfigError(where("timeout"), "must be more than 0 and at most 60 seconds")
+        if not 0 <= expiry_warning_days <= 3650:
+            raise ConfigError(where("expiry_warning_days"), "must be between 0 and 3650")
+        settings = ProbeSettings(ca_pem=ca_pem, ca_files=tuple(trusted_ca_files),
+                                 client_cert_file=client_cert_file or None,
+                                 client_key_file=client_key_file or None,
+                                 verify_hostname=verify_hostname, timeout=float(timeout),
+                                 post_handshake_wait=min(post_handshake_wait, float(timeout)))
+        return cls(settings, Expectation(dns, uris, pins), dt.timedelta(days=expiry_warning_days))
+
+
+def _each(items: Sequence[Any], parse: Callable[[Any], Any], where: Callable[..., str],
+          key: str) -> list[Any]:
+    out = []
+    for i, item in enumerate(items, start=1):
+        try:
+            out.append(parse(item))
+        except ValueError as exc:
+            raise ConfigError(where(key, i), str(exc)) from None
+    return out
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _os_error(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc)
+
+
+def load_certificates(pem: bytes) -> list[x509.Certificate]:
+    """Every certificate in a PEM text; ValueError when there is none or one is broken."""
+    if b"-----BEGIN CERTIFICATE-----" not in pem:
+        raise ValueError("no PEM certificate found")
+    try:
+        return x509.load_pem_x509_certificates(pem)
+    except ValueError:
+        raise ValueError("a PEM certificate could not be parsed") from None
+
+
+class ClientCertError(ValueError):
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(problem)
+        self.field = field
+
+
+def load_client_certificate(cert_file: str, key_file: str) -> x509.Certificate:
+    """Kong's client certificate (leaf first in the file) after checking the key belongs to it.
+    Errors never include key material."""
+    try:
+        certs = load_certificates(_read(cert_file))
+    except (OSError, ValueError) as exc:
+        raise ClientCertError("client_cert_file", f"{cert_file}: {_os_error(exc)}") from None
+    try:
+        key = serialization.load_pem_private_key(_read(key_file), password=None)
+    except OSError as exc:
+        raise ClientCertError("client_key_file", f"{key_file}: {_os_error(exc)}") from None
+    except TypeError:
+        raise ClientCertError("client_key_file",
+                              f"{key_file}: the key is encrypted; give an unencrypted PEM key") from None
+    except Exception:  # cryptography raises ValueError and others for junk input
+        raise ClientCertError("client_key_file", f"{key_file}: not a PEM private key") from None
+    der = serialization.Encoding.DER
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    if certs[0].public_key().public_bytes(der, spki) != key.public_key().public_bytes(der, spki):
+        raise ClientCertError("client_key_file", f"{key_file}: the key does not match {cert_file}")
+    return certs[0]
+
+
+# -- probe ----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Observation:
+    """What one probe saw. `failure` is set when no identity could be established."""
+
+    target: Target
+    failure: Reason | None = None
+    detail: str = ""
+    certificate: CertSummary | None = None   # the upstream's leaf (captured even if verification failed)
+    chain_verified: bool = False             # the chain was verified against the trust store
+    tls_version: str | None = None
+    cipher: str | None = None
+    client_certificate: CertSummary | None = None  # what Kong presented
+
+
+class _Failed(Exception):
+    def __init__(self, reason: Reason, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = _short(detail)
+
+
+def _no_password() -> bytes:
+    # Never let OpenSSL prompt on a terminal for an encrypted key: fail instead.
+    return b""
+
+
+def _context(settings: ProbeSettings, verify: bool) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = MIN_TLS_VERSION
+    if verify:
+        pem = settings.ca_pem
+        try:
+            for path in settings.ca_files:
+                pem += "\n" + _read(path).decode("ascii", "replace")
+            ctx.load_verify_locations(cadata=pem)
+        except (OSError, ValueError, ssl.SSLError) as exc:
+            raise _Failed(Reason.TRUST_STORE_UNUSABLE, f"cannot load the trusted CAs: {_os_error(exc)}") \
+                from None
+        ctx.check_hostname = settings.verify_hostname
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    else:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    if settings.client_cert_file and settings.client_key_file:
+        try:
+            ctx.load_cert_chain(settings.client_cert_file, settings.client_key_file, password=_no_password)
+        except (OSError, ssl.SSLError) as exc:
+            raise _Failed(Reason.CLIENT_CERT_UNUSABLE,
+                          f"cannot load the client certificate {settings.client_cert_file}: "
+                          f"{_os_error(exc)}") from None
+    return ctx
+
+
+class _Deadline:
+    def __init__(self, seconds: float) -> None:
+        self.end = time.monotonic() + seconds
+        self.seconds = seconds
+
+    def left(self) -> float:
+        left = self.end - time.monotonic()
+        if left <= 0:
+            raise _Failed(Reason.PROBE_TIMEOUT, f"no answer within {self.seconds:g}s")
+        return left
+
+
+def _wait(sock: ssl.SSLSocket, events: int, timeout: float) -> bool:
+    with selectors.DefaultSelector() as selector:
+        selector.register(sock, events)
+        return bool(selector.select(timeout))
+
+
+def _connect(target: Target, deadline: _Deadline) -> socket.socket:
+    try:
+        return socket.create_connection((target.host, target.port), timeout=deadline.left())
+    except socket.timeout:
+        raise _Failed(Reason.PROBE_TIMEOUT, f"TCP connect did not complete within "
+                                            f"{deadline.seconds:g}s") from None
+    except socket.gaierror as exc:
+        raise _Failed(Reason.UPSTREAM_UNREACHABLE, f"cannot resolve {target.host}: {exc.strerror}") from None
+    except OSError as exc:
+        raise _Failed(Reason.UPSTREAM_UNREACHABLE, f"cannot connect: {_os_error(exc)}") from None
+
+
+def _alert_reason(exc: ssl.SSLError) -> Reason:
+    name = (exc.reason or "").upper()
+    if "ALERT" in name and any(word in name for word in _CLIENT_CERT_ALERTS):
+        return Reason.CLIENT_CERT_REJECTED
+    return Reason.HANDSHAKE_FAILED
+
+
+def _verify_failure(exc: ssl.SSLCertVerificationError) -> _Failed:
+    code = exc.verify_code
+    message = exc.verify_message or str(exc)
+    if code == _X509_V_ERR_CERT_HAS_EXPIRED:
+        return _Failed(Reason.UPSTREAM_CERT_EXPIRED, message)
+    if code == _X509_V_ERR_CERT_NOT_YET_VALID:
+        return _Failed(Reason.UPSTREAM_CERT_NOT_YET_VALID, message)
+    if code in (_X509_V_ERR_HOSTNAME_MISMATCH, _X509_V_ERR_IP_ADDRESS_MISMATCH):
+        return _Failed(Reason.HOSTNAME_MISMATCH, message)
+    return _Failed(Reason.UNTRUSTED_UPSTREAM, message)
+
+
+def _handshake(ctx: ssl.SSLContext, target: Target, deadline: _Deadline) -> ssl.SSLSocket:
+    raw = _connect(target, deadline)
+    try:
+        tls = ctx.wrap_socket(raw, server_hostname=target.name, do_handshake_on_connect=False)
+    except (ssl.SSLError, ValueError, OSError) as exc:
+        raw.close()
+        raise _Failed(Reason.HANDSHAKE_FAILED, f"cannot start TLS: {exc}") from None
+    try:
+        tls.setblocking(False)
+        while True:
+            try:
+                tls.do_handshake()
+                return tls
+            except ssl.SSLWantReadError:
+                ready = _wait(tls, selectors.EVENT_READ, deadline.left())
+            except ssl.SSLWantWriteError:
+                ready = _wait(tls, selectors.EVENT_WRITE, deadline.left())
+            if not ready:
+                deadline.left()  # raises once the deadline has passed
+    except _Failed:
+        tls.close()
+        raise
+    except ssl.SSLCertVerificationError as exc:
+        tls.close()
+        raise _verify_failure(exc) from None
+    except ssl.SSLEOFError:
+        tls.close()
+        raise _Failed(Reason.HANDSHAKE_FAILED, "the upstream closed the connection during the TLS "
+                                               "handshake") from None
+    except ssl.SSLError as exc:
+        tls.close()
+        raise _Failed(_alert_reason(exc), f"TLS handshake failed: {exc.reason or exc}") from None
+    except OSError as exc:
+        tls.close()
+        raise _Failed(Reason.HANDSHAKE_FAILED, f"connection lost during the TLS handshake: "
+                                               f"{_os_error(exc)}") from None
+
+
+def _await_client_cert_verdict(tls: ssl.SSLSocket, settings: ProbeSettings, deadline: _Deadline) -> None:
+    """TLS 1.3: the server checks our certificate after our side of the handshake is done; it
+    answers with an alert (refused) or session tickets (accepted). Wait a little for either."""
+    if tls.version() != "TLSv1.3" or settings.post_handshake_wait <= 0:
+        return
+    until = min(deadline.end, time.monotonic() + settings.post_handshake_wait)
+    while True:
+        try:
+            if tls.recv(1):
+                return  # the server spoke first: it accepted the connection
+            raise _Failed(Reason.HANDSHAKE_FAILED, "the upstream closed the connection right after "
+                                                   "the TLS handshake")
+        except ssl.SSLWantReadError:
+            session = tls.session
+            if session is not None and session.has_ticket:
+                return  # tickets are only sent to a client whose certificate was accepted
+        except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+            raise _Failed(Reason.HANDSHAKE_FAILED, "the upstream closed the connection right after "
+                                                   "the TLS handshake") from None
+        except ssl.SSLError as exc:
+            raise _Failed(_alert_reason(exc), f"the upstream refused the connection after the "
+                                              f"handshake: {exc.reason or exc}") from None
+        except OSError as exc:
+            raise _Failed(Reason.HANDSHAKE_FAILED, f"connection lost after the TLS handshake: "
+                                                   f"{_os_error(exc)}") from None
+        left = until - time.monotonic()
+        if left <= 0 or not _wait(tls, selectors.EVENT_READ, left):
+            return  # no word from the server: it did not refuse us
+
+
+def _peer_certificate(tls: ssl.SSLSocket) -> CertSummary | None:
+    der = tls.getpeercert(binary_form=True)
+    return CertSummary.of(x509.load_der_x509_certificate(der)) if der else None
+
+
+def _client_summary(settings: ProbeSettings) -> CertSummary | None:
+    if not (settings.client_cert_file and settings.client_key_file):
+        return None
+    try:
+        return CertSummary.of(load_certificates(_read(settings.client_cert_file))[0])
+    except (OSError, ValueError):
+        return None
+
+
+def probe(target: Target, settings: ProbeSettings) -> Observation:
+    """Connect and handshake once; never raises, never exceeds `settings.timeout` by much."""
+    client = None
+    try:
+        client = _client_summary(settings)
+        deadline = _Deadline(settings.timeout)
+        ctx = _context(settings, verify=settings.has_trust)
+        try:
+            tls = _handshake(ctx, target, deadline)
+        except _Failed as failed:
+            if failed.reason not in (Reason.UNTRUSTED_UPSTREAM, Reason.HOSTNAME_MISMATCH,
+                                     Reason.UPSTREAM_CERT_EXPIRED, Reason.UPSTREAM_CERT_NOT_YET_VALID):
+                raise
+            return Observation(target, failed.reason, failed.detail,
+                               certificate=_capture_unverified(target, settings, deadline),
+                               client_certificate=client)
+        try:
+            _await_client_cert_verdict(tls, settings, deadline)
+            cipher = tls.cipher()
+            return Observation(target, None, "", certificate=_peer_certificate(tls),
+                               chain_verified=settings.has_trust, tls_version=tls.version(),
+                               cipher=cipher[0] if cipher else None, client_certificate=client)
+        finally:
+            tls.close()
+    except _Failed as failed:
+        return Observation(target, failed.reason, failed.detail, client_certificate=client)
+    except Exception as exc:  # fail closed on anything unforeseen
+        return Observation(target, Reason.PROBE_ERROR, _short(f"{type(exc).__name__}: {exc}"),
+                           client_certificate=client)
+
+
+def _capture_unverified(target: Target, settings: ProbeSettings, deadline: _Deadline) -> CertSummary | None:
+    """After a failed verification, connect again without verifying, only to report what the
+    upstream presents."""
+    try:
+        tls = _handshake(_context(settings, verify=False), target, deadline)
+    except _Failed:
+        return None
+    try:
+        return _peer_certificate(tls)
+    except ValueError:
+        return None
+    finally:
+        tls.close()
+
+
+# -- verdict ----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ExpiryNotice:
+    notice: Notice
+    subject: str
+    not_after: dt.datetime
+
+    def describe(self, now: dt.datetime | None = None) -> str:
+        left = self.not_after - (now or _now())
+        whose = "the upstream's certificate" if self.notice is Notice.UPSTREAM_CERT_EXPIRING \
+            else "Kong's client certificate"
+        if left.total_seconds() < 0:
+            return f"{whose} ({self.subject}) expired at {self.not_after.isoformat()}"
+        return f"{whose} ({self.subject}) expires at {self.not_after.isoformat()} " \
+               f"(in {left.days} days)"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    reason: Reason
+    detail: str
+    observation: Observation
+    notices: tuple[ExpiryNotice, ...] = ()
+    checked_at: dt.datetime = field(default_factory=_now)
+
+    @property
+    def ok(self) -> bool:
+        return self.reason is Reason.IDENTITY_OK
+
+    @property
+    def target(self) -> Target:
+        return self.observation.target
+
+    @classmethod
+    def failure(cls, target: Target, reason: Reason, detail: str) -> Verdict:
+        return cls(reason, _short(detail), Observation(target, reason, _short(detail)))
+
+    def describe(self) -> str:
+        """One line for the log: where, what was seen, why."""
+        parts = [f"target={self.target}"]
+        if self.target.server_name:
+            parts.append(f"sni={self.target.server_name}")
+        cert = self.observation.certificate
+        if cert is not None:
+            parts.append(f"subject={cert.subject}")
+            parts.append(f"spki_sha256={cert.spki_b64}")
+        if self.detail:
+            parts.append(self.detail)
+        return " ".join(parts)
+
+    def mark(self) -> dict[str, Any]:
+        """What a passing request publishes in kong.ctx.shared."""
+        cert = self.observation.certificate
+        out: dict[str, Any] = {"target": str(self.target), "reason": self.reason.value,
+                               "checked_at": int(self.checked_at.timestamp())}
+        if cert is not None:
+            out["spki_sha256"] = cert.spki_b64
+            out["subject"] = cert.subject
+        return out
+
+
+def evaluate(observation: Observation, policy: UpstreamPolicy, now: dt.datetime | None = None) -> Verdict:
+    """Judge an observation against the expected identity."""
+    now = now or _now()
+    notices = _notices(observation, policy.warn_within, now)
+    if observation.failure is not None:
+        return Verdict(observation.failure, observation.detail, observation, notices, now)
+    cert = observation.certificate
+    if cert is None:
+        return Verdict(Reason.HANDSHAKE_FAILED, "the upstream presented no certificate", observation,
+                       notices, now)
+    expect = policy.expectation
+    reason, detail = Reason.IDENTITY_OK, ""
+    if now < cert.not_before:
+        reason, detail = Reason.UPSTREAM_CERT_NOT_YET_VALID, f"valid from {cert.not_before.isoformat()}"
+    elif now > cert.not_after:
+        reason, detail = Reason.UPSTREAM_CERT_EXPIRED, f"expired at {cert.not_after.isoformat()}"
+    elif expect.spki_pins and cert.spki_sha256 not in expect.spki_pins:
+        reason, detail = Reason.SPKI_MISMATCH, "the public key matches none of the pins"
+    elif expect.dns_names and not any(dns_name_matches(e, p) for e in expect.dns_names
+                                      for p in cert.dns_names):
+        reason = Reason.SAN_MISMATCH
+        detail = f"SAN DNS {list(cert.dns_names)} has none of {sorted(expect.dns_names)}"
+    elif expect.uris and not expect.uris.intersection(cert.uris):
+        reason = Reason.URI_SAN_MISMATCH
+        detail = f"SAN URI {list(cert.uris)} has none of {sorted(expect.uris)}"
+    return Verdict(reason, _short(detail), observation, notices, now)
+
+
+def _notices(observation: Observation, window: dt.timedelta, now: dt.datetime) -> tuple[ExpiryNotice, ...]:
+    notices = []
+    upstream = observation.certificate
+    if upstream is not None and now <= upstream.not_after <= now + window:
+        notices.append(ExpiryNotice(Notice.UPSTREAM_CERT_EXPIRING, upstream.subject, upstream.not_after))
+    client = observation.client_certificate
+    if client is not None and client.not_after < now:
+        notices.append(ExpiryNotice(Notice.CLIENT_CERT_EXPIRED, client.subject, client.not_after))
+    elif client is not None and client.not_after <= now + window:
+        notices.append(ExpiryNotice(Notice.CLIENT_CERT_EXPIRING, client.subject, client.not_after))
+    return tuple(notices)
+
+
+def check(target: Target, policy: UpstreamPolicy) -> Verdict:
+    """Probe and judge once (what the CLI runs, and what the plugin runs off the event loop)."""
+    try:
+        return evaluate(probe(target, policy.settings), policy)
+    except Exception as exc:  # evaluate is not expected to raise; fail closed if it does
+        return Verdict.failure(target, Reason.PROBE_ERROR, f"{type(exc).__name__}: {exc}")
+
+
+# -- cache ------------------------------------------------------------------------------------------
+
+class Freshness(str, Enum):
+    FRESH = "FRESH"              # serve it
+    REFRESH_DUE = "REFRESH_DUE"  # serve it, and refresh in the background
+    EXPIRED = "EXPIRED"          # too old to serve: probe again and wait
+    MISSING = "MISSING"
+
+
+@dataclass
+class _Entry:
+    verdict: Verdict
+    stored_at: float
+    announced: bool = False
+
+
+class VerdictCache:
+    """Verdicts per key (a target) with a TTL (`failure_ttl` for refusals), bounded in size.
+
+    Not thread-safe: use it from one thread (the plugin server's gevent hub).
+    """
+
+    def __init__(self, ttl: float, failure_ttl: float, *, max_entries: int = 1024,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.ttl = ttl
+        self.failure_ttl = failure_ttl
+        self.max_entries = max_entries
+        self.clock = clock
+        self._entries: OrderedDict[Hashable, _Entry] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def lookup(self, key: Hashable) -> tuple[Verdict | None, Freshness]:
+        entry = self._entries.get(key)
+        if entry is None:
+            return None, Freshness.MISSING
+        ttl = self.ttl if entry.verdict.ok else self.failure_ttl
+        age = self.clock() - entry.stored_at
+        if age >= ttl:
+            return entry.verdict, Freshness.EXPIRED
+        if age >= ttl * REFRESH_FRACTION:
+            return entry.verdict, Freshness.REFRESH_DUE
+        return entry.verdict, Freshness.FRESH
+
+    def store(self, key: Hashable, verdict: Verdict) -> None:
+        self._entries.pop(key, None)
+        self._entries[key] = _Entry(verdict, self.clock())
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+
+    def first_use(self, key: Hashable) -> bool:
+        """True once per stored verdict: for logging its notices once, not on every request."""
+        entry = self._entries.get(key)
+        if entry is None or entry.announced:
+            return False
+        entry.announced = True
+        return True

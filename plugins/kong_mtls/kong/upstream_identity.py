@@ -1,0 +1,185 @@
+"""Kong adapter for the upstream-identity plugin: Kong checks who the upstream is before proxying.
+
+Per request (access phase):
+1. `kong.service.set_tls_verify(true)` (and `set_tls_verify_depth(n)` when configured), so Kong
+   verifies the upstream's chain and name on the real connection even if the Service says otherwise;
+2. the probe target is the configured `host`/`port`, else the Service's (`kong.router.get_service()`,
+   one call; a Service that does not speak TLS is refused);
+3. the verdict for that target comes from the instance's cache. The probe itself (connect, TLS
+   handshake: blocking network I/O) runs in gevent's thread pool — the plugin server runs gevent
+   without monkey-patching, so a blocking socket in a greenlet would stall every request. A fresh
+   verdict is served at once; past half its TTL it is still served and refreshed in the background;
+   with no usable verdict the request waits cooperatively for the probe, at most the probe timeout;
+4. pass: one `kong.ctx.shared.set` of the mark the fail-closed guard requires; refusal: 502 with the
+   reason code in the log.
+
+A pass with a cached verdict costs 2 PDK calls (3 with `tls_verify_depth`, +1 when the target comes
+from the Service). The identity logic is kong_mtls.core.upstream; docs/upstream-identity.md.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import gevent
+from gevent.event import AsyncResult
+
+from kong_mtls import schema
+from kong_mtls.constants import UPSTREAM_IDENTITY, shared_mark
+from kong_mtls.core.upstream import (
+    MESSAGE_UNVERIFIED,
+    REFUSAL_STATUS,
+    Freshness,
+    Reason,
+    Target,
+    UpstreamPolicy,
+    Verdict,
+    VerdictCache,
+    check,
+    check_server_name,
+)
+from kong_mtls.kong.runtime import Refusal, log_line, phase
+from kong_mtls.kong.server import serve
+from kong_mtls.schema import ConfigError
+
+MARK = shared_mark(UPSTREAM_IDENTITY)
+#: Service protocols for which Kong talks TLS to the upstream.
+TLS_PROTOCOLS = frozenset({"https", "grpcs", "tls", "wss"})
+DEFAULT_PORT = 443
+#: Extra time a waiting request allows beyond the probe timeout (thread hand-off, scheduling).
+WAIT_MARGIN = 0.5
+
+Schema = [
+    schema.string("host", len_min=1),
+    schema.integer("port", between=(1, 65535)),
+    schema.string("sni", len_min=1),
+    schema.string("trusted_ca_pem", len_min=1),
+    schema.strings("trusted_ca_files", default=[]),
+    schema.string("client_cert_file", len_min=1),
+    schema.string("client_key_file", len_min=1),
+    schema.strings("expected_dns_names", default=[]),
+    schema.strings("expected_uris", default=[]),
+    schema.strings("spki_sha256_pins", default=[]),
+    schema.boolean("verify_hostname", default=True),
+    schema.boolean("enforce_tls_verify", default=True),
+    schema.integer("tls_verify_depth", between=(0, 64)),
+    schema.number("cache_ttl", default=60, between=(1, 86400)),
+    schema.number("failure_ttl", default=5, between=(1, 3600)),
+    schema.number("probe_timeout", default=5, between=(0.1, 60)),
+    schema.integer("expiry_warning_days", default=14, between=(0, 3650)),
+]
+
+
+class Plugin:
+    def __init__(self, config: Mapping[str, Any]) -> None:
+        conf = schema.validate(Schema, config)
+        self.policy = UpstreamPolicy.build(
+            trusted_ca_pem=conf["trusted_ca_pem"], trusted_ca_files=conf["trusted_ca_files"],
+            client_cert_file=conf["client_cert_file"], client_key_file=conf["client_key_file"],
+            expected_dns_names=conf["expected_dns_names"], expected_uris=conf["expected_uris"],
+            spki_sha256_pins=conf["spki_sha256_pins"], verify_hostname=conf["verify_hostname"],
+            timeout=conf["probe_timeout"], expiry_warning_days=conf["expiry_warning_days"],
+            field_names={"timeout": "probe_timeout"})
+        if conf["sni"] is not None:
+            try:
+                check_server_name(conf["sni"])
+            except ValueError as exc:
+                raise ConfigError("sni", str(exc)) from None
+        self.fixed_target: Target | None = None
+        if conf["host"] is not None:
+            try:
+                self.fixed_target = Target(conf["host"], conf["port"] or DEFAULT_PORT, conf["sni"])
+            except ValueError as exc:
+                raise ConfigError("host", str(exc)) from None
+        self.port: int | None = conf["port"]
+        self.sni: str | None = conf["sni"]
+        self.enforce_tls_verify: bool = conf["enforce_tls_verify"]
+        self.tls_verify_depth: int | None = conf["tls_verify_depth"]
+        self.wait_timeout = conf["probe_timeout"] + WAIT_MARGIN
+        self.cache = VerdictCache(conf["cache_ttl"], conf["failure_ttl"])
+        self._inflight: dict[Target, AsyncResult] = {}
+
+    @phase(UPSTREAM_IDENTITY)
+    def access(self, kong: Any) -> Refusal | None:
+        if self.enforce_tls_verify:
+            kong.service.set_tls_verify(True)
+            if self.tls_verify_depth is not None:
+                kong.service.set_tls_verify_depth(self.tls_verify_depth)
+        target = self.fixed_target or self._service_target(kong)
+        if isinstance(target, Verdict):
+            return _refusal(target)
+        verdict = self._verdict(kong, target)
+        if self.cache.first_use(target):
+            for notice in verdict.notices:
+                kong.log.warn(log_line(UPSTREAM_IDENTITY, "warning", reason=notice.notice.value,
+                                       target=str(target), detail=notice.describe()))
+        if not verdict.ok:
+            return _refusal(verdict)
+        kong.ctx.shared.set(MARK, verdict.mark())
+        return None
+
+    def _service_target(self, kong: Any) -> Target | Verdict:
+        service = kong.router.get_service()
+        placeholder = Target("service", self.port or DEFAULT_PORT)
+        if not isinstance(service, Mapping) or not service.get("host"):
+            return Verdict.failure(placeholder, Reason.NO_TARGET,
+                                   "no Service for this request; set the plugin's host")
+        protocol = str(service.get("protocol") or "")
+        if protocol not in TLS_PROTOCOLS:
+            return Verdict.failure(placeholder, Reason.UPSTREAM_NOT_TLS,
+                                   f"service {service.get('name') or service.get('id')} uses "
+                                   f"{protocol or 'no'} protocol; Kong would not use TLS to reach it")
+        port = self.port or service.get("port") or DEFAULT_PORT
+        try:
+            return Target(str(service["host"]), int(port), self.sni)
+        except (TypeError, ValueError) as exc:
+            return Verdict.failure(placeholder, Reason.NO_TARGET, f"unusable service target: {exc}")
+
+    def _verdict(self, kong: Any, target: Target) -> Verdict:
+        verdict, freshness = self.cache.lookup(target)
+        if freshness is Freshness.FRESH:
+            return verdict
+        job = self._probe(target)
+        if freshness is Freshness.REFRESH_DUE:
+            return verdict  # still valid; the probe refreshes it in the background
+        # No usable verdict: wait for the probe. This log line is also a PDK call, which matters:
+        # kong-pdk holds its event lock until a handler's first PDK call, so waiting before any
+        # call would stall every other request of this plugin server.
+        kong.log.info(log_line(UPSTREAM_IDENTITY, "probing", target=str(target),
+                               reason=f"{freshness.value}_VERDICT"))
+        try:
+            return job.get(timeout=self.wait_timeout)
+        except gevent.Timeout:
+            return Verdict.failure(target, Reason.PROBE_TIMEOUT,
+                                   f"no verdict within {self.wait_timeout:g}s")
+
+    def _probe(self, target: Target) -> AsyncResult:
+        """Start a probe of `target` unless one is already running (one per target at a time)."""
+        job = self._inflight.get(target)
+        if job is None:
+            job = self._inflight[target] = AsyncResult()
+            gevent.spawn(self._run_probe, target, job)
+        return job
+
+    def _run_probe(self, target: Target, job: AsyncResult) -> None:
+        try:
+            verdict = gevent.get_hub().threadpool.apply(check, (target, self.policy))
+        except Exception as exc:  # check() does not raise; the thread pool itself might
+            verdict = Verdict.failure(target, Reason.PROBE_ERROR, f"{type(exc).__name__}: {exc}")
+        self.cache.store(target, verdict)
+        self._inflight.pop(target, None)
+        job.set(verdict)
+
+
+def _refusal(verdict: Verdict) -> Refusal:
+    return Refusal(REFUSAL_STATUS, MESSAGE_UNVERIFIED, verdict.reason.value, verdict.describe())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return serve(UPSTREAM_IDENTITY, Plugin, Schema, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
