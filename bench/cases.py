@@ -1,0 +1,106 @@
+"""The benchmarked paths, built once with their PKI, keys and plugin servers."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from bench.load import Case
+from kong_mtls.core.api_keys import NewKey, credential_entry, generate_key
+from tests.harness.kong_side import Consumer, PluginServerProcess, Request
+from tests.harness.pki import TestPKI
+from tests.harness.tls import capture_client_chain
+
+CLOUDFLARE_PEER = "172.68.10.20"
+VISITOR = "203.0.113.50"
+ALICE = Consumer(id="6b3c8a2e-9a4f-4e53-8f0e-2f5b0c1d7a11", username="alice")
+COLD_CHAINS = 200
+
+
+@dataclass
+class World:
+    """Everything the cases share: servers (started once), PKI, one API key."""
+
+    pki: TestPKI = field(default_factory=TestPKI)
+    servers: dict[str, PluginServerProcess] = field(default_factory=dict)
+
+    def server(self, name: str, module: str | None = None) -> PluginServerProcess:
+        if name not in self.servers:
+            self.servers[name] = PluginServerProcess(name, module).start()
+        return self.servers[name]
+
+    def close(self) -> None:
+        for server in self.servers.values():
+            server.close()
+
+
+@contextlib.contextmanager
+def world() -> Iterator[World]:
+    w = World()
+    try:
+        yield w
+    finally:
+        w.close()
+
+
+def bare(w: World, calls: int) -> Case:
+    return Case(f"bare plugin, {calls} call{'s' if calls > 1 else ''}",
+                [(w.server("bare", "bench.bare_plugin"), {"calls": calls})], lambda i: Request())
+
+
+def ip_allowlist_config() -> dict:
+    return {"source": "header", "header_name": "CF-Connecting-IP", "trusted_proxies_presets": ["cloudflare"],
+            "client_ip_header": "X-Real-Client-IP"}
+
+
+def ip_allowlist(w: World) -> Case:
+    return Case("ip-allowlist (Cloudflare peer, CF-Connecting-IP)",
+                [(w.server("ip-allowlist"), ip_allowlist_config())],
+                lambda i: Request(client_ip=CLOUDFLARE_PEER, headers={"CF-Connecting-IP": VISITOR}))
+
+
+def client_cert_config(w: World, *, cold: bool = False) -> dict:
+    config = {"ca_certificates": [w.pki.root.cert_pem], "revocation_check_mode": "SKIP",
+              "groups_from": ["dn:OU"]}
+    if cold:
+        config.update({"cache_size": 0, "consumer_cache_ttl": 0})
+    return config
+
+
+def client_cert_auth(w: World, *, cold: bool = False) -> Case:
+    server_cert = w.pki.root.server(["kong.test"])
+    if cold:
+        chains = [capture_client_chain(w.pki.client("alice", organizational_units=["payments"]), server_cert)
+                  for _ in range(COLD_CHAINS)]
+    else:
+        chains = [capture_client_chain(w.pki.alice, server_cert)]
+    return Case(f"client-cert-auth, {'cold (chain and consumer not cached)' if cold else 'warm'}",
+                [(w.server("client-cert-auth"), client_cert_config(w, cold=cold))],
+                lambda i: Request(client_chain_pem=chains[i % len(chains)]), consumers=[ALICE])
+
+
+def api_key_config(key: NewKey, *, cold: bool = False) -> dict:
+    return {"credentials": [credential_entry(key.key, "alice", key.key_id)],
+            "consumer_cache_ttl": 0 if cold else 60}
+
+
+def api_key_auth(w: World, key: NewKey, *, cold: bool = False) -> Case:
+    return Case(f"api-key-auth, {'cold (consumer not cached)' if cold else 'warm'}",
+                [(w.server("api-key-auth"), api_key_config(key, cold=cold))],
+                lambda i: Request(headers={"apikey": key.key}), consumers=[ALICE])
+
+
+def full_chain(w: World, key: NewKey) -> Case:
+    chain = capture_client_chain(w.pki.alice, w.pki.root.server(["kong.test"]))
+    return Case("ip-allowlist + client-cert-auth + api-key-auth, warm",
+                [(w.server("ip-allowlist"), ip_allowlist_config()),
+                 (w.server("client-cert-auth"), client_cert_config(w)),
+                 (w.server("api-key-auth"), api_key_config(key))],
+                lambda i: Request(client_ip=CLOUDFLARE_PEER, client_chain_pem=chain,
+                                  headers={"CF-Connecting-IP": VISITOR, "apikey": key.key}),
+                consumers=[ALICE])
+
+
+def new_key() -> NewKey:
+    return generate_key()
