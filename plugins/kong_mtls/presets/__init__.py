@@ -16,6 +16,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from cryptography import x509
+
 from kong_mtls.core.addresses import AddressError, parse_network
 
 PRESET_DIR = Path(__file__).resolve().parent
@@ -106,3 +108,21 @@ def cidr_list(name: str, override_file: str | Path | None = None) -> CidrList:
 def load_cidr_preset(name: str, override_file: str | Path | None = None) -> tuple[str, ...]:
     """The CIDRs (IPv4 then IPv6) of a named preset; raises PresetError."""
     return cidr_list(name, override_file).cidrs
+
+
+# -- CA presets (client-cert-auth trust anchors) ---------------------------------------------------
+
+#: CA preset name -> PEM file shipped in this package.
+CA_PRESET_FILES: dict[str, str] = {"cloudflare-origin-pull": "cloudflare-origin-pull.pem"}
+CA_PRESET_NAMES: tuple[str, ...] = tuple(CA_PRESET_FILES)
+
+
+def load_ca_preset(name: str) -> list[x509.Certificate]:
+    """The CA certificates of a named preset (shipped PEM); raises PresetError."""
+    if name not in CA_PRESET_FILES:
+        raise PresetError(f"unknown CA preset {name!r}; known: {', '.join(CA_PRESET_NAMES)}")
+    path = PRESET_DIR / CA_PRESET_FILES[name]
+    try:
+        return x509.load_pem_x509_certificates(path.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise PresetError(f"{path}: unreadable CA preset: {exc}") from None

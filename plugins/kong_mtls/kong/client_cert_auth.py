@@ -1,0 +1,233 @@
+"""Kong adapter for client-cert-auth: mutual-TLS consumer authentication (Enterprise mtls-auth for OSS).
+
+The config is compiled once per plugin instance (`compile_config`, also used by `kong-mtls check`)
+into a `kong_mtls.core.identity.Authenticator`. A request then costs:
+
+* one `kong.client.tls.get_full_client_certificate_chain()`;
+* `kong.client.load_consumer(ref, true)` only on a consumer-cache miss (Kong has no custom_id lookup
+  a plugin server can call, so consumers are matched by id or username only);
+* on a pass: `kong.client.authenticate` (only with a consumer table: over RPC a nil consumer raises
+  in Lua), `kong.ctx.shared.set("authenticated_groups", ...)` when there are groups, one
+  `kong.ctx.shared.set` of the mark the fail-closed guard and api-key-auth read, and one
+  `kong.service.request.set_headers` carrying every identity header (empty values remove what the
+  client sent);
+* on a failure with a certificate: `kong.client.tls.set_client_verify("FAILED:<reason>")`.
+  "SUCCESS" is not set on success: it would cost a round trip per request, and the plugin's verdict
+  is published in the mark and the headers.
+
+Semantics are documented in docs/client-cert-auth.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography import x509
+
+from kong_mtls import schema
+from kong_mtls.constants import CLIENT_CERT_AUTH, SHARED_AUTHENTICATED_GROUPS, shared_mark
+from kong_mtls.core.chain import (
+    ChainConfigError,
+    ChainPolicy,
+    ChainVerifier,
+    check_anchor,
+    describe,
+    expiring_anchors,
+    parse_eku,
+    parse_pem_certificates,
+    read_certificate_file,
+)
+from kong_mtls.core.identity import (
+    FORWARD_FORMATS,
+    Authenticator,
+    AuthPolicy,
+    GroupSource,
+    NameKind,
+    Via,
+    parse_mappings,
+)
+from kong_mtls.kong.runtime import Refusal, log_line, phase
+from kong_mtls.kong.server import serve
+from kong_mtls.presets import CA_PRESET_NAMES, PresetError, load_ca_preset
+from kong_mtls.schema import ConfigError
+
+MARK = shared_mark(CLIENT_CERT_AUTH)
+REVOCATION_MODES = ("SKIP", "IGNORE_CA_ERROR", "STRICT")
+
+_log = logging.getLogger("kong_mtls")
+
+Schema = [
+    # Trust anchors: PEM texts (each may hold several certificates), PEM files, shipped presets.
+    schema.strings("ca_certificates"),
+    schema.strings("ca_certificate_files"),
+    schema.strings("ca_presets", one_of=CA_PRESET_NAMES),
+    schema.boolean("allow_partial_chain", default=False),
+    schema.integer("max_chain_depth", default=4, between=(0, 16)),
+    schema.string("required_eku", default="client_auth", len_min=1),
+    schema.integer("validation_time_skew", default=0, between=(0, 86400)),
+    # Revocation (kong_mtls.core.revocation).
+    schema.string("revocation_check_mode", default="IGNORE_CA_ERROR", one_of=REVOCATION_MODES),
+    schema.strings("crls"),
+    schema.integer("http_timeout", default=5000, between=(100, 60000)),
+    schema.integer("revocation_cache_ttl", default=3600, between=(1, 7 * 86400)),
+    # Identity -> consumer and groups.
+    schema.strings("name_sources", default=[k.value for k in NameKind if k is not NameKind.DN],
+                   one_of=[k.value for k in NameKind], len_min=1),
+    schema.records("consumer_mappings", [
+        schema.string("subject_name", required=True, len_min=1),
+        schema.string("consumer", len_min=1),
+        schema.string("ca_sha256", len_min=1),
+        schema.string("spki_sha256", len_min=1),
+        schema.strings("groups"),
+    ]),
+    schema.strings("consumer_by", default=["username"], one_of=["username", "id"]),
+    schema.string("default_consumer", len_min=1),
+    schema.string("anonymous", len_min=1),
+    schema.boolean("skip_consumer_lookup", default=False),
+    schema.integer("consumer_cache_ttl", default=60, between=(0, 86400)),
+    schema.strings("groups_from", default=["mapping"]),
+    # What reaches the upstream, and how strictly.
+    schema.strings("forward_client_cert", one_of=FORWARD_FORMATS),
+    schema.boolean("report_only", default=False),
+    schema.integer("cache_size", default=4096, between=(0, 1_000_000)),
+]
+
+
+@dataclass(frozen=True)
+class Compiled:
+    """A compiled config: the authenticator, the anchors and what to warn about at start."""
+
+    authenticator: Authenticator
+    anchors: tuple[x509.Certificate, ...]
+    warnings: tuple[str, ...]
+
+
+def compile_config(config: Mapping[str, Any] | None, *, clock: Callable[[], float] = time.time) -> Compiled:
+    """Validate a client-cert-auth config and build its authenticator. Raises ConfigError naming the
+    field. `clock` (epoch seconds) drives certificate validity (`kong-mtls check --at`)."""
+    conf = schema.validate(Schema, config)
+    anchors = _anchors(conf)
+    try:
+        eku = parse_eku(conf["required_eku"])
+    except ValueError as exc:
+        raise ConfigError("required_eku", str(exc)) from None
+    try:
+        policy = ChainPolicy(anchors=anchors, allow_partial_chain=conf["allow_partial_chain"],
+                             max_chain_depth=conf["max_chain_depth"], required_eku=eku,
+                             time_skew=float(conf["validation_time_skew"]))
+    except ChainConfigError as exc:
+        field = "allow_partial_chain" if "allow_partial_chain" in str(exc) else "ca_certificates"
+        raise ConfigError(field, str(exc)) from None
+    groups = []
+    for i, text in enumerate(conf["groups_from"] or (), start=1):
+        try:
+            groups.append(GroupSource.parse(text))
+        except ValueError as exc:
+            raise ConfigError(f"groups_from[{i}]", str(exc)) from None
+    auth_policy = AuthPolicy(
+        name_sources=tuple(NameKind(k) for k in conf["name_sources"]),
+        consumer_mappings=parse_mappings(conf["consumer_mappings"] or ()),
+        consumer_by=frozenset(conf["consumer_by"] or ()),
+        default_consumer=conf["default_consumer"],
+        anonymous=conf["anonymous"],
+        skip_consumer_lookup=conf["skip_consumer_lookup"],
+        groups_from=tuple(groups),
+        forward_client_cert=frozenset(conf["forward_client_cert"] or ()),
+        report_only=conf["report_only"],
+    )
+    verifier = ChainVerifier(policy, cache_size=conf["cache_size"], clock=clock)
+    authenticator = Authenticator(verifier, auth_policy, revocation=_revocation(conf, clock),
+                                  consumer_cache_ttl=conf["consumer_cache_ttl"], memo_size=conf["cache_size"])
+    warnings = []
+    for cert, days in expiring_anchors(policy.anchors, clock()):
+        state = f"expired {-days} days ago" if days < 0 else f"expires in {days} days"
+        warnings.append(log_line(CLIENT_CERT_AUTH, "anchor-expiring", anchor=describe(cert), state=state,
+                                 not_after=cert.not_valid_after_utc.date().isoformat()))
+    return Compiled(authenticator, policy.anchors, tuple(warnings))
+
+
+def _anchors(conf: Mapping[str, Any]) -> tuple[x509.Certificate, ...]:
+    anchors: list[x509.Certificate] = []
+    sources: list[tuple[str, Callable[[], list[x509.Certificate]]]] = []
+    for i, text in enumerate(conf["ca_certificates"] or (), start=1):
+        sources.append((f"ca_certificates[{i}]", lambda text=text: parse_pem_certificates(text)))
+    for i, path in enumerate(conf["ca_certificate_files"] or (), start=1):
+        sources.append((f"ca_certificate_files[{i}]", lambda path=path: read_certificate_file(path)))
+    for i, name in enumerate(conf["ca_presets"] or (), start=1):
+        sources.append((f"ca_presets[{i}]", lambda name=name: load_ca_preset(name)))
+    for where, load in sources:
+        try:
+            certs = load()
+            for cert in certs:
+                check_anchor(cert)
+        except (ChainConfigError, PresetError) as exc:
+            raise ConfigError(where, str(exc)) from None
+        anchors.extend(certs)
+    if not anchors:
+        raise ConfigError("ca_certificates", "no trust anchor configured (set ca_certificates, "
+                                             "ca_certificate_files or ca_presets)")
+    return tuple(anchors)
+
+
+def _revocation(conf: Mapping[str, Any], clock: Callable[[], float]) -> Callable[..., Any] | None:
+    mode = conf["revocation_check_mode"]
+    if mode == "SKIP":
+        if conf["crls"]:
+            raise ConfigError("crls", "CRLs are not used when revocation_check_mode is SKIP")
+        return None
+    try:
+        from kong_mtls.core.revocation import RevocationChecker, RevocationMode, parse_crls
+    except ImportError:  # a build without the revocation core
+        raise ConfigError("revocation_check_mode", "revocation checking is not available; use SKIP") from None
+    crls = []
+    for i, text in enumerate(conf["crls"] or (), start=1):
+        try:
+            crls.extend(parse_crls(text))
+        except ValueError as exc:
+            raise ConfigError(f"crls[{i}]", str(exc)) from None
+    checker = RevocationChecker(static_crls=crls, http_timeout=conf["http_timeout"] / 1000.0,
+                                max_ttl=float(conf["revocation_cache_ttl"]), clock=clock)
+    revocation_mode = RevocationMode(mode)
+    return lambda leaf, issuer: checker.check(leaf, issuer, revocation_mode)
+
+
+class Plugin:
+    def __init__(self, config: Mapping[str, Any]) -> None:
+        compiled = compile_config(config)
+        self.authenticator = compiled.authenticator
+        for warning in compiled.warnings:
+            _log.warning(warning)
+
+    @phase(CLIENT_CERT_AUTH)
+    def access(self, kong: Any) -> Refusal | None:
+        pem = kong.client.tls.get_full_client_certificate_chain()
+        decision = self.authenticator.authenticate(pem, lambda ref: kong.client.load_consumer(ref, True))
+        if decision.client_verify is not None:
+            kong.client.tls.set_client_verify(decision.client_verify)
+        if not decision.allowed:
+            reason = decision.reason.value if decision.reason else "UNKNOWN"
+            return Refusal(decision.status, decision.message, reason, decision.detail)
+        if decision.via is Via.REPORT_ONLY and decision.reason is not None:
+            kong.log.warn(log_line(CLIENT_CERT_AUTH, "report-only", reason=decision.reason.value,
+                                   detail=decision.detail))
+        if decision.consumer is not None:
+            kong.client.authenticate(dict(decision.consumer),
+                                     dict(decision.credential) if decision.credential else None)
+        if decision.groups:
+            kong.ctx.shared.set(SHARED_AUTHENTICATED_GROUPS, list(decision.groups))
+        kong.ctx.shared.set(MARK, dict(decision.mark or {}))
+        kong.service.request.set_headers(dict(decision.headers))
+        return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return serve(CLIENT_CERT_AUTH, Plugin, Schema, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""`kong-mtls check`: offline decisions for a chain against a client-cert-auth config."""
+
+from __future__ import annotations
+
+import io
+import json
+import types
+
+import pytest
+
+from kong_mtls.cli import main
+from kong_mtls.core.chain import cert_sha256
+
+ALICE_ID = "00000000-0000-4000-8000-00000000a11c"
+
+
+@pytest.fixture
+def files(pki, tmp_path):
+    def write(name: str, content) -> str:
+        path = tmp_path / name
+        path.write_text(content if isinstance(content, str) else json.dumps(content))
+        return str(path)
+
+    config = {"ca_certificates": [pki.root.cert_pem], "revocation_check_mode": "SKIP",
+              "groups_from": ["dn:OU", "mapping"],
+              "consumer_mappings": [{"subject_name": "alice", "consumer": "alice", "groups": ["ops"]}]}
+    return types.SimpleNamespace(
+        write=write,
+        config=write("config.json", config),
+        entity=write("entity.json", {"name": "client-cert-auth", "config": config}),
+        alice=write("alice.pem", pki.alice.chain_pem),
+        expired=write("expired.pem", pki.expired().chain_pem),
+        consumers=write("consumers.json", [{"id": ALICE_ID, "username": "alice"}]),
+    )
+
+
+def run(capsys, *args: str) -> tuple[int, str, str]:
+    code = main(["check", *args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_allowed_prints_consumer_and_groups(capsys, files):
+    code, out, _ = run(capsys, "--config", files.config, "--chain", files.alice,
+                       "--consumers", files.consumers)
+    assert code == 0
+    assert "ALLOWED via mapping" in out
+    assert f"consumer:    alice (id {ALICE_ID})" in out
+    assert "groups:      payments, admins, ops" in out
+    assert "X-Consumer-Username: alice" in out
+
+
+def test_refused_prints_reason(capsys, files):
+    code, out, _ = run(capsys, "--config", files.entity, "--chain", files.expired)
+    assert code == 1
+    assert "REFUSED" in out and "reason:      EXPIRED" in out
+    assert '401 {"message": "TLS certificate failed verification"}' in out
+
+
+def test_no_consumer_without_consumers_file(capsys, files):
+    code, out, _ = run(capsys, "--config", files.config, "--chain", files.alice)
+    assert code == 1 and "NO_CONSUMER" in out
+
+
+def test_json_output(capsys, pki, files):
+    code, out, _ = run(capsys, "--config", files.config, "--chain", files.alice,
+                       "--consumers", files.consumers, "--json")
+    result = json.loads(out)
+    assert code == 0 and result["allowed"] is True and result["via"] == "mapping"
+    assert result["consumer"]["username"] == "alice" and result["groups"] == ["payments", "admins", "ops"]
+    assert result["certificate"]["fingerprint_sha256"] == cert_sha256(pki.alice.cert)
+    assert result["headers"]["X-Consumer-ID"] == ALICE_ID
+    assert len(result["path"]) == 3
+
+
+def test_at_a_later_time(capsys, files):
+    code, out, err = run(capsys, "--config", files.config, "--chain", files.alice, "--consumers",
+                         files.consumers, "--at", "2045-01-01T00:00:00Z", "--json")
+    assert code == 1 and json.loads(out)["reason"] == "EXPIRED"
+    assert "anchor-expiring" in err  # the test root has expired by then
+
+
+def test_report_only_passes_with_exit_0(capsys, pki, files):
+    config = files.write("report.json", {"ca_certificates": [pki.root.cert_pem], "report_only": True,
+                                         "revocation_check_mode": "SKIP"})
+    code, out, _ = run(capsys, "--config", config, "--chain", files.expired)
+    assert code == 0 and "report_only: would be refused" in out and "EXPIRED" in out
+
+
+def test_chain_from_stdin(capsys, monkeypatch, pki, files):
+    monkeypatch.setattr("sys.stdin", types.SimpleNamespace(buffer=io.BytesIO(pki.alice.chain_pem.encode())))
+    code, out, _ = run(capsys, "--config", files.config, "--chain", "-", "--consumers", files.consumers)
+    assert code == 0 and "ALLOWED" in out
+
+
+def test_consumers_without_ids_get_stable_ones(capsys, pki, files):
+    consumers = files.write("by-name.json", {"consumers": [{"username": "alice"}]})
+    first = run(capsys, "--config", files.config, "--chain", files.alice, "--consumers", consumers, "--json")
+    second = run(capsys, "--config", files.config, "--chain", files.alice, "--consumers", consumers, "--json")
+    assert json.loads(first[1])["consumer"]["id"] == json.loads(second[1])["consumer"]["id"]
+
+
+@pytest.mark.parametrize(("make", "message"), [
+    (lambda f: ["--config", f.write("bad.json", "{not json"), "--chain", f.alice], "not valid JSON"),
+    (lambda f: ["--config", f.write("list.json", [1]), "--chain", f.alice], "expected a JSON object"),
+    (lambda f: ["--config", f.write("other.json", {"name": "key-auth", "config": {}}), "--chain", f.alice],
+     "not client-cert-auth"),
+    (lambda f: ["--config", f.write("empty.json", {}), "--chain", f.alice], "ca_certificates"),
+    (lambda f: ["--config", f.write("eku.json", {"ca_certificates": ["x"]}), "--chain", f.alice],
+     "ca_certificates[1]"),
+    (lambda f: ["--config", f.config, "--chain", "/nonexistent.pem"], "cannot read"),
+    (lambda f: ["--config", f.config, "--chain", f.alice, "--consumers", f.write("c.json", {"x": 1})],
+     "--consumers"),
+    (lambda f: ["--config", f.config, "--chain", f.alice,
+                "--consumers", f.write("c2.json", [{"custom_id": "x"}])], "entry 1"),
+    (lambda f: ["--config", f.config, "--chain", f.alice, "--at", "yesterday"], "--at"),
+])
+def test_usage_errors_exit_2(capsys, files, make, message):
+    code, _, err = run(capsys, *make(files))
+    assert code == 2 and message in err
+
+
+def test_missing_arguments_exit_2(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["check", "--chain", "x.pem"])
+    assert info.value.code == 2
