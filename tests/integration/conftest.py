@@ -1,0 +1,24 @@
+"""The `gateway` fixture: a real Kong running the example config, started once per runner module.
+
+test_docker.py and test_local.py each name their runner (`RUNNER`) and, when it cannot run here,
+skip the whole module with one line saying why (e.g. "docker runner: no Docker engine reachable
+(...)").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.integration.runners import Gateway
+
+
+@pytest.fixture(scope="module")
+def gateway(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    runner = request.module.RUNNER
+    gw = runner.start(tmp_path_factory.mktemp(f"kong-{runner.kind}"))
+    try:
+        yield gw
+    finally:
+        gw.stop()
