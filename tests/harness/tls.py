@@ -19,8 +19,8 @@ _PUMP_LIMIT = 200
 
 def _server_context(server: Issued) -> SSL.Context:
     ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
-    ctx.use_certificate(crypto.X509.from_cryptography(server.cert))
-    ctx.use_privatekey(crypto.PKey.from_cryptography_key(server.key))
+    ctx.use_certificate(server.cert)
+    ctx.use_privatekey(server.key)
     # optional_no_ca: request a certificate, accept any (or none); the plugin decides.
     ctx.set_verify(SSL.VERIFY_PEER, lambda conn, cert, errno, depth, ok: True)
     return ctx
@@ -30,11 +30,11 @@ def _client_context(client: Issued | None, send_intermediates: bool) -> SSL.Cont
     ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
     ctx.set_verify(SSL.VERIFY_NONE, lambda *args: True)
     if client is not None:
-        ctx.use_certificate(crypto.X509.from_cryptography(client.cert))
-        ctx.use_privatekey(crypto.PKey.from_cryptography_key(client.key))
+        ctx.use_certificate(client.cert)
+        ctx.use_privatekey(client.key)
         if send_intermediates:
             for extra in client.intermediates:
-                ctx.add_extra_chain_cert(crypto.X509.from_cryptography(extra))
+                ctx.add_extra_chain_cert(extra)
     return ctx
 
 

@@ -10,8 +10,8 @@ entry point. This replaces kong-pdk's `start_dedicated_server` (same flags Kong 
 * the socket reader decodes invalid UTF-8 (a header with raw bytes) with `surrogateescape` and
   packs it back the same way. kong-pdk's reader raises on it and drops the connection, which Kong
   answers by letting the request through (fail open);
-* an event whose first PDK call is `kong.response.exit` is forgotten at once; kong-pdk keeps it
-  (and its greenlet) forever;
+* an event that ends with `kong.response.exit` is finished at once; kong-pdk keeps its greenlet
+  (and, when exit was the first PDK call, the event) forever;
 * `plugin.GetRuntimeStats` reports open events and greenlets (Kong never calls it; the soak test does).
 """
 
@@ -28,11 +28,12 @@ import types
 from collections.abc import Sequence
 from typing import Any
 
+import gevent
 import msgpack
 from kong_pdk.listener import UnixStreamServer
 from kong_pdk.logger import Logger
 from kong_pdk.module import Module
-from kong_pdk.server import PluginServer, terminal_methods
+from kong_pdk.server import MSG_RET, PluginServer, terminal_methods
 
 from kong_mtls.constants import PLUGIN_VERSION, PRIORITIES
 from kong_mtls.kong.runtime import configure_stderr_logging
@@ -44,11 +45,24 @@ _CAMEL = re.compile("([a-z])([A-Z])")
 class SafePluginServer(PluginServer):
     def handle_event(self, event: dict) -> dict:
         answer = super().handle_event(event)
-        data = answer.get("Data")
-        if isinstance(data, dict) and data.get("Method") in terminal_methods:
-            # Kong never steps an event again after exit; drop it so its greenlet can be collected.
-            self.events.pop(answer["EventId"], None)
+        if _is_exit(answer):
+            self._finish_exited(self.events.pop(answer["EventId"], None))
         return answer
+
+    def _step(self, data: dict, is_error: bool) -> dict:
+        channel = self.events.get(data.get("EventId"))
+        answer = super()._step(data, is_error)
+        if _is_exit(answer):
+            self._finish_exited(channel)
+        return answer
+
+    @staticmethod
+    def _finish_exited(channel: Any) -> None:
+        """Kong never steps an event again after `exit`. kong-pdk's handler greenlet still ends by
+        handing "ret" to the event's channel and, in gevent mode, blocks there forever: one leaked
+        greenlet per refused request. Take its last messages so it can finish."""
+        if channel is not None:
+            gevent.spawn(_drain_exited, channel)
 
     def get_runtime_stats(self, *_: Any) -> dict:
         import greenlet  # gevent's dependency
@@ -59,6 +73,17 @@ class SafePluginServer(PluginServer):
             "Instances": len(self.instances),
             "Greenlets": sum(1 for o in gc.get_objects() if isinstance(o, greenlet.greenlet)),
         }
+
+
+def _is_exit(answer: dict) -> bool:
+    data = answer.get("Data")
+    return isinstance(data, dict) and data.get("Method") in terminal_methods
+
+
+def _drain_exited(channel: Any) -> None:
+    while channel.get() != MSG_RET:
+        # A PDK call after exit: answer it as an error (the request is already answered).
+        channel.put((None, "the request was already answered by kong.response.exit"))
 
 
 class _SocketReader:
