@@ -382,20 +382,16 @@ class RequestState:
         self.ctx: dict[str, Any] = {}
         self.plugin_id: str | None = None
         self.plugin_name = ""
-        self._methods: dict[str, Callable[..., Any]] = {
-            name[len("pdk_"):].replace("__", "."): getattr(self, name)
-            for name in dir(self) if name.startswith("pdk_")
-        }
 
     # -- dispatch ----------------------------------------------------------------------------
     def call(self, method: str, args: list) -> tuple[Any, Any]:
         """(value, err) of a PDK call; raises LuaError for a Lua error() and _Exit for exit."""
         self.outcome.pdk_calls.append(method)
-        fn = self._methods.get(method)
+        fn = _PDK_METHODS.get(method)
         if fn is None:
             self.log("err", f"could not find pdk method: {method}")
             return None, None
-        result = fn(*args)
+        result = fn(self, *args)
         if isinstance(result, tuple):  # Lua multiple returns: value, err, ...
             return result[0], result[1] if len(result) > 1 else None
         return result, None
@@ -709,6 +705,13 @@ class RequestState:
         self.outcome.upstream_body = self.request.body if self.upstream_body is None else self.upstream_body
 
 
+#: PDK name -> RequestState method: `pdk_kong__client__get_ip` implements `kong.client.get_ip`.
+_PDK_METHODS: dict[str, Callable[..., Any]] = {
+    name[len("pdk_"):].replace("__", "."): getattr(RequestState, name)
+    for name in dir(RequestState) if name.startswith("pdk_")
+}
+
+
 # --------------------------------------------------------------------------------------------
 # Kong
 # --------------------------------------------------------------------------------------------
@@ -799,10 +802,9 @@ class KongSide:
     # plugin.lua, get_instance_id
     def _instance_id(self, server: PluginServerProcess, config: Mapping[str, Any],
                      state: RequestState) -> int:
-        plugin_id = config.get("__plugin_id") or str(uuid.uuid5(
-            uuid.NAMESPACE_URL, server.name + json.dumps(config, sort_keys=True, default=str)))
-        state.plugin_id = plugin_id
         encoded = json.dumps(config, sort_keys=True, default=str)
+        plugin_id = config.get("__plugin_id") or str(uuid.uuid5(uuid.NAMESPACE_URL, server.name + encoded))
+        state.plugin_id = plugin_id
         known = self._instances.get(plugin_id)
         if known and self._configs.get(plugin_id) == encoded:
             return known.instance_id
