@@ -31,13 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kong-mtls", description=__doc__.split(":", 1)[1].strip())
     subparsers = parser.add_subparsers(dest="command", metavar="<command>", required=True)
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(f"kong_mtls.commands.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"kong_mtls.commands.{name}":
-                raise
-            continue
-        module.register(subparsers)
+        importlib.import_module(f"kong_mtls.commands.{name}").register(subparsers)
     return parser
 
 
