@@ -17,6 +17,15 @@ CLIENT_CERT_AUTH = "client-cert-auth"
 API_KEY_AUTH = "api-key-auth"
 UPSTREAM_IDENTITY = "upstream-identity"
 
+#: Kong plugin name -> the module serving it (`python -m <module>`, console script
+#: `kong-mtls-<name>`).
+PLUGIN_MODULES: dict[str, str] = {
+    IP_ALLOWLIST: "kong_mtls.kong.ip_allowlist",
+    CLIENT_CERT_AUTH: "kong_mtls.kong.client_cert_auth",
+    API_KEY_AUTH: "kong_mtls.kong.api_key_auth",
+    UPSTREAM_IDENTITY: "kong_mtls.kong.upstream_identity",
+}
+
 PRIORITIES: dict[str, int] = {
     # First: a refused peer costs nothing else, and the resolved client address is published for
     # the plugins below.

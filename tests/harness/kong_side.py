@@ -46,19 +46,13 @@ from urllib.parse import parse_qsl
 
 import msgpack
 
+from kong_mtls.constants import PLUGIN_MODULES
 from kong_mtls.guard import GUARD_MESSAGE, GUARD_STATUS, missing_marks
 from tests.harness.lua_msgpack import Binary, EmptyMap, as_lua, pack
 
 MESSAGE_UNEXPECTED = "An unexpected error occurred"  # kong/init.lua, handler errors
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-#: Kong plugin name -> module serving it.
-PLUGIN_MODULES = {
-    "ip-allowlist": "kong_mtls.kong.ip_allowlist",
-    "client-cert-auth": "kong_mtls.kong.client_cert_auth",
-    "api-key-auth": "kong_mtls.kong.api_key_auth",
-    "upstream-identity": "kong_mtls.kong.upstream_identity",
-}
 
 # mp_rpc.lua, get_step_method: by_pdk_method
 _STEP_BY_METHOD = {

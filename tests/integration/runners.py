@@ -426,7 +426,7 @@ class LocalGateway(Gateway):
         return "127.0.0.1", port
 
     def signal_plugin_server(self, name: str, signum: int) -> list[int]:
-        needle = f"kong_mtls.kong.{PLUGIN_MODULES[name]} -p {self.prefix}"
+        needle = f"{PLUGIN_MODULES[name]} -p {self.prefix}"
         result = subprocess.run([sys.executable, "-c", SIGNAL_SCRIPT, needle, str(signum)],
                                 capture_output=True, text=True, timeout=30, check=True)
         return json.loads(result.stdout.strip().splitlines()[-1])

@@ -18,7 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kong_mtls.constants import API_KEY_AUTH, CLIENT_CERT_AUTH, IP_ALLOWLIST, UPSTREAM_IDENTITY
+from kong_mtls.constants import (
+    CLIENT_CERT_AUTH,
+    IP_ALLOWLIST,
+    PLUGIN_MODULES,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 KONG_CONF_EXAMPLE = ROOT / "kong.conf.example"
@@ -26,12 +30,6 @@ COMPOSE_FILE = ROOT / "docker" / "compose.yaml"
 TEMPLATES_DIR = ROOT / "kong"
 
 #: Kong plugin name -> module under kong_mtls.kong.
-PLUGIN_MODULES = {
-    IP_ALLOWLIST: "ip_allowlist",
-    CLIENT_CERT_AUTH: "client_cert_auth",
-    API_KEY_AUTH: "api_key_auth",
-    UPSTREAM_IDENTITY: "upstream_identity",
-}
 
 #: Upstream addresses in the example configs (compose service names) that the local runner
 #: replaces with the loopback ports of the echo processes it starts.
@@ -59,7 +57,7 @@ def load_dev_config() -> Any:
 def available_plugins() -> list[str]:
     """Our plugins whose module exists in this checkout, in priority order."""
     return [name for name, module in PLUGIN_MODULES.items()
-            if importlib.util.find_spec(f"kong_mtls.kong.{module}") is not None]
+            if importlib.util.find_spec(module) is not None]
 
 
 # -- kong.conf -------------------------------------------------------------------------------------
@@ -122,7 +120,7 @@ def local_kong_conf(example: Mapping[str, str], *, prefix: str, python: str, plu
     if nginx_user:
         settings["nginx_user"] = nginx_user
     for name in plugins:
-        module = f"kong_mtls.kong.{PLUGIN_MODULES[name]}"
+        module = PLUGIN_MODULES[name]
         settings[pluginserver_key(name, "socket")] = f"{prefix}/{name}.sock"
         settings[pluginserver_key(name, "start_cmd")] = f"{python} -m {module} -p {prefix}"
         settings[pluginserver_key(name, "query_cmd")] = f"{python} -m {module} --dump"
