@@ -16,6 +16,8 @@ IP_ALLOWLIST = "ip-allowlist"
 CLIENT_CERT_AUTH = "client-cert-auth"
 API_KEY_AUTH = "api-key-auth"
 UPSTREAM_IDENTITY = "upstream-identity"
+#: Global only: asks TLS clients for a certificate in the `certificate` phase (instead of nginx).
+CLIENT_CERT_REQUEST = "client-cert-request"
 
 #: Kong plugin name -> the module serving it (`python -m <module>`, console script
 #: `kong-mtls-<name>`).
@@ -24,6 +26,7 @@ PLUGIN_MODULES: dict[str, str] = {
     CLIENT_CERT_AUTH: "kong_mtls.kong.client_cert_auth",
     API_KEY_AUTH: "kong_mtls.kong.api_key_auth",
     UPSTREAM_IDENTITY: "kong_mtls.kong.upstream_identity",
+    CLIENT_CERT_REQUEST: "kong_mtls.kong.client_cert_request",
 }
 
 PRIORITIES: dict[str, int] = {
@@ -36,6 +39,8 @@ PRIORITIES: dict[str, int] = {
     API_KEY_AUTH: 1260,
     # After acl (950): only authorised requests reach the upstream check.
     UPSTREAM_IDENTITY: 800,
+    # Runs in the certificate phase only, where no other of ours runs.
+    CLIENT_CERT_REQUEST: 1610,
 }
 
 # kong.ctx.shared key under which each plugin publishes its verdict for a request it let through.

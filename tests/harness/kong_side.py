@@ -309,6 +309,7 @@ class Outcome:
     pdk_calls: list[str] = field(default_factory=list)
     client_verify: str | None = None
     service_tls: dict[str, Any] = field(default_factory=dict)
+    handshake: dict[str, Any] = field(default_factory=dict)
     rpc_errors: list[str] = field(default_factory=list)
 
     @property
@@ -358,8 +359,9 @@ class RequestState:
     """One request as Kong holds it while the plugins run, and the PDK over it."""
 
     def __init__(self, request: Request, consumers: Iterable[Consumer], ctx_shared: Mapping[str, Any],
-                 kong_version: str, outcome: Outcome) -> None:
+                 kong_version: str, outcome: Outcome, phase: str = "access") -> None:
         self.request = request
+        self.phase = phase
         self.kong_version = kong_version
         self.outcome = outcome
         pairs = request.headers.items() if isinstance(request.headers, Mapping) else request.headers
@@ -385,6 +387,12 @@ class RequestState:
         if fn is None:
             self.log("err", f"could not find pdk method: {method}")
             return None, None
+        if self.phase == "certificate":
+            allowed = not method.startswith(_REQUEST_PHASES_ONLY)
+        else:
+            allowed = method not in _CERTIFICATE_PHASE_ONLY
+        if not allowed:  # kong/pdk/private/phases.lua, check_phase
+            raise LuaError(f"function cannot be called in {self.phase} phase")
         result = fn(self, *args)
         if isinstance(result, tuple):  # Lua multiple returns: value, err, ...
             return result[0], result[1] if len(result) > 1 else None
@@ -510,6 +518,14 @@ class RequestState:
 
     def pdk_kong__client__tls__get_full_client_certificate_chain(self) -> Any:
         return self.request.client_chain_pem
+
+    def pdk_kong__client__tls__request_client_certificate(self, ca_certs: Any = None) -> Any:
+        self.outcome.handshake["request_client_certificate"] = True
+        return True
+
+    def pdk_kong__client__tls__disable_session_reuse(self) -> Any:
+        self.outcome.handshake["disable_session_reuse"] = True
+        return True
 
     def pdk_kong__client__tls__set_client_verify(self, value: Any = None) -> Any:
         if not isinstance(value, str) or not (value in ("SUCCESS", "NONE") or value.startswith("FAILED:")):
@@ -699,6 +715,13 @@ class RequestState:
         self.outcome.upstream_body = self.request.body if self.upstream_body is None else self.upstream_body
 
 
+#: Callable in the certificate phase only; and PDK namespaces that need a request (kong/pdk/client/tls.lua,
+#: kong/pdk/private/phases.lua).
+_CERTIFICATE_PHASE_ONLY = frozenset({"kong.client.tls.request_client_certificate",
+                                     "kong.client.tls.disable_session_reuse"})
+_REQUEST_PHASES_ONLY = ("kong.request.", "kong.service.", "kong.response.", "kong.client.authenticate",
+                        "kong.client.load_consumer", "kong.client.tls.get_full_client_certificate_chain")
+
 #: PDK name -> RequestState method: `pdk_kong__client__get_ip` implements `kong.client.get_ip`.
 _PDK_METHODS: dict[str, Callable[..., Any]] = {
     name[len("pdk_"):].replace("__", "."): getattr(RequestState, name)
@@ -773,7 +796,7 @@ class KongSide:
         (`kong_mtls.guard`); None means the route has no guard.
         """
         outcome = Outcome()
-        state = RequestState(request, consumers, ctx_shared or {}, self.kong_version, outcome)
+        state = RequestState(request, consumers, ctx_shared or {}, self.kong_version, outcome, phase)
         ordered = sorted(plugins, key=lambda p: -p[0].priority)
         for server, config in ordered:
             state.plugin_name = server.name
