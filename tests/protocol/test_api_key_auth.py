@@ -223,9 +223,30 @@ def test_anonymous_skips_an_already_authenticated_request(kong: KongSide, server
 def test_preflight(kong: KongSide, server) -> None:
     outcome = run(kong, server, Request(method="OPTIONS"), config(run_on_preflight=False))
     assert outcome.proxied and outcome.authenticated == []
-    assert outcome.pdk_calls == ["kong.request.get_method", "kong.ctx.shared.set"]
+    assert outcome.pdk_calls == ["kong.request.get_method", "kong.client.get_consumer",
+                                 "kong.service.request.set_headers", "kong.ctx.shared.set"]
     assert outcome.ctx_shared[MARK] == {"anonymous": False, "reason": "PREFLIGHT"}
     assert run(kong, server, Request(method="OPTIONS")).status == 401  # run_on_preflight defaults to true
+
+
+def test_preflight_never_forwards_forged_identity_headers(kong: KongSide, server) -> None:
+    spoofed = {"X-Consumer-ID": ALICE.id, "X-Consumer-Username": "alice", "X-Consumer-Custom-ID": "cust-a",
+               "X-Credential-Identifier": credential_identifier("plain"), "X-Anonymous-Consumer": "false"}
+    outcome = run(kong, server, Request(method="OPTIONS", headers=spoofed), config(run_on_preflight=False),
+                  guard=[API_KEY_AUTH])
+    assert outcome.proxied  # the guard lets it through on the PREFLIGHT mark ...
+    for name in spoofed:  # ... so nothing a client claims about itself may go with it
+        assert outcome.header(name) is None, name
+
+
+def test_preflight_keeps_the_headers_of_an_earlier_authentication(kong: KongSide, server) -> None:
+    first = config(key_names=["x-first-key"])
+    second = config(run_on_preflight=False)
+    outcome = kong.run(Request(method="OPTIONS", headers={"x-first-key": PLAIN.key}),
+                       [(server, first), (server, second)], consumers=CONSUMERS)
+    assert outcome.proxied and outcome.ctx_shared[MARK]["reason"] == "PREFLIGHT"
+    assert outcome.header("X-Consumer-ID") == ALICE.id
+    assert outcome.header("X-Credential-Identifier") == credential_identifier("plain")
 
 
 # -- guard, config errors, Kong 2.8 --------------------------------------------------------------------------

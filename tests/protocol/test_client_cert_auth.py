@@ -27,7 +27,7 @@ ALICE_SUBJECT = "CN=alice,OU=admins,OU=payments,O=Example Org"
 
 GET_CHAIN = "kong.client.tls.get_full_client_certificate_chain"
 SUCCESS_CALLS = [GET_CHAIN, "kong.client.load_consumer", "kong.client.authenticate", "kong.ctx.shared.set",
-                 "kong.ctx.shared.set", "kong.service.request.set_headers"]
+                 "kong.service.request.set_headers", "kong.ctx.shared.set"]  # the mark last
 REFUSAL_CALLS = [GET_CHAIN, "kong.client.tls.set_client_verify", "kong.log.warn", "kong.response.exit"]
 
 #: Every identity header, as a client would forge it (mixed case, repeated).
@@ -129,8 +129,8 @@ def test_returning_client_costs_four_round_trips(kong, server, pki, chains):
     assert first.pdk_calls.count("kong.client.load_consumer") == 5  # URI, DNS, email, IP miss; CN hits
     second = run(kong, server, chains("alice"), conf)
     assert second.proxied and second.authenticated[0][0]["id"] == ALICE.id
-    assert second.pdk_calls == [GET_CHAIN, "kong.client.authenticate", "kong.ctx.shared.set",
-                                "kong.service.request.set_headers"]
+    assert second.pdk_calls == [GET_CHAIN, "kong.client.authenticate", "kong.service.request.set_headers",
+                                "kong.ctx.shared.set"]
 
 
 def test_skip_consumer_lookup(kong, server, pki, chains):
@@ -143,8 +143,8 @@ def test_skip_consumer_lookup(kong, server, pki, chains):
     assert outcome.upstream_headers["x-client-cert-dn"] == [ALICE_SUBJECT]
     assert "x-consumer-id" not in outcome.upstream_headers
     assert_no_spoofed_values(outcome)
-    assert outcome.pdk_calls == [GET_CHAIN, "kong.ctx.shared.set", "kong.ctx.shared.set",
-                                 "kong.service.request.set_headers"]
+    assert outcome.pdk_calls == [GET_CHAIN, "kong.ctx.shared.set", "kong.service.request.set_headers",
+                                 "kong.ctx.shared.set"]
 
 
 def test_partial_chain_from_a_client_that_sends_no_intermediate(kong, server, pki, chains):

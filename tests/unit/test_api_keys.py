@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kong_mtls.constants import (
+    CONSUMER_HEADERS,
     HEADER_ANONYMOUS_CONSUMER,
     HEADER_CONSUMER_CUSTOM_ID,
     HEADER_CONSUMER_ID,
@@ -38,6 +39,7 @@ from kong_mtls.core.api_keys import (
     parse_rfc3339,
     pass_mark,
     resolve_client_ip,
+    skip_headers,
     upstream_headers,
 )
 from kong_mtls.schema import ConfigError
@@ -449,6 +451,21 @@ def test_cidr_bound_key_from_inside_and_outside() -> None:
     assert_refused(unknown.run(make()), Reason.CLIENT_IP_UNKNOWN)
 
 
+def test_cidr_binding_reads_addresses_as_ip_allowlist_does() -> None:
+    """One parser for addresses and CIDRs (kong_mtls.core.addresses): an IPv4-mapped network in
+    allowed_cidrs means the IPv4 network, as in ip-allowlist, instead of matching no client at all."""
+    mapped = generate_key("mapped")
+    entry = credential_entry(mapped.key, "bob", "mapped", allowed_cidrs=["::ffff:10.0.0.0/104"])
+    auth = make(credentials=[entry])
+    for client in ("10.1.2.3", "::ffff:10.1.2.3"):
+        assert Req(headers={"apikey": [mapped.key]}, forwarded_ip=client).run(auth).consumer == BOB, client
+    assert_refused(Req(headers={"apikey": [mapped.key]}, forwarded_ip="11.0.0.1").run(auth),
+                   Reason.CLIENT_IP_NOT_ALLOWED)
+    with pytest.raises(ConfigError) as info:
+        make(credentials=[credential_entry(mapped.key, "bob", "mapped", allowed_cidrs=["010.0.0.0/8"])])
+    assert info.value.field == "credential.allowed_cidrs[1]"
+
+
 def test_cidr_binding_prefers_ip_allowlist_client_ip() -> None:
     mark = {"client_ip": "10.9.9.9", "peer_ip": "192.0.2.1", "source": "header", "trusted": True}
     assert Req(headers={"apikey": [NETWORK.key]}, ip_mark=mark, forwarded_ip="192.0.2.1").run(
@@ -629,3 +646,11 @@ def test_decisions_never_carry_the_secret() -> None:
                              repr(upstream_headers(decision)) if passed else "",
                              repr(pass_mark(decision)) if passed else ""])
         assert secret not in rendered, decision.reason
+
+
+def test_skip_headers_strip_forged_identity_only_on_an_unauthenticated_preflight() -> None:
+    assert skip_headers(SkipReason.PREFLIGHT, lambda: None) == {name: [] for name in CONSUMER_HEADERS}
+    assert skip_headers(SkipReason.PREFLIGHT, lambda: "junk") == {name: [] for name in CONSUMER_HEADERS}
+    # after an earlier plugin authenticated the request, its headers stand
+    assert skip_headers(SkipReason.PREFLIGHT, lambda: {"id": "c1"}) is None
+    assert skip_headers(SkipReason.ALREADY_AUTHENTICATED, lambda: None) is None

@@ -25,7 +25,6 @@ import binascii
 import datetime as dt
 import hashlib
 import hmac
-import ipaddress
 import re
 import secrets
 import time
@@ -33,9 +32,10 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 from kong_mtls.constants import (
+    CONSUMER_HEADERS,
     HEADER_ANONYMOUS_CONSUMER,
     HEADER_CONSUMER_CUSTOM_ID,
     HEADER_CONSUMER_ID,
@@ -44,6 +44,7 @@ from kong_mtls.constants import (
     HEADER_WWW_AUTHENTICATE,
     MESSAGE_UNEXPECTED,
 )
+from kong_mtls.core.addresses import IPNetwork, parse_ip, parse_network
 from kong_mtls.schema import ConfigError
 
 # -- client-facing messages (Kong 3.9 key-auth handler.lua) -----------------------------------------
@@ -76,9 +77,6 @@ _INDEX_PATTERN = re.compile(r"^[0-9a-f]{32}$")
 _RFC3339 = re.compile(
     r"^(\d{4}-\d{2}-\d{2})[Tt ](\d{2}:\d{2}:\d{2})(?:\.(\d+))?([Zz]|[+-]\d{2}:\d{2})$"
 )
-
-IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
-IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 
 
 class Reason(str, Enum):
@@ -203,26 +201,6 @@ def parse_rfc3339(text: str) -> float:
         return dt.datetime.fromisoformat(f"{day}T{clock}.{fraction}{offset}").timestamp()
     except ValueError as exc:
         raise ValueError(f"not a valid date-time: {exc}") from None
-
-
-def parse_ip(text: Any) -> IPAddress | None:
-    if not isinstance(text, str):
-        return None
-    try:
-        ip = ipaddress.ip_address(text.strip())
-    except ValueError:
-        return None
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
-    return ip
-
-
-def parse_cidr(text: str) -> IPNetwork:
-    """An address or a network; host bits set (`10.0.0.5/8`) is refused as a likely typo."""
-    try:
-        return ipaddress.ip_network(text.strip(), strict=True)
-    except ValueError as exc:
-        raise ValueError(f"not an IP address or CIDR: {exc}") from None
 
 
 def normalize_spki(text: str) -> str:
@@ -377,7 +355,7 @@ def parse_credential(record: Any, where: str) -> Credential:
     networks = []
     for j, cidr in enumerate(texts("allowed_cidrs"), start=1):
         try:
-            networks.append(parse_cidr(cidr))
+            networks.append(parse_network(cidr))
         except ValueError as exc:
             raise ConfigError(f"{where}.allowed_cidrs[{j}]", str(exc)) from None
     pins = []
@@ -762,6 +740,18 @@ def upstream_headers(decision: Decision) -> dict[str, Any]:
         if name not in taken:
             headers[name] = []
     return headers
+
+
+def skip_headers(skipped: SkipReason, load_consumer_of_request: Callable[[], Any]) -> dict[str, Any] | None:
+    """Header changes for a request let through without looking for a key, or None.
+
+    After another plugin authenticated the request, its consumer headers stand. A preflight that no
+    plugin authenticated gets the client-sent copies of the consumer headers removed: the mark lets
+    it past the guard, and the upstream must never see forged identity headers under it.
+    """
+    if skipped is SkipReason.PREFLIGHT and not _is_consumer(load_consumer_of_request()):
+        return {name: [] for name in CONSUMER_HEADERS}
+    return None
 
 
 def kong_credential(decision: Decision) -> dict[str, Any] | None:

@@ -24,6 +24,7 @@ from kong_mtls.core.api_keys import (
     kong_credential,
     pass_mark,
     resolve_client_ip,
+    skip_headers,
     upstream_headers,
 )
 from kong_mtls.kong.runtime import PhaseResult, Refusal, phase
@@ -65,6 +66,9 @@ class Plugin:
         auth = self.auth
         skipped = auth.skip_reason(kong.request.get_method, kong.client.get_credential)
         if skipped is not None:
+            headers = skip_headers(skipped, kong.client.get_consumer)
+            if headers is not None:
+                kong.service.request.set_headers(headers)
             kong.ctx.shared.set(MARK, pass_mark(skipped=skipped))
             return None
 

@@ -8,9 +8,9 @@ into a `kong_mtls.core.identity.Authenticator`. A request then costs:
   a plugin server can call, so consumers are matched by id or username only);
 * on a pass: `kong.client.authenticate` (only with a consumer table: over RPC a nil consumer raises
   in Lua), `kong.ctx.shared.set("authenticated_groups", ...)` when there are groups, one
-  `kong.ctx.shared.set` of the mark the fail-closed guard and api-key-auth read, and one
   `kong.service.request.set_headers` carrying every identity header (empty values remove what the
-  client sent);
+  client sent), and last one `kong.ctx.shared.set` of the mark the fail-closed guard and
+  api-key-auth read;
 * on a failure with a certificate: `kong.client.tls.set_client_verify("FAILED:<reason>")`.
   "SUCCESS" is not set on success: it would cost a round trip per request, and the plugin's verdict
   is published in the mark and the headers.
@@ -51,13 +51,13 @@ from kong_mtls.core.identity import (
     Via,
     parse_mappings,
 )
+from kong_mtls.core.revocation import RevocationChecker, RevocationMode, parse_crls
 from kong_mtls.kong.runtime import Refusal, log_line, phase
 from kong_mtls.kong.server import serve
 from kong_mtls.presets import CA_PRESET_NAMES, PresetError, load_ca_preset
 from kong_mtls.schema import ConfigError
 
 MARK = shared_mark(CLIENT_CERT_AUTH)
-REVOCATION_MODES = ("SKIP", "IGNORE_CA_ERROR", "STRICT")
 
 _log = logging.getLogger("kong_mtls")
 
@@ -71,7 +71,8 @@ Schema = [
     schema.string("required_eku", default="client_auth", len_min=1),
     schema.integer("validation_time_skew", default=0, between=(0, 86400)),
     # Revocation (kong_mtls.core.revocation).
-    schema.string("revocation_check_mode", default="IGNORE_CA_ERROR", one_of=REVOCATION_MODES),
+    schema.string("revocation_check_mode", default=RevocationMode.IGNORE_CA_ERROR.value,
+                  one_of=[m.value for m in RevocationMode]),
     schema.strings("crls"),
     schema.integer("http_timeout", default=5000, between=(100, 60000)),
     schema.integer("revocation_cache_ttl", default=3600, between=(1, 7 * 86400)),
@@ -175,15 +176,11 @@ def _anchors(conf: Mapping[str, Any]) -> tuple[x509.Certificate, ...]:
 
 
 def _revocation(conf: Mapping[str, Any], clock: Callable[[], float]) -> Callable[..., Any] | None:
-    mode = conf["revocation_check_mode"]
-    if mode == "SKIP":
+    mode = RevocationMode(conf["revocation_check_mode"])
+    if mode is RevocationMode.SKIP:
         if conf["crls"]:
             raise ConfigError("crls", "CRLs are not used when revocation_check_mode is SKIP")
         return None
-    try:
-        from kong_mtls.core.revocation import RevocationChecker, RevocationMode, parse_crls
-    except ImportError:  # a build without the revocation core
-        raise ConfigError("revocation_check_mode", "revocation checking is not available; use SKIP") from None
     crls = []
     for i, text in enumerate(conf["crls"] or (), start=1):
         try:
@@ -192,8 +189,7 @@ def _revocation(conf: Mapping[str, Any], clock: Callable[[], float]) -> Callable
             raise ConfigError(f"crls[{i}]", str(exc)) from None
     checker = RevocationChecker(static_crls=crls, http_timeout=conf["http_timeout"] / 1000.0,
                                 max_ttl=float(conf["revocation_cache_ttl"]), clock=clock)
-    revocation_mode = RevocationMode(mode)
-    return lambda leaf, issuer: checker.check(leaf, issuer, revocation_mode)
+    return lambda leaf, issuer: checker.check(leaf, issuer, mode)
 
 
 class Plugin:
@@ -220,8 +216,10 @@ class Plugin:
                                      dict(decision.credential) if decision.credential else None)
         if decision.groups:
             kong.ctx.shared.set(SHARED_AUTHENTICATED_GROUPS, list(decision.groups))
-        kong.ctx.shared.set(MARK, dict(decision.mark or {}))
         kong.service.request.set_headers(dict(decision.headers))
+        # Last: the guard proxies on this mark, and Kong goes on if the plugin server fails between
+        # two calls; set earlier, a failed set_headers would let client-sent identity headers through.
+        kong.ctx.shared.set(MARK, dict(decision.mark or {}))
         return None
 
 
