@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from kong_mtls.constants import IP_ALLOWLIST, shared_mark
+from kong_mtls.core.addresses import MAX_HEADER_LINES
 from tests.harness.kong_side import KongSide, PluginServerProcess, Request
 
 MARK = shared_mark(IP_ALLOWLIST)
@@ -39,7 +40,7 @@ def test_cloudflare_peer_with_cf_connecting_ip_passes_and_publishes_the_visitor(
     # The client-sent copy is replaced by the resolved address.
     assert outcome.upstream_headers["x-real-client-ip"] == [VISITOR]
     # Two reads, two writes: the whole budget.
-    assert outcome.pdk_calls == ["kong.nginx.get_var", "kong.request.get_header",
+    assert outcome.pdk_calls == ["kong.nginx.get_var", "kong.request.get_headers",
                                  "kong.service.request.set_headers", "kong.ctx.shared.set"]
 
 
@@ -167,11 +168,25 @@ def test_bad_config_fails_start_instance_with_500(kong, allowlist):
     assert any("allow[1]" in msg and "host bits" in msg for _, msg in outcome.logs)
 
 
-def test_kong_2_8_sees_only_the_first_header_line(allowlist):
-    """Kong 2.8 (nginx < 1.23) returns the first line of a repeated header, so a duplicate cannot be
-    detected there; Cloudflare replaces any client-sent CF-Connecting-IP, so the first line is its own."""
-    with KongSide(kong_version="2.8") as old:
-        request = Request(realip_remote_addr=CF_PEER, headers=[("CF-Connecting-IP", VISITOR),
-                                                                ("CF-Connecting-IP", "6.6.6.6")])
-        outcome = old.run(request, [(allowlist, CF_LOCK)])
-    assert outcome.proxied and outcome.ctx_shared[MARK]["client_ip"] == VISITOR
+@pytest.mark.parametrize("kong_version", ["2.8", "3.9"])
+def test_every_header_line_counts_on_every_kong_version(allowlist, kong_version):
+    """Kongs before 3.9 (nginx < 1.23) give `get_header` only the first line of a repeated header.
+    Behind a proxy that adds its own X-Forwarded-For line instead of appending to the client's, the
+    client's line comes first: reading it would let the client pick its address."""
+    with KongSide(kong_version=kong_version) as kong:
+        one_hop = {**XFF, "forwarded_for_hops": 1}
+        appended = kong.run(Request(realip_remote_addr="10.0.0.5",
+                                    headers=[("X-Forwarded-For", "6.6.6.6"), ("X-Forwarded-For", VISITOR)]),
+                            [(allowlist, one_hop)])
+        assert appended.proxied and appended.ctx_shared[MARK]["client_ip"] == VISITOR
+        doubled = kong.run(Request(realip_remote_addr=CF_PEER, headers=[("CF-Connecting-IP", "6.6.6.6"),
+                                                                         ("CF-Connecting-IP", VISITOR)]),
+                           [(allowlist, CF_LOCK)])
+        assert doubled.exit.status == 403 and refusal_logged(doubled, "HEADER_MALFORMED")
+
+
+def test_a_request_with_more_header_lines_than_kong_returns_is_refused(kong, allowlist):
+    padding = [(f"X-Pad-{i}", "x") for i in range(MAX_HEADER_LINES)]
+    outcome = kong.run(Request(realip_remote_addr=CF_PEER, headers=[*padding, ("CF-Connecting-IP", VISITOR)]),
+                       [(allowlist, CF_LOCK)])
+    assert outcome.exit.status == 403 and refusal_logged(outcome, "HEADER_MALFORMED")

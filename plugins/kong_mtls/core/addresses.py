@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import ipaddress
 from bisect import bisect_right
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import Enum
 from functools import lru_cache
@@ -37,6 +37,10 @@ DEFAULT_MESSAGE = "IP address not allowed: {address}"
 #: Default refusal message when there is no IP address to name (e.g. a unix-socket peer).
 NO_ADDRESS_MESSAGE = "Cannot identify the client IP address"
 
+#: Header lines read per request (`kong.request.get_headers(max)`; Kong allows at most 1000). A
+#: request with more cannot be read whole, so it is refused: the lines beyond the limit could be the
+#: ones a trusted proxy added.
+MAX_HEADER_LINES = 1000
 _MAX_ADDRESS_TEXT = 64  # longer than any IP literal (with brackets and port); anything longer is junk
 _DETAIL_VALUE_CHARS = 64
 
@@ -218,6 +222,9 @@ def _merge(spans: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
 
 NO_ADDRESSES = AddressSet()
 
+#: Stands for a header value that could not be read (refused like a malformed one).
+_UNREADABLE = object()
+
 
 # -- decisions ---------------------------------------------------------------------------------------
 
@@ -322,6 +329,24 @@ class Policy:
             return self._check(client_ip, peer_text)
         return self._decide_header(peer, peer_ip, header)
 
+    def decide_headers(self, peer: object, headers: object) -> Decision:
+        """`decide` for source header, from Kong's whole header map (`kong.request.get_headers`).
+
+        Every line of the header counts, joined with ", " as nginx 1.23+ joins them. Kong 3.9's
+        `get_header` does the same, but older Kongs (nginx < 1.23) give only the FIRST line: behind
+        a proxy that adds its own line rather than appending to the client's, the client would
+        pick its own address. A map that is not a map, or may have been cut at MAX_HEADER_LINES,
+        is refused."""
+        if not isinstance(headers, Mapping):
+            return self.decide(peer, header=_UNREADABLE)
+        lines = sum(len(v) if isinstance(v, list) else 1 for v in headers.values())
+        if lines >= MAX_HEADER_LINES:
+            return self.decide(peer, header=_UNREADABLE)
+        value = headers.get((self.header_name or "").lower())
+        if isinstance(value, list):
+            value = ", ".join(value) if value and all(isinstance(v, str) for v in value) else _UNREADABLE
+        return self.decide(peer, header=value)
+
     def _decide_header(self, peer: object, peer_ip: _Parsed | None, header: object) -> Decision:
         if peer_ip is None:
             return self._refuse(Reason.NO_ADDRESS, None, None, f"peer={_shown(peer)}")
@@ -336,6 +361,9 @@ class Policy:
         if header is None:
             return self._refuse(Reason.HEADER_MISSING, peer_text, None,
                                 f"trusted proxy sent no {self.header_name}")
+        if header is _UNREADABLE:
+            return self._refuse(Reason.HEADER_MALFORMED, peer_text, None,
+                                f"header lines could not all be read ({MAX_HEADER_LINES} at most)")
         if not isinstance(header, str):
             return self._refuse(Reason.HEADER_MALFORMED, peer_text, None,
                                 f"{self.header_name} is a {type(header).__name__}")

@@ -1,7 +1,9 @@
 """Kong adapter for the ip-allowlist plugin: allow/deny by IP, checking an explicit address.
 
 Everything is compiled once in `Plugin.__init__` (one `Policy` per plugin instance); a request costs
-one PDK read (`peer`) or two (`forwarded`, `header`), then on a pass one `kong.ctx.shared.set`
+one PDK read (`peer`) or two (`forwarded`; `header`, which reads every header line with
+`get_headers`, because Kongs before 3.9 give `get_header` only the first line of a repeated
+header), then on a pass one `kong.ctx.shared.set`
 and, when `client_ip_header` is configured, one `kong.service.request.set_headers`.
 Semantics are documented in docs/ip-allowlist.md; the decision logic is kong_mtls.core.addresses.
 """
@@ -15,7 +17,15 @@ from typing import Any
 
 from kong_mtls import schema
 from kong_mtls.constants import IP_ALLOWLIST, shared_mark
-from kong_mtls.core.addresses import AddressError, AddressSet, IPNetwork, Policy, Source, parse_network
+from kong_mtls.core.addresses import (
+    MAX_HEADER_LINES,
+    AddressError,
+    AddressSet,
+    IPNetwork,
+    Policy,
+    Source,
+    parse_network,
+)
 from kong_mtls.kong.runtime import Refusal, phase
 from kong_mtls.kong.server import serve
 from kong_mtls.presets import CIDR_PRESET_NAMES, PresetError, load_cidr_preset
@@ -74,7 +84,7 @@ class Plugin:
         policy = self.policy
         peer = kong.nginx.get_var(PEER_VARIABLE)
         if policy.source is Source.HEADER:
-            decision = policy.decide(peer, header=kong.request.get_header(policy.header_name))
+            decision = policy.decide_headers(peer, kong.request.get_headers(MAX_HEADER_LINES))
         elif policy.source is Source.FORWARDED:
             decision = policy.decide(peer, forwarded=kong.client.get_forwarded_ip())
         else:
