@@ -14,15 +14,22 @@ import sys
 import time
 
 from bench import cases, core
-from bench.load import HEADER, Case, Result, measure
+from bench.load import HEADER, Case, Result, compare, handler_us, measure, run_once
+from tests.harness.kong_side import KongSide
 
 CONNECTIONS = (1, 8)
 
 
 def protocol_section(requests: int) -> list[str]:
     lines = ["## Through the plugin servers", "", HEADER]
-    comparisons = ["", "| path (warm) | ours µs (p50, 1 conn.) | bare plugin, same round trips µs "
-                       "| our logic adds |", "|---|---:|---:|---:|"]
+    comparisons = [
+        "", "Each warm path against two baselines, measured in rotating blocks on one connection: *bare*, "
+        "plugins making the same number of PDK calls per plugin event (`bench/bare_plugin.py`), and "
+        "*replay*, plugins making exactly the same PDK calls with the same arguments "
+        "(`bench/replay_plugin.py`). CPU is what the plugin-server processes used per request.", "",
+        "| path (warm) | p50 µs: ours / bare / replay | plugin-server CPU µs: ours / bare / replay "
+        "| CPU added vs replay | our handlers' own Python, µs (in process) | that, over bare p50 |",
+        "|---|---:|---:|---:|---:|---:|"]
     with cases.world() as w:
         key = cases.new_key()
         plugin_cases: list[Case] = [
@@ -31,24 +38,33 @@ def protocol_section(requests: int) -> list[str]:
             cases.api_key_auth(w, key), cases.api_key_auth(w, key, cold=True),
             cases.full_chain(w, key),
         ]
-        bare_by_calls: dict[int, Result] = {}
-        lines.extend(_rows(cases.bare(w, 1), requests, bare_by_calls))
+        baselines: dict[tuple[int, ...], Result] = {}
+        lines.extend(_rows(cases.bare(w, (1,)), requests, baselines))
         for case in plugin_cases:
             results = [measure(case, connections=c, requests=requests) for c in CONNECTIONS]
             lines.extend(r.row() for r in results)
-            calls = results[0].round_trips
-            if calls not in bare_by_calls:
-                lines.extend(_rows(cases.bare(w, calls), requests, bare_by_calls))
+            split = results[0].split
+            if split not in baselines:
+                lines.extend(_rows(cases.bare(w, split), requests, baselines))
             if "cold" not in case.name:
-                ours, base = results[0].p50_us, bare_by_calls[calls].p50_us
-                added = 100 * (ours / base - 1)
-                comparisons.append(f"| {case.name} | {ours:,.0f} | {base:,.0f} | {added:+.0f}% |")
+                with KongSide() as kong:
+                    run_once(case, kong)
+                    recorded = run_once(case, kong)  # warm: what every request after the first does
+                costs = compare({"ours": case, "bare": cases.bare(w, split),
+                                 "replay": cases.replay(w, case, recorded)}, requests=requests)
+                ours, bare, replay = costs["ours"], costs["bare"], costs["replay"]
+                own = handler_us(case, recorded)
+                comparisons.append(
+                    f"| {case.name} | {ours.p50_us:,.0f} / {bare.p50_us:,.0f} / {replay.p50_us:,.0f} | "
+                    f"{ours.cpu_us:,.0f} / {bare.cpu_us:,.0f} / {replay.cpu_us:,.0f} | "
+                    f"{100 * (ours.cpu_us / replay.cpu_us - 1):+.0f}% | {own:,.1f} | "
+                    f"{100 * own / bare.p50_us:.1f}% |")
     return lines + comparisons
 
 
-def _rows(case: Case, requests: int, bare_by_calls: dict[int, Result]) -> list[str]:
+def _rows(case: Case, requests: int, baselines: dict[tuple[int, ...], Result]) -> list[str]:
     results = [measure(case, connections=c, requests=requests) for c in CONNECTIONS]
-    bare_by_calls[results[0].round_trips] = results[0]
+    baselines[results[0].split] = results[0]
     return [r.row() for r in results]
 
 

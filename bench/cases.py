@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from bench.load import Case
 from kong_mtls.core.api_keys import NewKey, credential_entry, generate_key
-from tests.harness.kong_side import Consumer, PluginServerProcess, Request
+from tests.harness.kong_side import Consumer, Outcome, PluginServerProcess, Request
 from tests.harness.pki import TestPKI
 from tests.harness.tls import capture_client_chain
 
@@ -44,9 +45,28 @@ def world() -> Iterator[World]:
         w.close()
 
 
-def bare(w: World, calls: int) -> Case:
-    return Case(f"bare plugin, {calls} call{'s' if calls > 1 else ''}",
-                [(w.server("bare", "bench.bare_plugin"), {"calls": calls})], lambda i: Request())
+def bare(w: World, split: tuple[int, ...]) -> Case:
+    """Bare plugins making the same PDK calls per plugin event as a measured path (`split`)."""
+    server = w.server("bare", "bench.bare_plugin")
+    label = " + ".join(str(n) for n in split)
+    plugins = len(split)
+    name = f"bare plugin{'s' if plugins > 1 else ''}, {label} call{'s' if sum(split) > 1 else ''}"
+    # One instance per position, as Kong has one per configured plugin.
+    return Case(name, [(server, {"calls": n, "__plugin_id": f"bare-{i}"}) for i, n in enumerate(split)],
+                lambda i: Request())
+
+
+def replay(w: World, case: Case, outcome: Outcome) -> Case:
+    """Replay plugins making exactly the PDK calls (arguments included) each of `outcome`'s plugin
+    events made."""
+    server = w.server("replay", "bench.replay_plugin")
+    calls = list(zip(outcome.pdk_calls, outcome.pdk_args))
+    plugins, start = [], 0
+    for i, (_, count) in enumerate(outcome.events):
+        recorded = json.dumps(calls[start:start + count], default=str)
+        plugins.append((server, {"calls": recorded, "__plugin_id": f"replay-{i}"}))
+        start += count
+    return Case(f"replay of {case.name}", plugins, case.request, consumers=case.consumers)
 
 
 def ip_allowlist_config() -> dict:

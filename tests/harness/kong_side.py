@@ -307,6 +307,12 @@ class Outcome:
     ctx_shared: dict[str, Any] = field(default_factory=dict)
     logs: list[tuple[str, str]] = field(default_factory=list)
     pdk_calls: list[str] = field(default_factory=list)
+    #: The arguments of each call in `pdk_calls`, as the plugin server sent them, and what Kong
+    #: answered (what the plugin got back).
+    pdk_args: list[list[Any]] = field(default_factory=list)
+    pdk_results: list[Any] = field(default_factory=list)
+    #: (plugin name, PDK calls it made) for each plugin that ran, in order.
+    events: list[tuple[str, int]] = field(default_factory=list)
     client_verify: str | None = None
     service_tls: dict[str, Any] = field(default_factory=dict)
     handshake: dict[str, Any] = field(default_factory=dict)
@@ -800,6 +806,7 @@ class KongSide:
         ordered = sorted(plugins, key=lambda p: -p[0].priority)
         for server, config in ordered:
             state.plugin_name = server.name
+            calls_before = len(outcome.pdk_calls)
             try:
                 self._handle_event(server, config, phase, state)
             except _Exit:
@@ -808,6 +815,8 @@ class KongSide:
                 state.log("err", f"[{server.name}] {exc}")
                 outcome.exit = Exit(500, {"message": MESSAGE_UNEXPECTED}, {}, "kong")
                 break
+            finally:
+                outcome.events.append((server.name, len(outcome.pdk_calls) - calls_before))
         if outcome.exit is None and guard:
             missing = missing_marks(guard, outcome.ctx_shared)
             if missing:
@@ -855,7 +864,10 @@ class KongSide:
             while step["Data"] != "ret":
                 data = step["Data"]
                 method = data["Method"]
-                value, err = state.call(method, as_lua(data.get("Args") or []))
+                args = data.get("Args") or []
+                state.outcome.pdk_args.append(args)
+                value, err = state.call(method, as_lua(args))
+                state.outcome.pdk_results.append(value)
                 step_method = _STEP_BY_METHOD.get(method, "plugin.Step")
                 if self.kong_version.startswith("2.") and value is None and err is not None:
                     step_method, value = "plugin.StepError", err
