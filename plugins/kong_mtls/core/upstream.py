@@ -281,7 +281,7 @@ def parse_target(text: str, default_port: int | None = None) -> Target:
         if default_port is None:
             raise ValueError(f"{text!r}: expected host:port")
         port = default_port
-    elif port_text.isdigit():
+    elif port_text.isascii() and port_text.isdigit():
         port = int(port_text)
     else:
         raise ValueError(f"{text!r}: the port must be a number")
