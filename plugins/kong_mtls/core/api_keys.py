@@ -23,6 +23,7 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime as dt
+import functools
 import hashlib
 import hmac
 import re
@@ -227,7 +228,7 @@ class Credential:
     client_cert: bool = False
     spki_pins: frozenset[str] = frozenset()
 
-    @property
+    @functools.cached_property
     def credential_id(self) -> str:
         return credential_identifier(self.key_id)
 

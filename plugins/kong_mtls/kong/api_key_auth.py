@@ -64,7 +64,9 @@ class Plugin:
     @phase(NAME)
     def access(self, kong: Any) -> PhaseResult:
         auth = self.auth
-        skipped = auth.skip_reason(kong.request.get_method, kong.client.get_credential)
+        # Loaders are lambdas: each `kong.x.y` lookup builds kong-pdk objects, so only the reads the
+        # request needs are even looked up.
+        skipped = auth.skip_reason(lambda: kong.request.get_method(), lambda: kong.client.get_credential())
         if skipped is not None:
             headers = skip_headers(skipped, kong.client.get_consumer)
             if headers is not None:
@@ -82,12 +84,12 @@ class Plugin:
                 return None
 
         decision = auth.authenticate(
-            load_headers=kong.request.get_headers,
-            load_query=kong.request.get_query,
+            load_headers=lambda: kong.request.get_headers(),
+            load_query=lambda: kong.request.get_query(),
             load_body=load_body,
             load_consumer=load_consumer,
             load_client_ip=lambda: resolve_client_ip(kong.ctx.shared.get(shared_mark(IP_ALLOWLIST)),
-                                                     kong.client.get_forwarded_ip),
+                                                     lambda: kong.client.get_forwarded_ip()),
             load_cert_mark=lambda: kong.ctx.shared.get(shared_mark(CLIENT_CERT_AUTH)),
             now=time.time(),
         )
