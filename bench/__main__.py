@@ -30,10 +30,10 @@ def protocol_section(requests: int) -> list[str]:
         "| path (warm) | p50 µs: ours / bare / replay | plugin-server CPU µs: ours / bare / replay "
         "| CPU added vs replay | our handlers' own Python, µs (in process) | that, over bare p50 |",
         "|---|---:|---:|---:|---:|---:|"]
-    with cases.world() as w:
+    with cases.world() as w, cases.upstream_identity(w) as (upstream_warm, upstream_first_use):
         key = cases.new_key()
         plugin_cases: list[Case] = [
-            cases.ip_allowlist(w),
+            cases.ip_allowlist(w), cases.ip_allowlist(w, cold=True), upstream_warm,
             cases.client_cert_auth(w), cases.client_cert_auth(w, cold=True),
             cases.api_key_auth(w, key), cases.api_key_auth(w, key, cold=True),
             cases.full_chain(w, key),
@@ -59,7 +59,22 @@ def protocol_section(requests: int) -> list[str]:
                     f"{ours.cpu_us:,.0f} / {bare.cpu_us:,.0f} / {replay.cpu_us:,.0f} | "
                     f"{100 * (ours.cpu_us / replay.cpu_us - 1):+.0f}% | {own:,.1f} | "
                     f"{100 * own / bare.p50_us:.1f}% |")
+        lines += ["", first_use_row(upstream_first_use)]
     return lines + comparisons
+
+
+def first_use_row(first_use, count: int = 40) -> str:
+    """upstream-identity's cold path: the first request of a new instance waits for the probe."""
+    timings = []
+    with KongSide() as kong:
+        for n in range(count):
+            started = time.perf_counter()
+            run_once(first_use(f"first-use-{n}"), kong)
+            timings.append((time.perf_counter() - started) * 1e6)
+    timings.sort()
+    return (f"upstream-identity, first request of a new instance (StartInstance, then a real TLS probe of "
+            f"the upstream with Kong's client certificate): p50 {timings[len(timings) // 2]:,.0f} µs over "
+            f"{count} instances; later requests are served from the cached verdict (row above).")
 
 
 def _rows(case: Case, requests: int, baselines: dict[tuple[int, ...], Result]) -> list[str]:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from bench.load import Case
@@ -74,10 +75,42 @@ def ip_allowlist_config() -> dict:
             "client_ip_header": "X-Real-Client-IP"}
 
 
-def ip_allowlist(w: World) -> Case:
-    return Case("ip-allowlist (Cloudflare peer, CF-Connecting-IP)",
+def ip_allowlist(w: World, *, cold: bool = False) -> Case:
+    def visitor(i: int) -> str:
+        return f"198.{18 + (i >> 16) % 2}.{(i >> 8) % 256}.{i % 256}" if cold else VISITOR
+
+    suffix = ", cold (a new visitor each time)" if cold else ""
+    return Case(f"ip-allowlist (Cloudflare peer, CF-Connecting-IP){suffix}",
                 [(w.server("ip-allowlist"), ip_allowlist_config())],
-                lambda i: Request(client_ip=CLOUDFLARE_PEER, headers={"CF-Connecting-IP": VISITOR}))
+                lambda i: Request(client_ip=CLOUDFLARE_PEER, headers={"CF-Connecting-IP": visitor(i)}))
+
+
+UPSTREAM_HOST = "upstream.test"
+
+
+@contextlib.contextmanager
+def upstream_identity(w: World) -> Iterator[tuple[Case, Callable[[str], Case]]]:
+    """The warm case (verdict cached) and a factory of first-use cases (a new plugin instance: its
+    first request waits for the probe), against a real TLS upstream on loopback."""
+    from kong_mtls.devpki import SERVER_AUTH, SubjectAltNames, name
+    from tests.harness.tls_servers import TLSUpstream, write_pem_files
+
+    pki = w.pki
+    cert = pki.intermediate.issue(name(UPSTREAM_HOST), sans=SubjectAltNames(dns=[UPSTREAM_HOST]),
+                                  extended_key_usage=(SERVER_AUTH,))
+    with tempfile.TemporaryDirectory() as tmp, TLSUpstream(cert, client_cas=[pki.root]) as upstream:
+        cert_file, key_file = write_pem_files(tmp, pki.client("kong-gateway"), "kong")
+        config = {"host": "127.0.0.1", "port": upstream.port, "sni": UPSTREAM_HOST,
+                  "trusted_ca_pem": pki.root.cert_pem, "client_cert_file": cert_file,
+                  "client_key_file": key_file, "expected_dns_names": [UPSTREAM_HOST]}
+        server = w.server("upstream-identity")
+
+        def first_use(plugin_id: str) -> Case:
+            return Case("upstream-identity, first use", [(server, {**config, "__plugin_id": plugin_id})],
+                        lambda i: Request())
+
+        warm = Case("upstream-identity, warm (verdict cached)", [(server, config)], lambda i: Request())
+        yield warm, first_use
 
 
 def client_cert_config(w: World, *, cold: bool = False) -> dict:
