@@ -22,7 +22,6 @@ from kong_mtls.constants import (
 from kong_mtls.core.api_keys import (
     MAX_KEY_LENGTH,
     ApiKeyAuth,
-    ConsumerCache,
     CredentialTable,
     KeySettings,
     KeySource,
@@ -42,6 +41,7 @@ from kong_mtls.core.api_keys import (
     skip_headers,
     upstream_headers,
 )
+from kong_mtls.core.consumers import ConsumerCache
 from kong_mtls.schema import ConfigError
 
 NOW = 1_800_000_000.0

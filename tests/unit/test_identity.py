@@ -23,6 +23,7 @@ from kong_mtls.core.chain import (
     cert_sha256,
     spki_sha256,
 )
+from kong_mtls.core.consumers import ConsumerCache
 from kong_mtls.core.identity import (
     CREDENTIAL_NAMESPACE,
     HEADER_CLIENT_CERT,
@@ -33,7 +34,6 @@ from kong_mtls.core.identity import (
     OWNED_HEADERS,
     Authenticator,
     AuthPolicy,
-    ConsumerCache,
     ConsumerMapping,
     GroupSource,
     GroupSourceKind,

@@ -33,7 +33,7 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Optional
+from typing import Any
 
 from kong_mtls.constants import (
     CONSUMER_HEADERS,
@@ -46,6 +46,7 @@ from kong_mtls.constants import (
     MESSAGE_UNEXPECTED,
 )
 from kong_mtls.core.addresses import IPNetwork, parse_ip, parse_network
+from kong_mtls.core.consumers import LoadConsumer, is_consumer
 from kong_mtls.schema import ConfigError
 
 # -- client-facing messages (Kong 3.9 key-auth handler.lua) -----------------------------------------
@@ -69,9 +70,6 @@ MAX_KEY_LENGTH = 1024
 _INDEX_DOMAIN = b"kong-mtls api-key-auth key index v1\x00"
 #: Namespace of the credential ids given to Kong (`kong.client.authenticate`, X-Credential-Identifier).
 CREDENTIAL_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:kong-mtls:api-key-auth:credential")
-#: Cached "consumer not found" answers expire sooner than found ones (a transient failure looks the
-#: same as a missing consumer over RPC).
-NEGATIVE_CACHE_TTL = 10.0
 
 _SPKI_PATTERN = re.compile(r"^[0-9a-f]{64}$")
 _INDEX_PATTERN = re.compile(r"^[0-9a-f]{32}$")
@@ -600,7 +598,6 @@ class Decision:
         return " ".join(parts)
 
 
-ConsumerLoader = Callable[[str], Optional[Mapping[str, Any]]]
 
 
 @dataclass(frozen=True)
@@ -655,7 +652,7 @@ class ApiKeyAuth:
         return None
 
     def authenticate(self, *, load_headers: Callable[[], Any], load_query: Callable[[], Any],
-                     load_body: Callable[[], Any], load_consumer: ConsumerLoader,
+                     load_body: Callable[[], Any], load_consumer: LoadConsumer,
                      load_client_ip: Callable[[], Any], load_cert_mark: Callable[[], Any],
                      now: float | None = None) -> Decision:
         """The verdict for one request; each loader is called only when its data is needed."""
@@ -666,13 +663,13 @@ class ApiKeyAuth:
             return decision
         # logical OR (key-auth with `anonymous`): any failure lets the anonymous consumer through.
         consumer = load_consumer(self.anonymous)
-        if not _is_consumer(consumer):
+        if not is_consumer(consumer):
             return Decision(Outcome.REFUSED, Reason.ANONYMOUS_NOT_FOUND, 500, MESSAGE_UNEXPECTED,
                             credential=decision.credential, source=decision.source)
         return Decision(Outcome.ANONYMOUS, decision.reason, credential=decision.credential,
                         consumer=consumer, source=decision.source, rewrite=found.rewrite)
 
-    def _verify(self, found: Extraction, load_consumer: ConsumerLoader, load_client_ip: Callable[[], Any],
+    def _verify(self, found: Extraction, load_consumer: LoadConsumer, load_client_ip: Callable[[], Any],
                 load_cert_mark: Callable[[], Any], now: float) -> Decision:
         if found.duplicate:
             return self._refuse(Reason.DUPLICATE_KEY, MESSAGE_DUPLICATE_KEY, found)
@@ -689,7 +686,7 @@ class ApiKeyAuth:
             if reason is not None:
                 return self._refuse(reason, MESSAGE_INVALID, found, credential)
         consumer = load_consumer(credential.consumer)
-        if not _is_consumer(consumer):
+        if not is_consumer(consumer):
             return self._refuse(Reason.CONSUMER_NOT_FOUND, MESSAGE_INVALID, found, credential)
         if credential.needs_certificate:
             reason = check_certificate(credential, consumer.get("id"), load_cert_mark())
@@ -712,10 +709,6 @@ def _flag(config: Mapping[str, Any], name: str, default: bool) -> bool:
     if not isinstance(value, bool):
         raise ConfigError(name, "expected a boolean")
     return value
-
-
-def _is_consumer(value: Any) -> bool:
-    return isinstance(value, Mapping) and isinstance(value.get("id"), str) and bool(value["id"])
 
 
 # ====================================================================================================
@@ -750,7 +743,7 @@ def skip_headers(skipped: SkipReason, load_consumer_of_request: Callable[[], Any
     plugin authenticated gets the client-sent copies of the consumer headers removed: the mark lets
     it past the guard, and the upstream must never see forged identity headers under it.
     """
-    if skipped is SkipReason.PREFLIGHT and not _is_consumer(load_consumer_of_request()):
+    if skipped is SkipReason.PREFLIGHT and not is_consumer(load_consumer_of_request()):
         return {name: [] for name in CONSUMER_HEADERS}
     return None
 
@@ -775,32 +768,3 @@ def pass_mark(decision: Decision | None = None, skipped: SkipReason | None = Non
         "anonymous": anonymous,
         "reason": decision.reason.value if anonymous and decision.reason else None,
     }
-
-
-class ConsumerCache:
-    """In-process cache of `load_consumer` answers, negative ones included.
-
-    The references come from the plugin config (credential consumers and `anonymous`), so the
-    cache is bounded by the config and needs no eviction.
-    """
-
-    def __init__(self, ttl: float, clock: Callable[[], float] = time.monotonic,
-                 negative_ttl: float = NEGATIVE_CACHE_TTL) -> None:
-        self.ttl = ttl
-        self.negative_ttl = min(ttl, negative_ttl)
-        self._clock = clock
-        self._entries: dict[str, tuple[float, Mapping[str, Any] | None]] = {}
-
-    def get(self, ref: str, loader: ConsumerLoader) -> Mapping[str, Any] | None:
-        now = self._clock()
-        entry = self._entries.get(ref)
-        if entry is not None and entry[0] > now:
-            return entry[1]
-        value = loader(ref)
-        value = value if _is_consumer(value) else None
-        ttl = self.ttl if value is not None else self.negative_ttl
-        if ttl > 0:
-            self._entries[ref] = (now + ttl, value)
-        else:
-            self._entries.pop(ref, None)
-        return value

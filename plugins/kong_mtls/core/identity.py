@@ -28,7 +28,7 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Optional, Union
+from typing import Any, Union
 from urllib.parse import quote
 
 from cryptography import x509
@@ -55,6 +55,7 @@ from kong_mtls.core.chain import (
     normalize_sha256,
     spki_sha256,
 )
+from kong_mtls.core.consumers import ConsumerCache, LoadConsumer
 from kong_mtls.schema import ConfigError
 
 # -- headers this plugin sends upstream (besides Kong's consumer headers) ------------------------------
@@ -80,7 +81,6 @@ CREDENTIAL_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:kong-mtls:client-cert
 MAX_HEADER_VALUE = 16 * 1024
 
 HeaderValue = Union[str, list]
-LoadConsumer = Callable[[str], Optional[Mapping[str, Any]]]
 
 
 class NameKind(str, Enum):
@@ -412,30 +412,6 @@ class AuthPolicy:
 # ====================================================================================================
 # Consumer lookups
 # ====================================================================================================
-class ConsumerCache:
-    """Consumer rows by reference (id or username) for `ttl` seconds, misses included. Kong offers no
-    cache a plugin server can use (`kong.cache` needs `self`), and `kong.client.load_consumer` reads
-    the database on every call."""
-
-    _MISSING = object()
-
-    def __init__(self, ttl: float, max_entries: int = 10_000, clock: Callable[[], float] = time.monotonic):
-        self.ttl = ttl
-        self.clock = clock
-        self._lru: LRU[str, tuple[float, Any]] = LRU(max_entries if ttl > 0 else 0)
-
-    def get(self, ref: str, load: LoadConsumer) -> Mapping[str, Any] | None:
-        now = self.clock()
-        entry = self._lru.get(ref)
-        if entry is not None and entry[0] > now:
-            return None if entry[1] is self._MISSING else entry[1]
-        row = load(ref)
-        if not isinstance(row, Mapping) or not isinstance(row.get("id"), str):
-            row = None
-        self._lru.put(ref, (now + self.ttl, self._MISSING if row is None else row))
-        return row
-
-
 # ====================================================================================================
 # Decisions
 # ====================================================================================================

@@ -19,7 +19,6 @@ from kong_mtls import schema
 from kong_mtls.constants import API_KEY_AUTH, CLIENT_CERT_AUTH, IP_ALLOWLIST, shared_mark
 from kong_mtls.core.api_keys import (
     ApiKeyAuth,
-    ConsumerCache,
     Outcome,
     kong_credential,
     pass_mark,
@@ -27,6 +26,7 @@ from kong_mtls.core.api_keys import (
     skip_headers,
     upstream_headers,
 )
+from kong_mtls.core.consumers import ConsumerCache
 from kong_mtls.kong.runtime import PhaseResult, Refusal, phase
 from kong_mtls.kong.server import serve
 
