@@ -46,6 +46,7 @@ from kong_mtls.constants import (
     MESSAGE_UNEXPECTED,
 )
 from kong_mtls.core.addresses import IPNetwork, parse_ip, parse_network
+from kong_mtls.core.chain import normalize_sha256
 from kong_mtls.core.consumers import LoadConsumer, is_consumer
 from kong_mtls.schema import ConfigError
 
@@ -71,7 +72,6 @@ _INDEX_DOMAIN = b"kong-mtls api-key-auth key index v1\x00"
 #: Namespace of the credential ids given to Kong (`kong.client.authenticate`, X-Credential-Identifier).
 CREDENTIAL_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:kong-mtls:api-key-auth:credential")
 
-_SPKI_PATTERN = re.compile(r"^[0-9a-f]{64}$")
 _INDEX_PATTERN = re.compile(r"^[0-9a-f]{32}$")
 _RFC3339 = re.compile(
     r"^(\d{4}-\d{2}-\d{2})[Tt ](\d{2}:\d{2}:\d{2})(?:\.(\d+))?([Zz]|[+-]\d{2}:\d{2})$"
@@ -200,13 +200,6 @@ def parse_rfc3339(text: str) -> float:
         return dt.datetime.fromisoformat(f"{day}T{clock}.{fraction}{offset}").timestamp()
     except ValueError as exc:
         raise ValueError(f"not a valid date-time: {exc}") from None
-
-
-def normalize_spki(text: str) -> str:
-    value = text.strip().replace(":", "").lower()
-    if not _SPKI_PATTERN.match(value):
-        raise ValueError("expected the SHA-256 of a SubjectPublicKeyInfo as 64 hex digits")
-    return value
 
 
 # ====================================================================================================
@@ -360,7 +353,7 @@ def parse_credential(record: Any, where: str) -> Credential:
     pins = []
     for j, pin in enumerate(texts("client_spki_sha256"), start=1):
         try:
-            pins.append(normalize_spki(pin))
+            pins.append(normalize_sha256(pin))
         except ValueError as exc:
             raise ConfigError(f"{where}.client_spki_sha256[{j}]", str(exc)) from None
     client_cert = record.get("client_cert")

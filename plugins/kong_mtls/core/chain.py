@@ -141,10 +141,16 @@ def spki_sha256(cert: x509.Certificate) -> str:
     return hashlib.sha256(der).hexdigest()
 
 
-def normalize_sha256(text: str) -> str:
-    """A SHA-256 given as hex (any case, `:` separators allowed) or base64 (Envoy's
-    `verify_certificate_spki` form) -> lower-case hex. Raises ValueError."""
+def normalize_sha256(text: object) -> str:
+    """A SHA-256 pin (a key's SPKI or a certificate) -> lower-case hex. Accepted: 64 hex digits in
+    any case with optional `:` separators, or base64 of 32 bytes (Envoy's `verify_certificate_spki`,
+    HPKP), either optionally prefixed `sha256/`. Every plugin reads pins with this. Raises
+    ValueError, whose message never repeats the input (a secret pasted by mistake stays out of logs)."""
+    if not isinstance(text, str):
+        raise ValueError("expected a SHA-256 as text")
     value = text.strip()
+    if value[:7].lower() == "sha256/":
+        value = value[7:]
     hexed = value.replace(":", "").lower()
     if _SHA256_HEX.match(hexed):
         return hexed
@@ -154,7 +160,8 @@ def normalize_sha256(text: str) -> str:
         raw = b""
     if len(raw) == 32:
         return raw.hex()
-    raise ValueError("expected a SHA-256 as 64 hex digits (':' allowed) or 44 base64 characters")
+    raise ValueError("expected a SHA-256 as 64 hex digits (':' allowed) or 44 base64 characters, "
+                     "optionally prefixed 'sha256/'")
 
 
 def parse_eku(text: str) -> x509.ObjectIdentifier | None:

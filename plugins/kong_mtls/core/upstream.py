@@ -22,7 +22,6 @@ This module does that by connecting to the upstream the way Kong does, and judgi
 from __future__ import annotations
 
 import base64
-import binascii
 import datetime as dt
 import re
 import selectors
@@ -38,6 +37,7 @@ from typing import Any, Callable
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
+from kong_mtls.core.chain import normalize_sha256, spki_sha256
 from kong_mtls.schema import ConfigError
 
 #: Client-facing message of a refusal (the reason and the details go to the log only).
@@ -63,7 +63,6 @@ _CLIENT_CERT_ALERTS = ("CERTIFICATE", "UNKNOWN_CA", "ACCESS_DENIED", "DECRYPT_ER
 
 _DNS_LABEL = re.compile(r"^(?!-)[a-z0-9_-]{1,63}(?<!-)$")
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:\S+$")
-_HEX_PIN = re.compile(r"^[0-9a-fA-F]{64}$")
 _MAX_DETAIL = 200
 
 
@@ -108,20 +107,6 @@ def _short(text: str) -> str:
 
 # -- certificates -----------------------------------------------------------------------------------
 
-def spki_sha256(cert: x509.Certificate) -> bytes:
-    """SHA-256 of the DER SubjectPublicKeyInfo (what HPKP `pin-sha256` and Envoy's
-    `verify_certificate_spki` pin)."""
-    spki = cert.public_key().public_bytes(serialization.Encoding.DER,
-                                          serialization.PublicFormat.SubjectPublicKeyInfo)
-    return _sha256(spki)
-
-
-def _sha256(data: bytes) -> bytes:
-    digest = hashes.Hash(hashes.SHA256())
-    digest.update(data)
-    return digest.finalize()
-
-
 @dataclass(frozen=True)
 class CertSummary:
     """What a certificate says about itself, for verdicts, logs and the CLI."""
@@ -149,7 +134,7 @@ class CertSummary:
         return cls(subject=cert.subject.rfc4514_string(), issuer=cert.issuer.rfc4514_string(),
                    serial=format(cert.serial_number, "x"), not_before=cert.not_valid_before_utc,
                    not_after=cert.not_valid_after_utc, dns_names=dns, uris=uris, ips=ips,
-                   spki_sha256=spki_sha256(cert),
+                   spki_sha256=bytes.fromhex(spki_sha256(cert)),
                    fingerprint_sha256=cert.fingerprint(hashes.SHA256()))
 
     @property
@@ -165,23 +150,8 @@ class CertSummary:
 
 
 def parse_spki_pin(text: object) -> bytes:
-    """A SHA-256 SPKI pin as base64 (44 chars, optionally prefixed `sha256/`) or hex (64 digits,
-    colons allowed). Raises ValueError otherwise."""
-    if not isinstance(text, str) or not text.strip():
-        raise ValueError("expected a SHA-256 pin (base64 or hex)")
-    value = text.strip()
-    if value.lower().startswith("sha256/"):
-        value = value[len("sha256/"):]
-    hexed = value.replace(":", "")
-    if _HEX_PIN.match(hexed):
-        return bytes.fromhex(hexed)
-    try:
-        raw = base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError):
-        raw = b""
-    if len(raw) != 32:
-        raise ValueError(f"{text!r} is not a SHA-256 pin (base64 of 32 bytes, or 64 hex digits)")
-    return raw
+    """A SHA-256 SPKI pin in any form `chain.normalize_sha256` reads, as bytes. Raises ValueError."""
+    return bytes.fromhex(normalize_sha256(text))
 
 
 def _normalise_dns_name(text: object) -> str:
