@@ -23,6 +23,7 @@ from kong_mtls.cli import CommandError
 from kong_mtls.constants import CLIENT_CERT_AUTH
 from kong_mtls.core.chain import describe
 from kong_mtls.core.identity import Decision, Via
+from kong_mtls.files import FileReadError, read_limited
 from kong_mtls.schema import ConfigError
 
 COMMAND = "check"
@@ -78,16 +79,14 @@ def run(args: argparse.Namespace) -> int:
 # -- inputs ------------------------------------------------------------------------------------------
 
 def _read(path: str, option: str) -> bytes:
-    try:
-        if path == "-":
-            data = sys.stdin.buffer.read(MAX_FILE_BYTES + 1)
-        else:
-            with open(path, "rb") as handle:
-                data = handle.read(MAX_FILE_BYTES + 1)
-    except OSError as exc:
-        raise CommandError(f"{option} {path}: cannot read: {exc.strerror or exc}") from None
+    if path != "-":
+        try:
+            return read_limited(path, MAX_FILE_BYTES)
+        except FileReadError as exc:
+            raise CommandError(f"{option} {path}: {exc}") from None
+    data = sys.stdin.buffer.read(MAX_FILE_BYTES + 1)
     if len(data) > MAX_FILE_BYTES:
-        raise CommandError(f"{option} {path}: larger than {MAX_FILE_BYTES} bytes")
+        raise CommandError(f"{option} -: larger than {MAX_FILE_BYTES} bytes")
     return data
 
 

@@ -38,6 +38,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509 import verification
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from kong_mtls.files import FileReadError, read_limited
+
 
 class Reason(str, Enum):
     """Stable reason codes of client-cert-auth, logged with every refusal (never sent to clients)."""
@@ -217,15 +219,8 @@ def parse_pem_certificates(text: str | bytes) -> list[x509.Certificate]:
 def read_certificate_file(path: str) -> list[x509.Certificate]:
     """The certificates of a PEM file. Raises ChainConfigError."""
     try:
-        with open(path, "rb") as handle:
-            data = handle.read(4 * 1024 * 1024 + 1)
-    except OSError as exc:
-        raise ChainConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
-    if len(data) > 4 * 1024 * 1024:
-        raise ChainConfigError(f"{path}: larger than 4 MB")
-    try:
-        return parse_pem_certificates(data)
-    except ChainConfigError as exc:
+        return parse_pem_certificates(read_limited(path))
+    except (FileReadError, ChainConfigError) as exc:
         raise ChainConfigError(f"{path}: {exc}") from None
 
 

@@ -38,6 +38,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
 from kong_mtls.core.chain import normalize_sha256, spki_sha256
+from kong_mtls.files import FileReadError, read_limited
 from kong_mtls.schema import ConfigError
 
 #: Client-facing message of a refusal (the reason and the details go to the log only).
@@ -363,8 +364,10 @@ def _each(items: Sequence[Any], parse: Callable[[Any], Any], where: Callable[...
 
 
 def _read(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
+    try:
+        return read_limited(path)
+    except FileReadError as exc:
+        raise OSError(str(exc)) from None
 
 
 def _os_error(exc: BaseException) -> str:

@@ -19,6 +19,7 @@ from pathlib import Path
 from cryptography import x509
 
 from kong_mtls.core.addresses import AddressError, parse_network
+from kong_mtls.files import FileReadError, read_limited
 
 PRESET_DIR = Path(__file__).resolve().parent
 
@@ -26,7 +27,6 @@ PRESET_DIR = Path(__file__).resolve().parent
 CIDR_PRESET_FILES: dict[str, str] = {"cloudflare": "cloudflare-ips.json"}
 CIDR_PRESET_NAMES: tuple[str, ...] = tuple(CIDR_PRESET_FILES)
 
-_MAX_FILE_BYTES = 4 * 1024 * 1024
 
 
 class PresetError(ValueError):
@@ -80,12 +80,9 @@ def parse_cidr_list(document: object, origin: str) -> CidrList:
 def read_cidr_list(path: str | Path) -> CidrList:
     """A preset-format file (a shipped preset or one written by `kong-mtls cloudflare-ranges`)."""
     try:
-        with open(path, "rb") as handle:
-            data = handle.read(_MAX_FILE_BYTES + 1)
-    except OSError as exc:
-        raise PresetError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    if len(data) > _MAX_FILE_BYTES:
-        raise PresetError(f"{path}: larger than {_MAX_FILE_BYTES} bytes")
+        data = read_limited(path)
+    except FileReadError as exc:
+        raise PresetError(f"{path}: {exc}") from None
     try:
         document = json.loads(data)
     except ValueError as exc:
