@@ -507,7 +507,8 @@ class ChainVerifier:
 
     def _verify(self, data: bytes, key: str, now: float) -> ChainVerdict:
         policy = self.policy
-        count = data.count(_PEM_BEGIN.encode())
+        # Every PEM block counts, whatever its label: cryptography also reads "X509 CERTIFICATE".
+        count = data.count(b"-----BEGIN ")
         if count > policy.max_certificates:
             return ChainVerdict(reason=Reason.CHAIN_TOO_LARGE,
                                 detail=f"{count} certificates, limit {policy.max_certificates}")

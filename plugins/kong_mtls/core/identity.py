@@ -132,13 +132,13 @@ def parse_spiffe_id(uri: str) -> SpiffeId | None:
         return None
     rest = uri[len("spiffe://"):]
     domain, slash, path = rest.partition("/")
-    if not _TRUST_DOMAIN.match(domain):
+    if not _TRUST_DOMAIN.fullmatch(domain):
         return None
     if not slash:
         return SpiffeId(domain, "")
     segments = path.split("/")
     for segment in segments:
-        if not _PATH_SEGMENT.match(segment) or segment in (".", ".."):
+        if not _PATH_SEGMENT.fullmatch(segment) or segment in (".", ".."):
             return None
     return SpiffeId(domain, "/" + path)
 

@@ -155,6 +155,14 @@ def parse_spki_pin(text: object) -> bytes:
     return bytes.fromhex(normalize_sha256(text))
 
 
+def _shown(text: object) -> str:
+    """A rejected expected name, as an error may show it: a short one whole; a long one (a key or
+    a certificate pasted in the wrong field) by its length only."""
+    if not isinstance(text, str):
+        return f"a {type(text).__name__}"
+    return repr(text) if len(text) <= 80 and "\n" not in text else f"a value of {len(text)} characters"
+
+
 def _normalise_dns_name(text: object) -> str:
     if not isinstance(text, str):
         raise ValueError("expected a DNS name")
@@ -163,22 +171,22 @@ def _normalise_dns_name(text: object) -> str:
     if labels and labels[0] == "*":
         labels = labels[1:]
         if len(labels) < 2:
-            raise ValueError(f"{text!r}: a wildcard needs at least two labels after '*.'")
+            raise ValueError(f"{_shown(text)}: a wildcard needs at least two labels after '*.'")
     if not name.isascii() or not labels or not all(_DNS_LABEL.match(label) for label in labels):
-        raise ValueError(f"{text!r} is not a DNS name (use the ASCII/punycode form)")
+        raise ValueError(f"{_shown(text)} is not a DNS name (use the ASCII/punycode form)")
     return name
 
 
 def _normalise_uri(text: object) -> str:
     if not isinstance(text, str) or not _URI.match(text.strip()) or not text.strip().isascii():
-        raise ValueError(f"{text!r} is not a URI (e.g. spiffe://example.org/ns/default/sa/api)")
+        raise ValueError(f"{_shown(text)} is not a URI (e.g. spiffe://example.org/ns/default/sa/api)")
     uri = text.strip()
     if uri.lower().startswith("spiffe://"):
         # SPIFFE: scheme and trust domain are lower case; the path is compared as is.
         rest = uri[len("spiffe://"):]
         domain, slash, path = rest.partition("/")
         if not domain or domain != domain.lower():
-            raise ValueError(f"{text!r}: a SPIFFE ID's trust domain must be non-empty lower case")
+            raise ValueError(f"{_shown(text)}: a SPIFFE ID's trust domain must be non-empty lower case")
         uri = "spiffe://" + domain + slash + path
     return uri
 

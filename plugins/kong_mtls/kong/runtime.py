@@ -50,9 +50,13 @@ def log_line(plugin: str, event: str, **fields: Any) -> str:
 
 
 def _log_value(value: Any) -> str:
-    text = str(value).replace("\n", "\\n").replace("\r", "\\r")
+    """One log field: at most 300 characters, and nothing a terminal or a log parser would act on
+    (control and other non-printable characters, from a certificate subject say, are escaped)."""
+    text = str(value)
     if len(text) > 300:
         text = text[:300] + "..."
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
     return f'"{text}"' if " " in text else text
 
 
