@@ -19,6 +19,8 @@ def read_limited(path: str | os.PathLike, limit: int = MAX_FILE_BYTES) -> bytes:
             data = handle.read(limit + 1)
     except OSError as exc:
         raise FileReadError(f"cannot read: {exc.strerror or exc}") from None
+    except ValueError:  # a path with a NUL byte, or characters the file system cannot encode
+        raise FileReadError("cannot read: not a usable file name") from None
     if len(data) > limit:
         raise FileReadError(f"larger than {limit} bytes")
     return data

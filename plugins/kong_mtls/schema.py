@@ -152,8 +152,14 @@ def _check_integer(spec: Mapping[str, Any], value: Any, where: str) -> int:
 
 
 def _check_number(spec: Mapping[str, Any], value: Any, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(where, "expected a number")
+    try:
+        finite = math.isfinite(value)
+    except OverflowError:  # an integer too large for a float
+        finite = False
+    if not finite:
+        raise ConfigError(where, "expected a finite number")
     return value
 
 

@@ -136,7 +136,7 @@ def read_key(stdin: TextIO) -> str:
 def _key_id(args: argparse.Namespace, prefix: str) -> str:
     if args.key_id is None:
         return new_key_id(prefix)
-    if not KEY_ID_PATTERN.match(args.key_id):
+    if not KEY_ID_PATTERN.fullmatch(args.key_id):
         raise CommandError("--id: 1 to 64 characters among A-Z a-z 0-9 _ -")
     return args.key_id
 

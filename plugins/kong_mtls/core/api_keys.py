@@ -131,7 +131,7 @@ def new_key_id(prefix: str = GENERATED_ID_PREFIX) -> str:
 def generate_key(key_id: str | None = None) -> NewKey:
     """A new random key `<key id>.<secret>` (256-bit secret, base64url)."""
     key_id = new_key_id() if key_id is None else key_id
-    if not KEY_ID_PATTERN.match(key_id):
+    if not KEY_ID_PATTERN.fullmatch(key_id):
         raise ValueError("a key id is 1 to 64 characters among A-Z a-z 0-9 _ -")
     return NewKey(key_id, f"{key_id}.{secrets.token_urlsafe(SECRET_BYTES)}")
 
@@ -190,7 +190,7 @@ def credential_identifier(key_id: str) -> str:
 
 def parse_rfc3339(text: str) -> float:
     """Epoch seconds of an RFC 3339 date-time with an explicit offset (`Z` or `+hh:mm`)."""
-    match = _RFC3339.match(text) if isinstance(text, str) else None
+    match = _RFC3339.fullmatch(text) if isinstance(text, str) else None
     if not match:
         raise ValueError("expected an RFC 3339 date-time with an offset, e.g. 2026-01-31T00:00:00Z")
     day, clock, fraction, offset = match.groups()
@@ -329,14 +329,14 @@ def parse_credential(record: Any, where: str) -> Credential:
         return value
 
     key_id = text("id", required=True)
-    if not KEY_ID_PATTERN.match(key_id):
+    if not KEY_ID_PATTERN.fullmatch(key_id):
         raise ConfigError(f"{where}.id", "1 to 64 characters among A-Z a-z 0-9 _ -")
     salt, mac = _parse_hash(text("hash", required=True), f"{where}.hash")
     consumer = text("consumer", required=True)
     index = text("key_index")
     if index is not None:
         index = index.lower()
-        if not _INDEX_PATTERN.match(index):
+        if not _INDEX_PATTERN.fullmatch(index):
             raise ConfigError(f"{where}.key_index", "expected 32 hex digits as printed by "
                                                     "`kong-mtls api-key hash`")
     expires_at = text("expires_at")
@@ -610,7 +610,7 @@ class ApiKeyAuth:
         if not names:
             raise ConfigError("key_names", "at least one key name is required")
         for i, name in enumerate(names, start=1):
-            if not isinstance(name, str) or not KEY_NAME_PATTERN.match(name):
+            if not isinstance(name, str) or not KEY_NAME_PATTERN.fullmatch(name):
                 raise ConfigError(f"key_names[{i}]", "a key name is made of A-Z a-z 0-9 _ -")
         realm = config.get("realm") or None
         if realm is not None and (not isinstance(realm, str)

@@ -154,7 +154,7 @@ def normalize_sha256(text: object) -> str:
     if value[:7].lower() == "sha256/":
         value = value[7:]
     hexed = value.replace(":", "").lower()
-    if _SHA256_HEX.match(hexed):
+    if _SHA256_HEX.fullmatch(hexed):
         return hexed
     try:
         raw = base64.b64decode(value, validate=True)
@@ -174,7 +174,7 @@ def parse_eku(text: str) -> x509.ObjectIdentifier | None:
         return None
     if value.lower() in _EKU_NAMES:
         return _EKU_NAMES[value.lower()]
-    if _OID.match(value):
+    if _OID.fullmatch(value):
         return x509.ObjectIdentifier(value)
     raise ValueError(f"expected any, {', '.join(_EKU_NAMES)} or a dotted OID; got {text!r}")
 

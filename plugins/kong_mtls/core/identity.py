@@ -267,7 +267,7 @@ class GroupSource:
             oid = _ATTRIBUTE_OIDS.get(attr.upper())
             if oid is not None:
                 return cls(GroupSourceKind.ATTRIBUTE, oid.dotted_string)
-            if _DOTTED.match(attr):
+            if _DOTTED.fullmatch(attr):
                 return cls(GroupSourceKind.ATTRIBUTE, attr)
             raise ValueError(f"unknown DN attribute {attr!r}; use one of {', '.join(_ATTRIBUTE_OIDS)} "
                              "or a dotted OID")

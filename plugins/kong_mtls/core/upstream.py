@@ -172,13 +172,13 @@ def _normalise_dns_name(text: object) -> str:
         labels = labels[1:]
         if len(labels) < 2:
             raise ValueError(f"{_shown(text)}: a wildcard needs at least two labels after '*.'")
-    if not name.isascii() or not labels or not all(_DNS_LABEL.match(label) for label in labels):
+    if not name.isascii() or not labels or not all(_DNS_LABEL.fullmatch(label) for label in labels):
         raise ValueError(f"{_shown(text)} is not a DNS name (use the ASCII/punycode form)")
     return name
 
 
 def _normalise_uri(text: object) -> str:
-    if not isinstance(text, str) or not _URI.match(text.strip()) or not text.strip().isascii():
+    if not isinstance(text, str) or not _URI.fullmatch(text.strip()) or not text.strip().isascii():
         raise ValueError(f"{_shown(text)} is not a URI (e.g. spiffe://example.org/ns/default/sa/api)")
     uri = text.strip()
     if uri.lower().startswith("spiffe://"):

@@ -60,7 +60,7 @@ class Plugin:
     def __init__(self, config: Mapping[str, Any]) -> None:
         conf = schema.validate(Schema, config)
         for name in ("header_name", "client_ip_header"):
-            if conf[name] is not None and not _HEADER_NAME.match(conf[name]):
+            if conf[name] is not None and not _HEADER_NAME.fullmatch(conf[name]):
                 raise ConfigError(name, f"{conf[name]!r} is not a valid HTTP header name")
         if (conf["header_name"] or "").lower() == "forwarded":
             raise ConfigError("header_name", "the RFC 7239 Forwarded header is not supported; "
