@@ -901,7 +901,7 @@ def secrets_presented(parts: Mapping[str, Any]) -> set[str]:
     return out
 
 
-@budget(500)
+@budget(300)
 @given(request_parts(), st.sampled_from(["strict", "hiding", "anonymous"]))
 def test_a_key_authenticates_only_verbatim_and_with_every_binding_held(parts, which):
     world = keys()
