@@ -89,9 +89,9 @@ UPSTREAM_HOST = "upstream.test"
 
 
 @contextlib.contextmanager
-def upstream_identity(w: World) -> Iterator[tuple[Case, Callable[[str], Case]]]:
-    """The warm case (verdict cached) and a factory of first-use cases (a new plugin instance: its
-    first request waits for the probe), against a real TLS upstream on loopback."""
+def upstream_config(w: World) -> Iterator[dict]:
+    """An upstream-identity config for a real TLS upstream on loopback that requires Kong's client
+    certificate; the upstream runs while the context is open."""
     from kong_mtls.devpki import SERVER_AUTH, SubjectAltNames, name
     from tests.harness.tls_servers import TLSUpstream, write_pem_files
 
@@ -100,9 +100,16 @@ def upstream_identity(w: World) -> Iterator[tuple[Case, Callable[[str], Case]]]:
                                   extended_key_usage=(SERVER_AUTH,))
     with tempfile.TemporaryDirectory() as tmp, TLSUpstream(cert, client_cas=[pki.root]) as upstream:
         cert_file, key_file = write_pem_files(tmp, pki.client("kong-gateway"), "kong")
-        config = {"host": "127.0.0.1", "port": upstream.port, "sni": UPSTREAM_HOST,
-                  "trusted_ca_pem": pki.root.cert_pem, "client_cert_file": cert_file,
-                  "client_key_file": key_file, "expected_dns_names": [UPSTREAM_HOST]}
+        yield {"host": "127.0.0.1", "port": upstream.port, "sni": UPSTREAM_HOST,
+               "trusted_ca_pem": pki.root.cert_pem, "client_cert_file": cert_file,
+               "client_key_file": key_file, "expected_dns_names": [UPSTREAM_HOST]}
+
+
+@contextlib.contextmanager
+def upstream_identity(w: World) -> Iterator[tuple[Case, Callable[[str], Case]]]:
+    """The warm case (verdict cached) and a factory of first-use cases (a new plugin instance: its
+    first request waits for the probe)."""
+    with upstream_config(w) as config:
         server = w.server("upstream-identity")
 
         def first_use(plugin_id: str) -> Case:

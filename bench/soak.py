@@ -11,17 +11,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from bench import cases
 from bench.load import Case, run_once
-from kong_mtls.devpki import SERVER_AUTH, SubjectAltNames, name
 from tests.harness.kong_side import KongSide, PluginServerProcess, Request
 from tests.harness.tls import capture_client_chain
-from tests.harness.tls_servers import TLSUpstream, closed_port, write_pem_files
+from tests.harness.tls_servers import closed_port
 
 UPSTREAM_HOST = "upstream.test"
 RSS_LIMIT_KB = 5 * 1024
@@ -51,13 +49,7 @@ def mix(w: cases.World) -> Iterator[list[Case]]:
     ip_conf = cases.ip_allowlist_config()
     cert_conf = cases.client_cert_config(w)
     key_conf = cases.api_key_config(key)
-    upstream_cert = pki.intermediate.issue(name(UPSTREAM_HOST), sans=SubjectAltNames(dns=[UPSTREAM_HOST]),
-                                           extended_key_usage=(SERVER_AUTH,))
-    with tempfile.TemporaryDirectory() as tmp, TLSUpstream(upstream_cert, client_cas=[pki.root]) as upstream:
-        cert_file, key_file = write_pem_files(tmp, pki.client("kong-gateway"), "kong")
-        up_conf = {"host": "127.0.0.1", "port": upstream.port, "sni": UPSTREAM_HOST,
-                   "trusted_ca_pem": pki.root.cert_pem, "client_cert_file": cert_file,
-                   "client_key_file": key_file, "expected_dns_names": [UPSTREAM_HOST]}
+    with cases.upstream_config(w) as up_conf:
         down_conf = {**up_conf, "port": closed_port()}
         peer, visitor = cases.CLOUDFLARE_PEER, cases.VISITOR
         yield [
