@@ -5,8 +5,8 @@ only when the config is written through the Admin API or loaded from `kong.yml`.
 receives the config as JSON in `StartInstance`, with Kong's quirks: unset fields are `null`, and Kong
 adds its own keys (`route_id`, `__plugin_id`, `__seq__` ...). `validate` applies the same schema to
 that JSON so a config that reaches us by any path is checked, defaulted and refused with a message
-naming the field. A refusal raised from a plugin's constructor fails `StartInstance`, which Kong
-turns into a 500 for the request: it fails closed.
+naming the field. A plugin whose constructor refuses its config answers every request 500
+(`kong_mtls.kong.server`): it fails closed.
 
 The builders produce Kong's field format (`{name: {type: ..., ...}}`); `validate` understands the
 subset used here: string, integer, number, boolean, array/set (elements), map (keys, values) and

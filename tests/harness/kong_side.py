@@ -24,7 +24,9 @@ Written from Kong's Lua source, Kong/kong 3.9.x:
   and an empty value (`""` or `{}`) removes the header (lua-nginx-module `ngx.req.set_header`);
   `kong.client.authenticate` raises unless given a consumer or a credential table.
 Kong 2.8 (`kong/runloop/plugin_servers/mp_rpc.lua` at 2.8.x) still forwarded the error of a PDK
-call (`StepError`); `KongSide(kong_version="2.8")` does the same.
+call (`StepError`); `KongSide(kong_version="2.8")` does the same. Before 3.9, the same file's
+`call_start_instance` returned the error string of a failed StartInstance where the instance
+belongs, so Kong went on with a nil instance id; `KongSide(kong_version="3.4")` (or any < 3.9) too.
 """
 
 from __future__ import annotations
@@ -762,7 +764,7 @@ def _fill(fields: list, config: Mapping[str, Any]) -> dict[str, Any]:
 @dataclass
 class _Instance:
     seq: int
-    instance_id: int
+    instance_id: int | None
 
 
 class KongSide:
@@ -770,6 +772,7 @@ class KongSide:
 
     def __init__(self, kong_version: str = "3.9", rpc_timeout: float = 10.0) -> None:
         self.kong_version = kong_version
+        self._version = tuple(int(part) for part in kong_version.split(".")[:2])
         self.rpc_timeout = rpc_timeout
         self._connections: dict[str, RpcConnection] = {}
         self._instances: dict[str, _Instance] = {}
@@ -827,7 +830,7 @@ class KongSide:
 
     # plugin.lua, get_instance_id
     def _instance_id(self, server: PluginServerProcess, config: Mapping[str, Any],
-                     state: RequestState) -> int:
+                     state: RequestState) -> int | None:
         encoded = json.dumps(config, sort_keys=True, default=str)
         plugin_id = config.get("__plugin_id") or str(uuid.uuid5(uuid.NAMESPACE_URL, server.name + encoded))
         state.plugin_id = plugin_id
@@ -843,6 +846,13 @@ class KongSide:
             started = self._rpc(server).call("plugin.StartInstance",
                                              {"Name": server.name, "Config": json.dumps(full)})
         except RpcError as exc:
+            if self._version < (3, 9):
+                # Up to 3.8, mp_rpc.lua's call_start_instance returns the error string where the
+                # instance belongs: the instance id is nil and no error is raised. (The next
+                # request would then spin in get_instance_id, waiting for an id that never comes.)
+                self._instances[plugin_id] = _Instance(self._next_seq, None)
+                self._configs[plugin_id] = encoded
+                return None
             state.log("err", f"starting instance: {exc}")
             self._instances.pop(plugin_id, None)
             raise LuaError(str(exc)) from exc
@@ -859,7 +869,9 @@ class KongSide:
         instance_id = self._instance_id(server, config, state)
         rpc = self._rpc(server)
         try:
-            step = rpc.call("plugin.HandleEvent", {"InstanceId": instance_id, "EventName": phase})
+            event = {"EventName": phase} if instance_id is None else {"InstanceId": instance_id,
+                                                                      "EventName": phase}
+            step = rpc.call("plugin.HandleEvent", event)
             event_id = step["EventId"]
             while step["Data"] != "ret":
                 data = step["Data"]

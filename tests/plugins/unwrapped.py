@@ -1,7 +1,7 @@
-"""A plugin that raises WITHOUT the safe phase wrapper: shows why the wrapper exists.
-
-Served by kong-pdk's own dedicated server (thread mode by default, as its docs show), it wedges:
-the exception before the first PDK call never releases kong-pdk's event lock.
+"""A plugin served by kong-pdk's own dedicated server, without our wrapper or server: shows why
+they exist. Its handler raises before its first PDK call, which wedges kong-pdk's server (the
+event lock is never released); with `fail_init` in its config its constructor raises, so
+StartInstance fails, which Kong before 3.9 answers by letting the request through.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ NAME = "unwrapped"
 
 class Plugin:
     def __init__(self, config: dict) -> None:
+        if config.get("fail_init"):
+            raise ValueError("invalid config")
         self.config = config
 
     def access(self, kong) -> None:

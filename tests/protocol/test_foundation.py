@@ -8,6 +8,7 @@ import pytest
 
 from kong_mtls.constants import MESSAGE_UNEXPECTED
 from kong_mtls.guard import GUARD_MESSAGE, GUARD_STATUS
+from tests.harness.expect import assert_invalid_config
 from tests.harness.kong_side import KongSide, PluginServerProcess, Request
 
 
@@ -63,10 +64,12 @@ def test_unknown_pdk_function_is_answered_with_nil(kong, trivial):
     assert ("err", "could not find pdk method: kong.request.no_such_function") in outcome.logs
 
 
-def test_invalid_config_fails_start_instance_with_500(kong, trivial):
-    outcome = kong.run(Request(), [(trivial, {"calls": 0})])
-    assert outcome.exit.status == 500 and outcome.exit.source == "kong"
-    assert any("starting instance" in msg and "calls" in msg for _, msg in outcome.logs)
+def test_invalid_config_answers_500_and_logs_the_field(kong, trivial):
+    # The instance starts anyway (failing StartInstance fails open on Kong < 3.9, see
+    # test_start_instance_failure_fails_open_on_kong_before_3_9) and refuses every request.
+    for _ in range(2):
+        outcome = kong.run(Request(), [(trivial, {"calls": 0})], guard=["trivial"])
+        assert_invalid_config(outcome, "trivial", "calls")
 
 
 def test_exit_as_first_call_does_not_leak_events(kong, trivial):
@@ -153,3 +156,18 @@ def test_answered_requests_leave_no_greenlet_behind(kong, trivial, mode):
     after = rpc.call("plugin.GetRuntimeStats")
     assert after["Greenlets"] - before["Greenlets"] < 5
     assert after["Events"] == before["Events"] == 0
+
+
+def test_start_instance_failure_fails_open_on_kong_before_3_9():
+    """Why our servers never fail StartInstance (a refused config gives an instance that answers
+    500): Kong up to 3.8 takes the error for the instance, sends HandleEvent without an id, and
+    proxies the request when that fails."""
+    server = PluginServerProcess("unwrapped", "tests.plugins.unwrapped", extra_args=["-g"]).start()
+    try:
+        with KongSide(kong_version="3.4", rpc_timeout=2.0) as old:
+            outcome = old.run(Request(), [(server, {"fail_init": True})])
+            assert outcome.proxied and outcome.rpc_errors
+        with KongSide() as new:
+            assert new.run(Request(), [(server, {"fail_init": True})]).exit.status == 500
+    finally:
+        server.close()

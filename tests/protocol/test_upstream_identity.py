@@ -9,6 +9,7 @@ import pytest
 from kong_mtls.constants import UPSTREAM_IDENTITY, shared_mark
 from kong_mtls.core.upstream import MESSAGE_UNVERIFIED, CertSummary
 from kong_mtls.devpki import SERVER_AUTH, SubjectAltNames, name
+from tests.harness.expect import assert_invalid_config
 from tests.harness.kong_side import KongSide, Request
 from tests.harness.pki import DAY, now
 from tests.harness.tls_servers import SilentServer, TLSUpstream, closed_port, write_pem_files
@@ -175,10 +176,9 @@ def test_service_without_tls_is_refused(kong, plugin, pki, files, upstream):
     assert_refused(kong.run(Request(service=service), [(plugin, conf)]), "UPSTREAM_NOT_TLS")
 
 
-def test_config_without_trust_fails_instance_start(kong, plugin):
+def test_config_without_trust_answers_500_naming_the_field(kong, plugin):
     outcome = kong.run(Request(), [(plugin, {"host": "127.0.0.1", "expected_dns_names": [HOST]})])
-    assert outcome.exit.status == 500 and outcome.exit.source == "kong"
-    assert logged(outcome, "trusted_ca_pem")
+    assert_invalid_config(outcome, UPSTREAM_IDENTITY, "trusted_ca_pem")
 
 
 # -- the event loop -------------------------------------------------------------------------------

@@ -23,6 +23,11 @@ LOG_TAG = "[kong-mtls]"
 
 #: Reason code logged when a handler raised.
 REASON_UNEXPECTED = "UNEXPECTED_ERROR"
+#: Reason code logged for every request of an instance whose config could not be used.
+REASON_INVALID_CONFIG = "INVALID_CONFIG"
+
+#: Set on a plugin instance whose config was refused (see `kong_mtls.kong.server`).
+CONFIG_ERROR_ATTRIBUTE = "config_error"
 
 _stderr_log = logging.getLogger("kong_mtls")
 
@@ -74,6 +79,11 @@ def phase(plugin: str) -> Callable[[Callable[[Any, Any], PhaseResult]], Callable
         @functools.wraps(handler)
         def safe_handler(self: Any, kong: Any) -> None:
             try:
+                config_error = getattr(self, CONFIG_ERROR_ATTRIBUTE, None)
+                if config_error is not None:
+                    refuse(kong, plugin, Refusal(500, MESSAGE_UNEXPECTED, REASON_INVALID_CONFIG,
+                                                 detail=str(config_error)))
+                    return
                 refusal = handler(self, kong)
                 if refusal is not None:
                     refuse(kong, plugin, refusal)

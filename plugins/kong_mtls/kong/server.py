@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import gc
 import json
+import logging
 import os
 import re
 import sys
@@ -36,7 +37,12 @@ from kong_pdk.module import Module
 from kong_pdk.server import MSG_RET, PluginServer, terminal_methods
 
 from kong_mtls.constants import PLUGIN_VERSION, PRIORITIES
-from kong_mtls.kong.runtime import configure_stderr_logging
+from kong_mtls.kong.runtime import (
+    CONFIG_ERROR_ATTRIBUTE,
+    REASON_INVALID_CONFIG,
+    configure_stderr_logging,
+    log_line,
+)
 
 DEFAULT_PREFIX = "/usr/local/kong"
 _CAMEL = re.compile("([a-z])([A-Z])")
@@ -135,9 +141,33 @@ def plugin_info(name: str, plugin_cls: type, schema: list, priority: int | None 
 
 
 def _module(name: str, plugin_cls: type, schema: list, priority: int | None) -> Module:
-    definition = types.SimpleNamespace(Plugin=plugin_cls, Schema=schema, version=PLUGIN_VERSION,
+    definition = types.SimpleNamespace(Plugin=_accepting_every_config(name, plugin_cls), Schema=schema,
+                                       version=PLUGIN_VERSION,
                                        priority=PRIORITIES[name] if priority is None else priority)
     return Module(name, module=definition)
+
+
+def _accepting_every_config(name: str, plugin_cls: type) -> type:
+    """`plugin_cls` whose instances never fail to start: a config the plugin refuses gives an
+    instance that answers every request 500 and logs why (reason INVALID_CONFIG).
+
+    Failing StartInstance is not safe on every Kong: up to 3.8, Kong's `call_start_instance`
+    returns the error string where the instance belongs, so the instance id is nil; the next
+    HandleEvent fails without "no plugin instance" in the error, and Kong lets the request through
+    (`kong/runloop/plugin_servers/mp_rpc.lua`, `init.lua`). Kong 3.9 answers 500 itself.
+    """
+
+    class AnyConfig(plugin_cls):
+        def __init__(self, config: Any) -> None:
+            try:
+                super().__init__(config)
+            except Exception as exc:
+                setattr(self, CONFIG_ERROR_ATTRIBUTE, exc)
+                logging.getLogger("kong_mtls").error(
+                    log_line(name, "instance", reason=REASON_INVALID_CONFIG, detail=str(exc)))
+
+    AnyConfig.__name__ = AnyConfig.__qualname__ = plugin_cls.__name__
+    return AnyConfig
 
 
 def _arguments(name: str, argv: Sequence[str] | None) -> argparse.Namespace:
