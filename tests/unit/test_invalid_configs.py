@@ -1,8 +1,8 @@
 """Every plugin refuses a config it cannot use when its instance starts, naming the field.
 
 (Kong validates configs against the plugin's schema too, but a config can also reach the plugin
-server by other paths; the StartInstance failure is what makes Kong answer 500 instead of
-running a broken plugin. Protocol tests check that path for each plugin.)"""
+server by other paths; the refusal is what makes the instance answer 500 instead of running a
+broken plugin. Protocol tests check that path for each plugin.)"""
 
 from __future__ import annotations
 
