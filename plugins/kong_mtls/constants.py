@@ -29,6 +29,13 @@ PLUGIN_MODULES: dict[str, str] = {
     CLIENT_CERT_REQUEST: "kong_mtls.kong.client_cert_request",
 }
 
+#: How each plugin spells `kong.log.<level>` over RPC: Kong resolves a PDK method by the word
+#: segments of its name (punctuation is ignored) and caches the function per worker by the name as
+#: sent; a `kong.log` function belongs to the namespaced logger of the plugin that first called it,
+#: so one shared `kong.log.warn` would tag every plugin's lines with that first plugin's name
+#: (`mp_rpc.lua`, `get_field`). A spelling of its own keeps each plugin's `[name]` in Kong's log.
+LOG_METHOD_SUFFIXES: dict[str, str] = {name: "." * n for n, name in enumerate(PLUGIN_MODULES, start=1)}
+
 PRIORITIES: dict[str, int] = {
     # First: a refused peer costs nothing else, and the resolved client address is published for
     # the plugins below.

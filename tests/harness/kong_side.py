@@ -22,7 +22,11 @@ Written from Kong's Lua source, Kong/kong 3.9.x:
   joins repeated header lines with ", " since nginx 1.23 (Kong 3.9 ships OpenResty 1.25; Kong 2.8
   returns the first line); `kong.service.request.set_header(s)` replaces every client-sent copy,
   and an empty value (`""` or `{}`) removes the header (lua-nginx-module `ngx.req.set_header`);
-  `kong.client.authenticate` raises unless given a consumer or a credential table.
+  `kong.client.authenticate` raises unless given a consumer or a credential table;
+* `mp_rpc.lua`'s `get_field`: a PDK method is found by walking the `\\w+` segments of its name
+  (`rpc/util.lua`, `index_table`: punctuation is ignored) and cached per worker by the name as sent.
+  `kong.log` is the namespaced logger of the plugin running at that moment, so the cached
+  `kong.log.warn` keeps the namespace of the first plugin that called it (`KongSide.method_cache`).
 Kong 2.8 (`kong/runloop/plugin_servers/mp_rpc.lua` at 2.8.x) still forwarded the error of a PDK
 call (`StepError`); `KongSide(kong_version="2.8")` does the same. Before 3.9, the same file's
 `call_start_instance` returned the error string of a failed StartInstance where the instance
@@ -34,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -55,6 +60,8 @@ from tests.harness.lua_msgpack import Binary, EmptyMap, as_lua, pack
 MESSAGE_UNEXPECTED = "An unexpected error occurred"  # kong/init.lua, handler errors
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+
+_WORD = re.compile(r"\w+", re.ASCII)
 
 # mp_rpc.lua, get_step_method: by_pdk_method
 _STEP_BY_METHOD = {
@@ -367,8 +374,11 @@ class RequestState:
     """One request as Kong holds it while the plugins run, and the PDK over it."""
 
     def __init__(self, request: Request, consumers: Iterable[Consumer], ctx_shared: Mapping[str, Any],
-                 kong_version: str, outcome: Outcome, phase: str = "access") -> None:
+                 kong_version: str, outcome: Outcome, phase: str = "access",
+                 method_cache: dict[str, str] | None = None) -> None:
         self.request = request
+        self.method_cache = {} if method_cache is None else method_cache
+        self.log_namespace = ""
         self.phase = phase
         self.kong_version = kong_version
         self.outcome = outcome
@@ -390,11 +400,15 @@ class RequestState:
     # -- dispatch ----------------------------------------------------------------------------
     def call(self, method: str, args: list) -> tuple[Any, Any]:
         """(value, err) of a PDK call; raises LuaError for a Lua error() and _Exit for exit."""
-        self.outcome.pdk_calls.append(method)
-        fn = _PDK_METHODS.get(method)
+        name = ".".join(_WORD.findall(method))  # rpc/util.lua index_table: only \w+ segments count
+        self.outcome.pdk_calls.append(name)
+        fn = _PDK_METHODS.get(name)
         if fn is None:
             self.log("err", f"could not find pdk method: {method}")
             return None, None
+        # mp_rpc.lua get_field: the function is cached by the name as sent, and a kong.log function
+        # belongs to the namespaced logger current when it was first looked up.
+        self.log_namespace = self.method_cache.setdefault(method, self.plugin_name)
         if self.phase == "certificate":
             allowed = not method.startswith(_REQUEST_PHASES_ONLY)
         else:
@@ -591,7 +605,7 @@ class RequestState:
 
     # -- kong.log -------------------------------------------------------------------------------
     def _kong_log(self, level: str, *args: Any) -> None:
-        self.log(level, f"[{self.plugin_name}] " + "".join(_text(a) for a in args))
+        self.log(level, f"[{self.log_namespace}] " + "".join(_text(a) for a in args))
 
     def pdk_kong__log__err(self, *args: Any) -> None:
         self._kong_log("err", *args)
@@ -778,6 +792,9 @@ class KongSide:
         self._instances: dict[str, _Instance] = {}
         self._configs: dict[str, str] = {}
         self._next_seq = 0
+        #: mp_rpc.lua's get_field cache of this (one-worker) Kong: method name as sent -> the
+        #: namespace its function was resolved in.
+        self.method_cache: dict[str, str] = {}
 
     def close(self) -> None:
         for conn in self._connections.values():
@@ -805,7 +822,8 @@ class KongSide:
         (`kong_mtls.guard`); None means the route has no guard.
         """
         outcome = Outcome()
-        state = RequestState(request, consumers, ctx_shared or {}, self.kong_version, outcome, phase)
+        state = RequestState(request, consumers, ctx_shared or {}, self.kong_version, outcome, phase,
+                             self.method_cache)
         ordered = sorted(plugins, key=lambda p: -p[0].priority)
         for server, config in ordered:
             state.plugin_name = server.name

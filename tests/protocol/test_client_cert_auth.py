@@ -329,8 +329,15 @@ def test_invalid_config_answers_500_naming_the_field(kong, server):
 def test_expiring_anchor_is_logged_at_start(kong, server, pki):
     soon = Authority.root("protocol soon-expiring root", days=10)
     conf = {"ca_certificates": [soon.cert_pem, pki.root.cert_pem]}
-    assert run(kong, server, None, conf).status == 401
+    first = run(kong, server, None, conf)
+    assert first.status == 401
     assert "anchor-expiring" in server.output() and "protocol soon-expiring root" in server.output()
+    # Kong logs the server's own output at `info`; the warning also reaches Kong's log through the
+    # PDK, at `warn` (visible at Kong's default level), once per instance.
+    warnings = [m for level, m in first.logs if level == "warn" and "anchor-expiring" in m]
+    assert len(warnings) == 1 and warnings[0].startswith(f"[{CLIENT_CERT_AUTH}] [kong-mtls]")
+    assert "protocol soon-expiring root" in warnings[0]
+    assert "anchor-expiring" not in run(kong, server, None, conf).log_text()
 
 
 def test_certificate_bound_api_key(kong, server, plugin_server, pki, chains):

@@ -100,6 +100,21 @@ def test_end_user_without_a_valid_key_is_refused(kong, example, servers, key):
     assert outcome.exit.status == 401 and outcome.exit.source == API_KEY_AUTH
 
 
+def test_each_plugin_logs_under_its_own_name_in_one_kong_worker(kong, example, servers):
+    """Kong caches a PDK method per worker by its name, with the plugin namespace of the first
+    caller (mp_rpc.lua get_field): with one shared `kong.log.warn`, every refusal below would be
+    tagged [client-cert-auth]."""
+    refused_by = {}
+    for name, kwargs in ((CLIENT_CERT_AUTH, {"chain": None}), (API_KEY_AUTH, {"key": None}),
+                         (IP_ALLOWLIST, {"peer": VISITOR})):
+        outcome = _run(kong, example, servers, **kwargs)
+        assert outcome.exit.source == name
+        (line,) = [m for level, m in outcome.logs if level == "warn" and " refused " in m]
+        refused_by[name] = line
+    for name, line in refused_by.items():
+        assert line.startswith(f"[{name}] [kong-mtls] {name} refused "), line
+
+
 def test_a_dead_plugin_server_is_caught_by_the_guard(example, servers):
     dead = PluginServerProcess(API_KEY_AUTH).start()
     try:

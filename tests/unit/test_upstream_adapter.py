@@ -31,6 +31,8 @@ class FakeKong:
                 self.prefix = prefix
 
             def __getattr__(self, attr: str):
+                attr = attr.rstrip(".")  # Kong ignores the punctuation of a PDK method name
+
                 def call(*args):
                     kong.calls.append((f"{self.prefix}.{attr}", *args))
                     if f"{self.prefix}.{attr}" == "ctx.shared.set":

@@ -52,7 +52,7 @@ from kong_mtls.core.identity import (
     parse_mappings,
 )
 from kong_mtls.core.revocation import RevocationChecker, RevocationMode, parse_crls
-from kong_mtls.kong.runtime import Refusal, log_line, phase
+from kong_mtls.kong.runtime import Refusal, log_line, pdk_log, phase
 from kong_mtls.kong.server import serve
 from kong_mtls.presets import CA_PRESET_NAMES, PresetError, load_ca_preset
 from kong_mtls.schema import ConfigError
@@ -196,6 +196,7 @@ class Plugin:
     def __init__(self, config: Mapping[str, Any]) -> None:
         compiled = compile_config(config)
         self.authenticator = compiled.authenticator
+        self.start_notices = compiled.warnings  # logged through Kong on the first request
         for warning in compiled.warnings:
             _log.warning(warning)
 
@@ -209,8 +210,9 @@ class Plugin:
             reason = decision.reason.value if decision.reason else "UNKNOWN"
             return Refusal(decision.status, decision.message, reason, decision.detail)
         if decision.via is Via.REPORT_ONLY and decision.reason is not None:
-            kong.log.warn(log_line(CLIENT_CERT_AUTH, "report-only", reason=decision.reason.value,
-                                   detail=decision.detail))
+            pdk_log(kong, CLIENT_CERT_AUTH, "warn", log_line(CLIENT_CERT_AUTH, "report-only",
+                                                             reason=decision.reason.value,
+                                                             detail=decision.detail))
         if decision.consumer is not None:
             kong.client.authenticate(dict(decision.consumer),
                                      dict(decision.credential) if decision.credential else None)

@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from kong_mtls.constants import MESSAGE_UNEXPECTED
+from kong_mtls.constants import LOG_METHOD_SUFFIXES, MESSAGE_UNEXPECTED
 
 #: Our own log lines carry this tag, then `plugin=... reason=...` pairs, so they can be grepped.
 LOG_TAG = "[kong-mtls]"
@@ -28,6 +28,10 @@ REASON_INVALID_CONFIG = "INVALID_CONFIG"
 
 #: Set on a plugin instance whose config was refused (see `kong_mtls.kong.server`).
 CONFIG_ERROR_ATTRIBUTE = "config_error"
+#: A plugin instance may hold log lines from its start here (an expiring trust anchor, say). Kong
+#: logs a plugin server's own output at `info`, hidden at its default level `notice`, so the
+#: wrapper writes them through the PDK, at `warn`, on the instance's first request.
+START_NOTICES_ATTRIBUTE = "start_notices"
 
 _stderr_log = logging.getLogger("kong_mtls")
 
@@ -65,10 +69,16 @@ def _log_value(value: Any) -> str:
     return f'"{text}"' if " " in text else text
 
 
+def pdk_log(kong: Any, plugin: str, level: str, line: str) -> None:
+    """`kong.log.<level>(line)` in Kong's error log, under the plugin's own `[name]` (see
+    `LOG_METHOD_SUFFIXES`)."""
+    getattr(kong.log, level + LOG_METHOD_SUFFIXES.get(plugin, ""))(line)
+
+
 def refuse(kong: Any, plugin: str, refusal: Refusal) -> None:
     """Log the refusal's reason, then answer it. The caller must return right after."""
-    kong.log.warn(log_line(plugin, "refused", status=refusal.status, reason=refusal.reason,
-                           detail=refusal.detail))
+    pdk_log(kong, plugin, "warn", log_line(plugin, "refused", status=refusal.status,
+                                           reason=refusal.reason, detail=refusal.detail))
     kong.response.exit(refusal.status, {"message": refusal.message}, dict(refusal.headers))
 
 
@@ -79,6 +89,11 @@ def phase(plugin: str) -> Callable[[Callable[[Any, Any], PhaseResult]], Callable
         @functools.wraps(handler)
         def safe_handler(self: Any, kong: Any) -> None:
             try:
+                notices = getattr(self, START_NOTICES_ATTRIBUTE, ())
+                if notices:
+                    setattr(self, START_NOTICES_ATTRIBUTE, ())  # once, even with concurrent events
+                    for line in notices:
+                        pdk_log(kong, plugin, "warn", line)
                 config_error = getattr(self, CONFIG_ERROR_ATTRIBUTE, None)
                 if config_error is not None:
                     refuse(kong, plugin, Refusal(500, MESSAGE_UNEXPECTED, REASON_INVALID_CONFIG,
@@ -100,7 +115,7 @@ def _answer_unexpected(kong: Any, plugin: str, exc: BaseException) -> None:
     reason = f"{type(exc).__name__}: {exc}"
     _stderr_log.error(log_line(plugin, "error", reason=REASON_UNEXPECTED, detail=reason), exc_info=exc)
     try:
-        kong.log.err(log_line(plugin, "error", reason=REASON_UNEXPECTED, detail=reason))
+        pdk_log(kong, plugin, "err", log_line(plugin, "error", reason=REASON_UNEXPECTED, detail=reason))
         kong.response.exit(500, {"message": MESSAGE_UNEXPECTED}, {})
     except Exception:  # Kong is unreachable: its side fails open, the guard catches it
         _stderr_log.exception(log_line(plugin, "error", reason="PDK_UNREACHABLE"))

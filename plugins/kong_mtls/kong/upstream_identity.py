@@ -40,7 +40,7 @@ from kong_mtls.core.upstream import (
     check,
     check_server_name,
 )
-from kong_mtls.kong.runtime import Refusal, log_line, phase
+from kong_mtls.kong.runtime import Refusal, log_line, pdk_log, phase
 from kong_mtls.kong.server import serve
 from kong_mtls.schema import ConfigError
 
@@ -113,8 +113,9 @@ class Plugin:
         verdict = self._verdict(kong, target)
         if self.cache.first_use(target):
             for notice in verdict.notices:
-                kong.log.warn(log_line(UPSTREAM_IDENTITY, "warning", reason=notice.notice.value,
-                                       target=str(target), detail=notice.describe()))
+                pdk_log(kong, UPSTREAM_IDENTITY, "warn",
+                        log_line(UPSTREAM_IDENTITY, "warning", reason=notice.notice.value,
+                                 target=str(target), detail=notice.describe()))
         if not verdict.ok:
             return _refusal(verdict)
         kong.ctx.shared.set(MARK, verdict.mark())
@@ -147,8 +148,8 @@ class Plugin:
         # No usable verdict: wait for the probe. This log line is also a PDK call, which matters:
         # kong-pdk holds its event lock until a handler's first PDK call, so waiting before any
         # call would stall every other request of this plugin server.
-        kong.log.info(log_line(UPSTREAM_IDENTITY, "probing", target=str(target),
-                               reason=f"{freshness.value}_VERDICT"))
+        pdk_log(kong, UPSTREAM_IDENTITY, "info", log_line(UPSTREAM_IDENTITY, "probing", target=str(target),
+                                                          reason=f"{freshness.value}_VERDICT"))
         try:
             return job.get(timeout=self.wait_timeout)
         except gevent.Timeout:
