@@ -20,6 +20,7 @@ from typing import Any
 
 from kong_mtls.constants import (
     CLIENT_CERT_AUTH,
+    CLIENT_CERT_REQUEST,
     IP_ALLOWLIST,
     PLUGIN_MODULES,
 )
@@ -39,6 +40,14 @@ IMPOSTOR_ADDRESS = "upstream:9443"
 #: Peers of the test client as Kong sees them (loopback, or Docker's bridge gateway behind a
 #: published port): stand-ins for Cloudflare's edge in scenario 1.
 STAND_IN_CLOUDFLARE = ["127.0.0.0/8", "::1/128", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"]
+
+#: Option A of asking clients for a certificate (nginx's `optional_no_ca`), which the shipped setup
+#: does not use (kong.conf.example): the suite starts a second Kong with it to show why.
+OPTION_A_SETTINGS = {"nginx_proxy_ssl_verify_client": "optional_no_ca", "nginx_proxy_ssl_verify_depth": "4"}
+
+#: The access-log format of kong.conf.example: the request line without its query string, where a
+#: client may have put an API key.
+ACCESS_LOG_FORMAT = "kong_mtls_no_query"
 
 #: nginx's read timeout on Lua sockets, which bounds how long a request waits for a hung plugin
 #: server (default 60s) before Kong fails open and the guard answers.
@@ -92,9 +101,10 @@ def parse_kong_version(output: str) -> tuple[int, int, int]:
 
 def local_kong_conf(example: Mapping[str, str], *, prefix: str, python: str, plugins: Sequence[str],
                     declarative_config: str, ports: Mapping[str, int], ssl_cert: str, ssl_cert_key: str,
-                    kong_version: tuple[int, int, int], nginx_user: str | None = None) -> str:
-    """The kong.conf of the local runner: kong.conf.example's client-certificate request, with the
-    plugin servers started from this Python environment and everything else in `prefix`."""
+                    kong_version: tuple[int, int, int], nginx_user: str | None = None,
+                    extra: Mapping[str, str] | None = None) -> str:
+    """The kong.conf of the local runner: kong.conf.example's settings, with the plugin servers
+    started from this Python environment, everything else in `prefix`, then `extra`."""
     settings: dict[str, str] = {
         key: value for key, value in example.items()
         if not key.startswith("pluginserver_") and key not in ("plugins", "admin_gui_listen")
@@ -107,7 +117,7 @@ def local_kong_conf(example: Mapping[str, str], *, prefix: str, python: str, plu
         "admin_listen": f"127.0.0.1:{ports['admin']}",
         "ssl_cert": ssl_cert,
         "ssl_cert_key": ssl_cert_key,
-        "log_level": "info",
+        "log_level": "notice",  # Kong's default: what a user sees
         "nginx_worker_processes": "1",
         "nginx_http_lua_socket_read_timeout": PLUGIN_SERVER_TIMEOUT,
         "anonymous_reports": "off",
@@ -124,6 +134,7 @@ def local_kong_conf(example: Mapping[str, str], *, prefix: str, python: str, plu
         settings[pluginserver_key(name, "socket")] = f"{prefix}/{name}.sock"
         settings[pluginserver_key(name, "start_cmd")] = f"{python} -m {module} -p {prefix}"
         settings[pluginserver_key(name, "query_cmd")] = f"{python} -m {module} --dump"
+    settings.update(extra or {})
     return "".join(f"{key} = {value}\n" for key, value in settings.items())
 
 
@@ -154,9 +165,12 @@ def route_plugin(route: Mapping[str, Any], name: str) -> dict[str, Any]:
 
 def adapt_config(config: Mapping[str, Any], *, available: Iterable[str],
                  kong_version: tuple[int, int, int],
-                 upstreams: Mapping[str, str] | None = None) -> dict[str, Any]:
+                 upstreams: Mapping[str, str] | None = None,
+                 request_certificates: bool = True) -> dict[str, Any]:
     """A copy of a declarative config that this Kong can load.
 
+    * without `request_certificates`, the global client-cert-request is dropped (option A: nginx
+      asks for the certificate instead);
     * routes using one of our plugins whose module does not exist yet are dropped (Kong would refuse
       the whole config);
     * `upstreams` maps `host:port` in Service URLs to another (the local runner's echo ports);
@@ -164,6 +178,9 @@ def adapt_config(config: Mapping[str, Any], *, available: Iterable[str],
     """
     out = copy.deepcopy(dict(config))
     missing = set(PLUGIN_MODULES) - set(available)
+    if not request_certificates:
+        missing.add(CLIENT_CERT_REQUEST)
+    out["plugins"] = [p for p in out.get("plugins") or () if p["name"] not in missing]
     for service in out.get("services") or ():
         service["routes"] = [route for route in service.get("routes") or ()
                              if not missing.intersection(route_plugins(route))]
@@ -198,6 +215,23 @@ def cloudflare_test_config(config: Mapping[str, Any], *, aop_ca_file: str) -> di
         cert_auth["ca_certificate_files"] = [aop_ca_file]
         cert_auth["revocation_check_mode"] = "SKIP"
     service["routes"] += [real, {"name": "public", "paths": ["/public"]}]
+    return out
+
+
+MARKER_PATH = "/__kong_mtls_config"
+
+
+def with_config_marker(config: Mapping[str, Any], token: str) -> dict[str, Any]:
+    """A copy of `config` with a route `MARKER_PATH/<token>` that answers 200 with the token (Kong's
+    request-termination): once the proxy serves it, this config is live. Kong's `POST /config`
+    answers before its workers switch (the old config served for 10-70 ms in real Kong)."""
+    out = copy.deepcopy(dict(config))
+    out.setdefault("services", []).append({
+        "name": "kong-mtls-config-marker", "url": "http://127.0.0.1:9",
+        "routes": [{"name": "kong-mtls-config-marker", "paths": [f"{MARKER_PATH}/{token}"],
+                    "plugins": [{"name": "request-termination",
+                                 "config": {"status_code": 200, "message": token}}]}],
+    })
     return out
 
 
@@ -292,6 +326,24 @@ def request(address: tuple[str, int], path: str, *, method: str = "GET",
         return Response(answer.status, {k.lower(): v for k, v in answer.getheaders()}, data, server_cert)
     finally:
         conn.close()
+
+
+def resumed_session_requests(address: tuple[str, int], path: str, tls: ssl.SSLContext, count: int,
+                             server_name: str = "localhost") -> list[tuple[int, bool, bytes]]:
+    """`count` requests, each on a new connection that offers the TLS session of the one before
+    (as browsers and HTTP client libraries do): (status, whether the server resumed it, body)."""
+    session = None
+    results = []
+    for _ in range(count):
+        with socket.create_connection(address, 10) as raw, \
+                tls.wrap_socket(raw, server_hostname=server_name, session=session) as conn:
+            conn.sendall(f"GET {path} HTTP/1.1\r\nHost: {server_name}\r\nConnection: close\r\n\r\n".encode())
+            data = b""
+            while chunk := conn.recv(65536):
+                data += chunk
+            results.append((int(data.split(b" ", 2)[1]), conn.session_reused, data.split(b"\r\n\r\n", 1)[-1]))
+            session = conn.session  # after the answer: a TLS 1.3 ticket arrives after the handshake
+    return results
 
 
 def refused(address: tuple[str, int], tls: ssl.SSLContext, server_name: str = "localhost") -> bool:

@@ -42,7 +42,8 @@ def server(plugin_server):
 
 
 def config(**extra: Any) -> dict[str, Any]:
-    return {"credentials": CREDENTIALS, **extra}
+    """Every source on but the body (key_in_query is off by default: URLs end up in logs)."""
+    return {"credentials": CREDENTIALS, "key_in_query": True, **extra}
 
 
 def run(kong: KongSide, server, request: Request, conf: dict | None = None, **kwargs: Any) -> Outcome:
@@ -111,6 +112,12 @@ def test_hide_credentials_header(kong: KongSide, server) -> None:
     assert outcome.proxied and "apikey" not in outcome.upstream_headers
     assert outcome.header("accept") == "*/*"
     assert outcome.pdk_calls.count("kong.service.request.set_headers") == 1
+
+
+def test_query_keys_are_not_read_by_default(kong: KongSide, server) -> None:
+    outcome = run(kong, server, Request(query={"apikey": PLAIN.key}), {"credentials": CREDENTIALS})
+    assert (outcome.status, outcome.message) == (401, "No API key found in request")
+    assert "kong.request.get_query" not in outcome.pdk_calls
 
 
 def test_hide_credentials_query(kong: KongSide, server) -> None:

@@ -19,7 +19,7 @@ from tests.harness.kong_side import Consumer, Outcome, Request
 ALICE = Consumer(id="5e0f7a36-0d6c-4c2e-9a53-35d4b5f1c0aa", username="alice")
 KEY = generate_key()
 API_CONFIG = {"credentials": [credential_entry(KEY.key, "alice", KEY.key_id)], "key_in_body": True,
-              "hide_credentials": True}
+              "key_in_query": True, "hide_credentials": True}
 XFF = {"source": "header", "header_name": "X-Forwarded-For", "trusted_proxies": ["10.0.0.0/8"],
        "allow": ["203.0.113.0/24"], "client_ip_header": "X-Real-Client-IP"}
 PROXY = "10.0.0.5"

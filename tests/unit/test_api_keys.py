@@ -77,7 +77,9 @@ ENTRIES = entries()
 
 
 def make(**config: Any) -> ApiKeyAuth:
+    """Query keys on unless a test says otherwise (off by default: URLs end up in logs)."""
     config.setdefault("credentials", ENTRIES)
+    config.setdefault("key_in_query", True)
     return ApiKeyAuth.from_config(config)
 
 
@@ -300,6 +302,11 @@ def test_key_in_header() -> None:
     assert req.calls == ["headers", "consumer"]  # no query, body, IP or certificate read
 
 
+def test_query_keys_are_off_by_default() -> None:
+    auth = ApiKeyAuth.from_config({"credentials": ENTRIES})
+    assert not auth.settings.key_in_query
+
+
 def test_key_in_query() -> None:
     req = Req(query={"other": ["1"], "apikey": [PLAIN.key]})
     decision = req.run(make())
@@ -379,7 +386,7 @@ def test_realm_in_www_authenticate() -> None:
     assert decision.headers == {HEADER_WWW_AUTHENTICATE: 'Key realm="payments"'}
 
 
-HIDE = KeySettings(key_in_body=True, hide_credentials=True)
+HIDE = KeySettings(key_in_query=True, key_in_body=True, hide_credentials=True)
 
 
 def test_hide_credentials_header() -> None:

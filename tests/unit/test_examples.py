@@ -72,8 +72,9 @@ def test_kong_conf_registers_every_plugin_server(conf: dict[str, str], name: str
 
 def test_kong_conf_asks_clients_for_a_certificate_and_names_nothing_unknown(conf: dict[str, str]) -> None:
     assert conf["plugins"].split(",")[0] == "bundled"
-    assert conf["nginx_proxy_ssl_verify_client"] == "optional_no_ca"
-    assert int(conf["nginx_proxy_ssl_verify_depth"]) >= 2
+    # Option B: the examples' global client-cert-request asks; nginx's optional_no_ca (option A)
+    # would hand the plugin no certificate on a resumed TLS session.
+    assert "nginx_proxy_ssl_verify_client" not in conf
     assert conf["admin_gui_listen"] == "off"
     registered = set(conf["pluginserver_names"].split(","))
     for key in conf:
@@ -146,10 +147,10 @@ def test_every_protected_route_carries_the_guard_for_exactly_its_plugins(templat
         assert guards[0]["config"]["access"] == [lua_guard(ours)], f"route {route['name']}"
         checked += 1
     assert checked, "no protected route in this example"
-    # Our plugins only on routes: the guard is per route.
+    # Our guarded plugins only on routes: the guard is per route (client-cert-request is global).
     outside = [p["name"] for p in config.get("plugins") or ()]
     outside += [p["name"] for s in config.get("services") or () for p in s.get("plugins") or ()]
-    assert not set(outside) & set(PLUGIN_MODULES)
+    assert not set(outside) & set(GUARDED_PLUGINS)
 
 
 # -- what the main examples do --------------------------------------------------------------------------
@@ -174,12 +175,18 @@ def test_mtls_route_maps_alice_by_spiffe_id_and_bob_by_username_with_ou_groups(r
     for cert in ("clients/stranger", None, "aop/client"):
         refused = _cert_decision(rendered, "mtls", cert)
         assert (refused.allowed, refused.status) == (False, 401), cert
-    # A resumed TLS session gives the plugin only the leaf: it must verify on its own.
+    # The path must end at the root: a leaf without its intermediate does not verify.
     module = plugin_module("client-cert-auth")
     config = route_plugin(find_route(rendered["configs"]["kong.yml"], "mtls"), "client-cert-auth")["config"]
     full = _chain(rendered["pki"], "clients/alice")
     leaf = full[:full.index("-----END CERTIFICATE-----\n") + len("-----END CERTIFICATE-----\n")]
-    assert leaf != full and module.Plugin(config).authenticator.authenticate(leaf, CONSUMERS.get).allowed
+    assert leaf != full and not module.Plugin(config).authenticator.authenticate(leaf, CONSUMERS.get).allowed
+
+
+@pytest.mark.parametrize("example", ["kong.yml", "cloudflare-origin-lock.yml"])
+def test_examples_that_verify_client_certificates_request_them_globally(rendered: dict, example: str) -> None:
+    config = rendered["configs"][example]
+    assert [p["name"] for p in config.get("plugins") or ()] == ["client-cert-request"]
 
 
 def test_aop_routes_accept_only_the_stand_in_ca_and_report_only_lets_all_through(rendered: dict) -> None:

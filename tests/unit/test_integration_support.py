@@ -66,8 +66,8 @@ def test_local_kong_conf_starts_the_plugin_servers_from_this_environment() -> No
     assert conf["pluginserver_api_key_auth_start_cmd"] == f"{command} -p /t/p"
     assert conf["pluginserver_api_key_auth_query_cmd"] == f"{command} --dump"
     assert not any(key.startswith("pluginserver_client_cert_auth") for key in conf)   # not registered
-    # From kong.conf.example: the client-certificate request.
-    assert conf["nginx_proxy_ssl_verify_client"] == "optional_no_ca"
+    # Option B (the global client-cert-request of the examples): nginx asks for nothing itself.
+    assert "nginx_proxy_ssl_verify_client" not in conf
     assert conf["proxy_listen"] == "127.0.0.1:18000, 127.0.0.1:18443 ssl"
     assert (conf["database"], conf["declarative_config"]) == ("off", "/t/kong.yml")
     assert conf["admin_gui_listen"] == "off"

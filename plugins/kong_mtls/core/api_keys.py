@@ -431,7 +431,7 @@ class Extraction:
 class KeySettings:
     key_names: tuple[str, ...] = ("apikey",)
     key_in_header: bool = True
-    key_in_query: bool = True
+    key_in_query: bool = False
     key_in_body: bool = False
     hide_credentials: bool = False
 
@@ -622,7 +622,7 @@ class ApiKeyAuth:
         settings = KeySettings(
             key_names=names,
             key_in_header=_flag(config, "key_in_header", True),
-            key_in_query=_flag(config, "key_in_query", True),
+            key_in_query=_flag(config, "key_in_query", False),
             key_in_body=_flag(config, "key_in_body", False),
             hide_credentials=_flag(config, "hide_credentials", False),
         )

@@ -36,7 +36,7 @@ MARK = shared_mark(API_KEY_AUTH)
 Schema = [
     schema.strings("key_names", default=["apikey"], required=True, len_min=1),
     schema.boolean("key_in_header", default=True, required=True),
-    schema.boolean("key_in_query", default=True, required=True),
+    schema.boolean("key_in_query", default=False, required=True),  # URLs end up in logs
     schema.boolean("key_in_body", default=False, required=True),
     schema.boolean("hide_credentials", default=False, required=True),
     schema.string("anonymous"),
