@@ -22,3 +22,14 @@ def gateway(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
         yield gw
     finally:
         gw.stop()
+
+
+@pytest.fixture(scope="module")
+def option_a(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    """A second Kong of the same runner, asking for client certificates with nginx's optional_no_ca."""
+    runner = request.module.RUNNER
+    gw = runner.start(tmp_path_factory.mktemp(f"kong-{runner.kind}-option-a"), option_a=True)
+    try:
+        yield gw
+    finally:
+        gw.stop()

@@ -8,15 +8,24 @@ proves that a refused request never reached it.
 
 from __future__ import annotations
 
+import copy
+import datetime as dt
+import json
+import re
 import signal
+import ssl
 import uuid
+from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
+from kong_mtls.constants import API_KEY_AUTH, CLIENT_CERT_AUTH, IP_ALLOWLIST
 from kong_mtls.core.api_keys import MESSAGE_INVALID, MESSAGE_NO_KEY
 from kong_mtls.core.chain import MESSAGE_FAILED_VERIFICATION, MESSAGE_NO_CERTIFICATE
 from kong_mtls.core.upstream import MESSAGE_UNVERIFIED
+from kong_mtls.devpki import Authority, Issued
 from kong_mtls.guard import lua_guard
 from tests.integration.runners import Gateway, eventually
 from tests.integration.support import (
@@ -24,6 +33,7 @@ from tests.integration.support import (
     cloudflare_test_config,
     find_route,
     refused,
+    resumed_session_requests,
     route_plugin,
     tls_context,
     with_route_plugins,
@@ -41,6 +51,40 @@ def requires(gateway: Gateway, *plugins: str) -> None:
 
 def nonce() -> dict[str, str]:
     return {"X-Test-Nonce": uuid.uuid4().hex}
+
+
+def dev_issuing_ca(pki: Path) -> Authority:
+    """The dev PKI's issuing CA, to issue test certificates that chain to the dev root."""
+    def load(stem: str) -> tuple[x509.Certificate, object]:
+        cert = x509.load_pem_x509_certificate((pki / f"{stem}.pem").read_bytes())
+        key = serialization.load_pem_private_key((pki / f"{stem}.key").read_bytes(), None)
+        return cert, key
+
+    root_cert, root_key = load("ca/root")
+    cert, key = load("ca/intermediate")
+    root = Authority(subject=root_cert.subject, key=root_key, cert=root_cert)
+    return Authority(subject=cert.subject, key=key, cert=cert, parent=root)
+
+
+def add_test_cert(gateway: Gateway, name: str, issued: Issued) -> str:
+    """Write `issued` beside the dev PKI as `test/<name>`; returns the name `gateway.https` takes."""
+    folder = gateway.pki / "test"
+    folder.mkdir(exist_ok=True)
+    (folder / f"{name}.pem").write_text(issued.chain_pem)
+    (folder / f"{name}.key").write_text(issued.key_pem)
+    return f"test/{name}"
+
+
+def expired_client(gateway: Gateway) -> str:
+    past = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=30)
+    issued = dev_issuing_ca(gateway.pki).client("alice-expired", not_before=past - dt.timedelta(days=1),
+                                                not_after=past)
+    return add_test_cert(gateway, "expired", issued)
+
+
+def tls_version(version: ssl.TLSVersion, context: ssl.SSLContext) -> ssl.SSLContext:
+    context.minimum_version = context.maximum_version = version
+    return context
 
 
 def leaf_dns_names(der: bytes | None) -> list[str]:
@@ -131,9 +175,11 @@ class Scenarios:
         assert ok.status == 200
         assert ok.upstream_headers["x-consumer-username"] == "alice"
         assert "apikey" not in ok.upstream_headers
-        in_query = gateway.https(f"/key?apikey={key}&page=2")
-        assert in_query.status == 200
-        assert in_query.json()["path"] == "/?page=2"       # the key is stripped from the query too
+        # Query keys are off by default (URLs end up in logs): a key there is not read.
+        headers = nonce()
+        in_query = gateway.https(f"/key?apikey={key}&page=2", headers=headers)
+        assert (in_query.status, in_query.json()) == (401, {"message": MESSAGE_NO_KEY})
+        assert not gateway.seen_upstream(headers["X-Test-Nonce"])
 
         if "client-cert-auth" in gateway.plugins:          # a key bound to alice's certificate
             bound = {"apikey": gateway.api_key("ak_alice_bound")}
@@ -184,6 +230,10 @@ class Scenarios:
         assert not refused(gateway.echo, kong_cert)
 
     def test_4d_kong_refuses_a_mismatching_upstream(self, gateway: Gateway) -> None:
+        # `public` (the echo Service, verified against the dev root) leaves a pooled connection to
+        # echo; the untrusted-ca Service has its own client certificate entity, so its own pool:
+        # Kong verifies echo against the wrong CA on a new connection and refuses.
+        assert gateway.https("/public").status == 200
         headers = nonce()
         assert gateway.https("/upstream/untrusted-ca", headers=headers).status == 502   # Kong's own check
         assert not gateway.seen_upstream(headers["X-Test-Nonce"])
@@ -194,6 +244,23 @@ class Scenarios:
         impostor = gateway.https("/upstream/impostor")
         assert (impostor.status, impostor.json()) == (502, {"message": MESSAGE_UNVERIFIED})
         assert "URI_SAN_MISMATCH" in gateway.error_log()
+
+    def test_4e_kong_reuses_a_pooled_upstream_connection_across_tls_settings(self, gateway: Gateway) -> None:
+        """What Kong does NOT guarantee (docs/upstream-identity.md): with the same client
+        certificate entity as `echo`, the untrusted-ca Service shares echo's connection pool
+        (`ip|port|SNI|client certificate id`) and is served over a connection echo's Service opened
+        and verified; only on a fresh pool does Kong refuse."""
+        config = copy.deepcopy(gateway.config)
+        service = next(s for s in config["services"] if s["name"] == "echo-untrusted-ca")
+        service["client_certificate"] = next(s for s in config["services"]
+                                             if s["name"] == "echo")["client_certificate"]
+        try:
+            gateway.load_config(config)
+            assert gateway.https("/public").status == 200       # opens (and pools) a verified connection
+            shared_pool = gateway.https("/upstream/untrusted-ca")
+            assert shared_pool.status == 200, "Kong no longer reuses pooled connections across TLS settings"
+        finally:
+            gateway.restore()
 
     def test_5_plugin_enabled_and_changed_at_runtime(self, gateway: Gateway) -> None:
         requires(gateway, "api-key-auth")
@@ -249,3 +316,156 @@ class Scenarios:
         headers = nonce()
         assert gateway.https("/key", headers=headers).status == 401
         assert not gateway.seen_upstream(headers["X-Test-Nonce"])
+
+    def test_6b_a_plugin_server_that_stops_and_continues(self, gateway: Gateway) -> None:
+        """SIGSTOP then SIGCONT: while stopped, requests time out (the guard's 503); after it
+        continues Kong may answer some requests 500 ("unexpected RPC response ID": answers to
+        requests it gave up on). Never is a request proxied unchecked, and service comes back."""
+        requires(gateway, "api-key-auth")
+        valid = {"apikey": gateway.api_key("ak_alice_dev")}
+        assert gateway.https("/key", headers=valid).status == 200
+        gateway.signal_plugin_server("api-key-auth", signal.SIGSTOP)
+        try:
+            headers = {**valid, **nonce()}
+            answer = gateway.https("/key", headers=headers)
+            assert answer.status in (500, 503), answer
+            assert not gateway.seen_upstream(headers["X-Test-Nonce"])
+        finally:
+            gateway.signal_plugin_server("api-key-auth", signal.SIGCONT)
+        statuses = []
+        for _ in range(8):
+            headers = nonce()                                   # no key: must never pass
+            answer = gateway.https("/key", headers=headers)
+            statuses.append(answer.status)
+            assert answer.status in (401, 500, 503), answer
+            assert not gateway.seen_upstream(headers["X-Test-Nonce"])
+        eventually(lambda: gateway.https("/key", headers=valid).status == 200, 30,
+                   "api-key-auth did not serve again after SIGCONT", gateway.error_log)
+
+    def test_7_resuming_clients_always_present_their_certificate(self, gateway: Gateway) -> None:
+        """Browsers and HTTP libraries offer the previous TLS session on a new connection. The
+        global client-cert-request turns session reuse off, so every connection is a full
+        handshake that carries the client's chain (TLS 1.2 and 1.3)."""
+        requires(gateway, "client-cert-auth", "client-cert-request")
+        ca = gateway.pki / "ca" / "root.pem"
+        for version in (ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3):
+            context = tls_version(version, tls_context(ca, gateway.cert("clients/alice")))
+            results = resumed_session_requests(gateway.proxy_https, "/mtls", context, 4)
+            assert [status for status, _, _ in results] == [200] * 4, (version, results)
+            assert not any(reused for _, reused, _ in results), (version, results)
+
+    def test_8_api_keys_never_appear_in_kongs_logs(self, gateway: Gateway) -> None:
+        """The shipped setup: keys in headers (the only place api-key-auth reads by default) and
+        an access log without query strings. A key a client puts in the URL is refused, and still
+        reaches nginx's error log with the request line of the refusal (documented)."""
+        requires(gateway, "api-key-auth")
+        key = gateway.api_key("ak_alice_dev")
+        secret = key.partition(".")[2]
+        assert gateway.https("/key", headers={"apikey": key}).status == 200
+        assert gateway.https("/key", headers={"apikey": key + "x"}).status == 401
+        assert gateway.https("/key", headers={"apikey": "ak_alice_dev." + secret[::-1]}).status == 401
+        if "client-cert-auth" in gateway.plugins:
+            bound = gateway.api_key("ak_alice_bound")
+            assert gateway.https("/key/bound", cert="clients/bob", headers={"apikey": bound}).status == 401
+        assert gateway.https(f"/key?apikey={key}").status == 401
+        eventually(lambda: "/key" in gateway.access_log(), 10, "no access log line", gateway.access_log)
+        assert secret not in gateway.access_log()
+        in_error_log = [line for line in gateway.error_log().splitlines() if secret in line]
+        assert all(f"/key?apikey={key}" in line for line in in_error_log), in_error_log
+
+    def test_9_each_plugin_logs_under_its_own_name(self, gateway: Gateway) -> None:
+        """Kong caches PDK functions per worker by name; a `kong.log` function keeps the namespace
+        of the plugin that first called it. Each of ours spells its own."""
+        requires(gateway, "ip-allowlist", "client-cert-auth", "api-key-auth")
+        assert gateway.https("/ip/blocked").status == 403
+        assert gateway.https("/mtls").status == 401
+        assert gateway.https("/key").status == 401
+        log = gateway.error_log()
+        for name in (IP_ALLOWLIST, CLIENT_CERT_AUTH, API_KEY_AUTH):
+            lines = [line for line in log.splitlines() if f"[kong-mtls] {name} refused" in line]
+            assert lines, f"no refusal of {name} in Kong's log"
+            assert all(f"[{name}] [kong-mtls] {name} refused" in line for line in lines), lines[-3:]
+
+    def test_10_start_time_problems_are_visible_at_kongs_default_log_level(self, gateway: Gateway) -> None:
+        """Kong logs a plugin server's own output at `info` (hidden at its default `notice`): an
+        expiring trust anchor and a refused config reach Kong's log through the PDK instead."""
+        requires(gateway, "client-cert-auth")
+        soon = Authority.root("integration soon-expiring root", days=10)
+        root = (gateway.pki / "ca" / "root.pem").read_text()
+        guard = {"name": "post-function", "config": {"access": [lua_guard(["client-cert-auth"])]}}
+        config = with_route_plugins(gateway.config, "public", [
+            {"name": "client-cert-auth", "config": {"ca_certificates": [soon.cert_pem, root],
+                                                    "revocation_check_mode": "SKIP",
+                                                    "skip_consumer_lookup": True}}, guard])
+        config = copy.deepcopy(config)
+        config["services"][0]["routes"].append({
+            "name": "broken", "paths": ["/broken"],
+            "plugins": [{"name": "client-cert-auth", "config": {"ca_certificates": ["not a PEM"]}}, guard]})
+        try:
+            gateway.load_config(config)
+            assert gateway.https("/public", cert="clients/alice").status == 200
+            answer = gateway.https("/broken", cert="clients/alice")
+            assert (answer.status, answer.json()) == (500, {"message": "An unexpected error occurred"})
+            log = gateway.error_log()
+            assert re.search(r"\[warn\].*\[client-cert-auth\] \[kong-mtls\] client-cert-auth anchor-expiring"
+                             r".*integration soon-expiring root", log), log[-3000:]
+            assert re.search(r"\[warn\].*reason=INVALID_CONFIG.*ca_certificates\[1\]", log), log[-3000:]
+        finally:
+            gateway.restore()
+
+    def test_11_what_nginx_refuses_before_any_plugin(self, gateway: Gateway) -> None:
+        """Client certificates over OpenSSL's 100 kB certificate-list limit end the handshake; request
+        headers beyond nginx's buffers get nginx's 400. An expired certificate reaches the plugin
+        (option B): its 401, not nginx's page."""
+        requires(gateway, "client-cert-auth", "client-cert-request")
+        huge = dev_issuing_ca(gateway.pki).issue(
+            x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "huge")]),
+            extended_key_usage=None)
+        padded = add_test_cert(gateway, "huge", _padded(huge, 1024 * 1024))
+        with pytest.raises((ssl.SSLError, ConnectionError)):
+            gateway.https("/mtls", cert=padded)
+
+        big = gateway.https("/public", headers={"X-Big": "x" * 12000})
+        assert big.status == 400
+
+        headers = nonce()
+        expired = gateway.https("/mtls", cert=expired_client(gateway), headers=headers)
+        assert (expired.status, expired.json()) == (401, {"message": MESSAGE_FAILED_VERIFICATION})
+        assert not gateway.seen_upstream(headers["X-Test-Nonce"])
+
+
+def _padded(issued: Issued, size: int) -> Issued:
+    """`issued` re-signed by its own key with a `size`-byte unknown non-critical extension."""
+    cert = issued.cert
+    builder = (x509.CertificateBuilder().subject_name(cert.subject).issuer_name(cert.subject)
+               .public_key(issued.key.public_key()).serial_number(cert.serial_number)
+               .not_valid_before(cert.not_valid_before_utc).not_valid_after(cert.not_valid_after_utc)
+               .add_extension(x509.UnrecognizedExtension(x509.ObjectIdentifier("1.3.6.1.4.1.55555.1"),
+                                                         b"\x04\x00" + b"p" * size), critical=False))
+    from cryptography.hazmat.primitives import hashes
+
+    return Issued(cert=builder.sign(issued.key, hashes.SHA256()), key=issued.key, intermediates=())
+
+
+class OptionAScenarios:
+    """Kong asking for client certificates with nginx's `optional_no_ca` (option A), which the
+    shipped setup does not use: the reasons, shown. Needs the `option_a` fixture (a second Kong)."""
+
+    def test_a1_resumed_sessions_reach_the_plugin_without_a_certificate(self, option_a: Gateway) -> None:
+        ca = option_a.pki / "ca" / "root.pem"
+        for version in (ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3):
+            context = tls_version(version, tls_context(ca, option_a.cert("clients/alice")))
+            results = resumed_session_requests(option_a.proxy_https, "/mtls", context, 3)
+            assert results[0][0] == 200, results
+            resumed = [(status, body) for status, reused, body in results if reused]
+            assert resumed, f"{version}: Kong resumed no session"
+            for status, body in resumed:
+                assert (status, json.loads(body)) == (401, {"message": MESSAGE_NO_CERTIFICATE})
+
+    def test_a2_nginx_answers_an_expired_certificate_with_its_own_page(self, option_a: Gateway) -> None:
+        headers = nonce()
+        answer = option_a.https("/mtls", cert=expired_client(option_a), headers=headers)
+        assert answer.status == 400
+        assert b"The SSL certificate error" in answer.body
+        assert answer.headers["content-type"].startswith("text/html")
+        assert not option_a.seen_upstream(headers["X-Test-Nonce"])

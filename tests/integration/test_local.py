@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from tests.integration.runners import LocalRunner
-from tests.integration.scenarios import Scenarios
+from tests.integration.scenarios import OptionAScenarios, Scenarios
 
 RUNNER = LocalRunner
 _reason = RUNNER.unavailable()
@@ -17,4 +17,8 @@ pytestmark = pytest.mark.integration
 
 
 class TestLocal(Scenarios):
+    pass
+
+
+class TestLocalOptionA(OptionAScenarios):
     pass
