@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -45,6 +46,7 @@ from tests.integration.support import (
     TEMPLATES_DIR,
     Response,
     adapt_config,
+    admin_api_entities,
     available_plugins,
     load_dev_config,
     local_kong_conf,
@@ -369,10 +371,9 @@ class LocalRunner:
         return None
 
     @classmethod
-    def start(cls, workdir: Path, *, option_a: bool = False) -> LocalGateway:
-        """`option_a`: ask for client certificates with nginx's optional_no_ca instead of the
-        examples' global client-cert-request (the setup the project no longer ships)."""
-        gateway = LocalGateway(cls.kong_bin() or "kong", option_a=option_a)
+    def start(cls, workdir: Path, **options: Any) -> LocalGateway:
+        """`options` are LocalGateway's: `option_a`, `database`, `role`, `control_plane`."""
+        gateway = LocalGateway(cls.kong_bin() or "kong", **options)
         try:
             gateway.boot()
         except BaseException:
@@ -382,26 +383,49 @@ class LocalRunner:
 
 
 class LocalGateway(Gateway):
+    """A Kong started here from a temporary prefix, in one of these setups:
+
+    * DB-less with the rendered kong/kong.yml (the default);
+    * `option_a`: the same, asking for client certificates with nginx's optional_no_ca;
+    * `database` (`PostgresServer.create_database`'s settings): Kong on PostgreSQL, kong/kong.yml
+      created through the Admin API;
+      with `role="control_plane"` too: a hybrid control plane (no proxy, no plugin servers started,
+      only their schemas queried);
+    * `control_plane` (another LocalGateway): a hybrid data plane that takes its config from it.
+    """
+
     kind = "local"
 
-    def __init__(self, kong: str, option_a: bool = False) -> None:  # attributes set by boot()
-        self.kong = kong
+    def __init__(self, kong: str, *, option_a: bool = False, database: Mapping[str, str] | None = None,
+                 role: str = "traditional", control_plane: LocalGateway | None = None) -> None:
+        self.kong = kong  # other attributes set by boot()
         self.option_a = option_a
+        self.database = database
+        self.role = "data_plane" if control_plane is not None else role
+        self.control_plane = control_plane
         # Short: the plugin servers' Unix socket paths must fit in 108 bytes.
         self.root = Path(tempfile.mkdtemp(prefix="kmtls-"))
         self.prefix = self.root / "prefix"
         self.processes: list[subprocess.Popen] = []
         self.started = False
+        self.conf_file = self.root / "kong.conf"
 
     def boot(self) -> None:
         output = subprocess.run([self.kong, "version"], capture_output=True, text=True, timeout=60)
         version = parse_kong_version(output.stdout + output.stderr)
         pki = self.root / "pki"
-        load_dev_config().prepare(pki, [str(TEMPLATES_DIR)])
-        echo = self._echo("echo", "upstream/server")
-        impostor = self._echo("impostor", "upstream/impostor")
+        if self.control_plane is not None:  # same dev PKI: the cluster certificate, client certs
+            shutil.copytree(self.control_plane.pki, pki)
+        else:
+            load_dev_config().prepare(pki, [str(TEMPLATES_DIR)])
         plugins = available_plugins()
-        upstreams = {ECHO_ADDRESS: f"localhost:{echo[1]}", IMPOSTOR_ADDRESS: f"localhost:{impostor[1]}"}
+        if self.control_plane is not None:  # its config, so its upstreams
+            echo, upstreams = self.control_plane.echo, self.control_plane.upstreams
+        else:
+            echo = self._echo("echo", "upstream/server")
+            impostor = self._echo("impostor", "upstream/impostor")
+            upstreams = {ECHO_ADDRESS: f"localhost:{echo[1]}", IMPOSTOR_ADDRESS: f"localhost:{impostor[1]}"}
+        self.upstreams = upstreams
 
         def adapted(name: str) -> dict:
             rendered = yaml.safe_load((pki / "config" / name).read_text())
@@ -411,28 +435,66 @@ class LocalGateway(Gateway):
         config = adapted("kong.yml")
         declarative = self.root / "kong.yml"
         declarative.write_text(json.dumps(config))  # JSON is YAML
-        ports = {"http": free_port(), "https": free_port(), "admin": free_port()}
+        ports = {"http": free_port(), "https": free_port(), "admin": free_port(), "cluster": free_port()}
+        extra: dict[str, str | None] = dict(OPTION_A_SETTINGS) if self.option_a else {}
+        extra.update(self._role_settings(pki, ports))
+        if self.database is not None:
+            extra.update({"database": "postgres", "declarative_config": None, **self.database})
         conf = local_kong_conf(
             parse_kong_conf(KONG_CONF_EXAMPLE.read_text()), prefix=str(self.prefix), python=sys.executable,
             plugins=plugins, declarative_config=str(declarative), ports=ports,
             ssl_cert=str(pki / "kong" / "server.pem"), ssl_cert_key=str(pki / "kong" / "server.key"),
             kong_version=version, nginx_user="root root" if os.geteuid() == 0 else None,
-            extra=OPTION_A_SETTINGS if self.option_a else None)
-        conf_file = self.root / "kong.conf"
-        conf_file.write_text(conf)
+            serve_plugins=self.role != "control_plane", extra=extra)
+        self.conf_file.write_text(conf)
         self.prefix.mkdir()
-        started = subprocess.run([self.kong, "start", "-c", str(conf_file), "-p", str(self.prefix)],
-                                 capture_output=True, text=True, timeout=START_TIMEOUT)
-        self.started = started.returncode == 0
-        if not self.started:
-            raise RuntimeError(f"kong start failed ({started.returncode}):\n{started.stdout}\n"
-                               f"{started.stderr}\n{self.error_log()[-4000:]}")
+        if self.role == "control_plane":
+            subprocess.run([self.kong, "hybrid", "gen_cert", str(pki / "kong" / "cluster.pem"),
+                            str(pki / "kong" / "cluster.key")], check=True, capture_output=True, timeout=60)
+        if self.database is not None:
+            self.kong_command("migrations", "bootstrap")
+        self.kong_command("start")
+        self.started = True
+        admin = ("127.0.0.1", ports["admin"])
         Gateway.__init__(
             self, proxy_http=("127.0.0.1", ports["http"]), proxy_https=("127.0.0.1", ports["https"]),
-            admin=("127.0.0.1", ports["admin"]), echo=echo, pki=pki, pki_in_kong=str(pki),
+            admin=admin, echo=echo, pki=pki, pki_in_kong=str(pki),
             kong_version=version, plugins=plugins, config=config,
             cloudflare_config=adapted("cloudflare-origin-lock.yml"))
-        self.wait_ready()
+        self.cluster = ("127.0.0.1", ports["cluster"])
+        if self.database is not None:
+            eventually(lambda: self.admin_request("GET", "/status").status == 200, START_TIMEOUT,
+                       f"{self.role} Kong: Admin API /status never answered 200", self.error_log)
+            for path, body in admin_api_entities(config):
+                answer = self.admin_request("POST", path, body)
+                if answer.status != 201:
+                    raise RuntimeError(f"POST {path} answered {answer.status}: {answer.body[:1000]!r}")
+        if self.role == "traditional":  # a control plane has no proxy; a data plane's start is watched
+            self.wait_ready()
+
+    def _role_settings(self, pki: Path, ports: Mapping[str, int]) -> dict[str, str | None]:
+        if self.role == "traditional":
+            return {}
+        # Hybrid mode, shared cluster certificate (`kong hybrid gen_cert`, made by the control
+        # plane's boot; a data plane copies the control plane's PKI folder): both trust exactly it.
+        cluster = {"role": self.role, "cluster_cert": str(pki / "kong" / "cluster.pem"),
+                   "cluster_cert_key": str(pki / "kong" / "cluster.key")}
+        if self.role == "control_plane":
+            return {**cluster, "cluster_listen": f"127.0.0.1:{ports['cluster']}", "proxy_listen": "off"}
+        assert self.control_plane is not None
+        host, port = self.control_plane.cluster
+        # The data plane has no Admin API: its status API stands in for it (`/status`).
+        return {**cluster, "cluster_control_plane": f"{host}:{port}", "database": "off",
+                "declarative_config": None, "admin_listen": "off",
+                "status_listen": f"127.0.0.1:{ports['admin']}"}
+
+    def kong_command(self, *args: str) -> str:
+        done = subprocess.run([self.kong, *args, "-c", str(self.conf_file), "-p", str(self.prefix)],
+                              capture_output=True, text=True, timeout=START_TIMEOUT)
+        if done.returncode != 0:
+            raise RuntimeError(f"kong {' '.join(args)} failed ({done.returncode}):\n{done.stdout}\n"
+                               f"{done.stderr}\n{self.error_log()[-4000:]}")
+        return done.stdout
 
     def _echo(self, name: str, cert: str) -> tuple[str, int]:
         pki = self.root / "pki"
@@ -481,6 +543,70 @@ class LocalGateway(Gateway):
                 process.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 process.kill()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+class PostgresServer:
+    """Debian's PostgreSQL server (`apt-get install postgresql`, or $PG_BIN) on loopback, in a
+    temporary directory, for Kong's database mode. Trust authentication: loopback and test data only."""
+
+    def __init__(self) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="kmtls-pg-"))
+        self.data = self.root / "data"
+        self.port = 0
+        self.started = False
+
+    @staticmethod
+    def bin_dir() -> Path | None:
+        if os.environ.get("PG_BIN"):
+            return Path(os.environ["PG_BIN"])
+        found = [p for p in Path("/usr/lib/postgresql").glob("*/bin") if (p / "initdb").exists()]
+        return max(found, key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0, default=None)
+
+    @classmethod
+    def unavailable(cls) -> str | None:
+        path = cls.bin_dir()
+        if path is None or not (path / "initdb").exists():
+            return "postgres: no PostgreSQL server here (apt-get install postgresql, or set PG_BIN)"
+        if os.geteuid() == 0 and shutil.which("runuser") is None:
+            return "postgres: running as root needs runuser to start the server as `postgres`"
+        return None
+
+    def _run(self, *args: str) -> None:
+        path = self.bin_dir()
+        assert path is not None
+        command = [str(path / args[0]), *args[1:]]
+        if os.geteuid() == 0:  # the server refuses to run as root
+            command = ["runuser", "-u", "postgres", "--", *command]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            raise RuntimeError(f"{args[0]} failed: {done.stdout}\n{done.stderr}")
+
+    def start(self) -> PostgresServer:
+        if os.geteuid() == 0:
+            shutil.chown(self.root, "postgres", "postgres")
+        self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8")
+        self.port = free_port()
+        options = f"-p {self.port} -k {self.data} -c listen_addresses=127.0.0.1 -c fsync=off"
+        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.root / "server.log"), "-w", "-o", options,
+                  "start")
+        self.started = True
+        self.sql("CREATE ROLE kong LOGIN")
+        return self
+
+    def sql(self, statement: str) -> None:
+        self._run("psql", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "-d", "postgres",
+                  "-v", "ON_ERROR_STOP=1", "-c", statement)
+
+    def create_database(self, name: str) -> dict[str, str]:
+        """A new database owned by `kong`; returns the kong.conf settings that use it."""
+        self.sql(f"CREATE DATABASE {name} OWNER kong")
+        return {"pg_host": "127.0.0.1", "pg_port": str(self.port), "pg_user": "kong", "pg_database": name}
+
+    def stop(self) -> None:
+        if self.started:
+            with contextlib.suppress(RuntimeError, subprocess.SubprocessError):
+                self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
         shutil.rmtree(self.root, ignore_errors=True)
 
 

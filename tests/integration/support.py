@@ -102,9 +102,11 @@ def parse_kong_version(output: str) -> tuple[int, int, int]:
 def local_kong_conf(example: Mapping[str, str], *, prefix: str, python: str, plugins: Sequence[str],
                     declarative_config: str, ports: Mapping[str, int], ssl_cert: str, ssl_cert_key: str,
                     kong_version: tuple[int, int, int], nginx_user: str | None = None,
-                    extra: Mapping[str, str] | None = None) -> str:
+                    serve_plugins: bool = True, extra: Mapping[str, str | None] | None = None) -> str:
     """The kong.conf of the local runner: kong.conf.example's settings, with the plugin servers
-    started from this Python environment, everything else in `prefix`, then `extra`."""
+    started from this Python environment, everything else in `prefix`, then `extra` (None removes
+    a setting). Without `serve_plugins` (a hybrid control plane), Kong only queries the plugin
+    servers for their schemas and starts none."""
     settings: dict[str, str] = {
         key: value for key, value in example.items()
         if not key.startswith("pluginserver_") and key not in ("plugins", "admin_gui_listen")
@@ -131,10 +133,15 @@ def local_kong_conf(example: Mapping[str, str], *, prefix: str, python: str, plu
         settings["nginx_user"] = nginx_user
     for name in plugins:
         module = PLUGIN_MODULES[name]
-        settings[pluginserver_key(name, "socket")] = f"{prefix}/{name}.sock"
-        settings[pluginserver_key(name, "start_cmd")] = f"{python} -m {module} -p {prefix}"
+        if serve_plugins:
+            settings[pluginserver_key(name, "socket")] = f"{prefix}/{name}.sock"
+            settings[pluginserver_key(name, "start_cmd")] = f"{python} -m {module} -p {prefix}"
         settings[pluginserver_key(name, "query_cmd")] = f"{python} -m {module} --dump"
-    settings.update(extra or {})
+    for key, value in (extra or {}).items():
+        if value is None:
+            settings.pop(key, None)
+        else:
+            settings[key] = value
     return "".join(f"{key} = {value}\n" for key, value in settings.items())
 
 
@@ -216,6 +223,38 @@ def cloudflare_test_config(config: Mapping[str, Any], *, aop_ca_file: str) -> di
         cert_auth["revocation_check_mode"] = "SKIP"
     service["routes"] += [real, {"name": "public", "paths": ["/public"]}]
     return out
+
+
+def admin_api_entities(config: Mapping[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """The Admin API requests (path, body) that create what a declarative config declares, in an
+    order Kong accepts. For database mode: Kong 3.9.1's `kong config db_import` fails as soon as a
+    plugin server is configured (`plugin_servers/init.lua` reads the `kong` global, nil in the CLI)."""
+    requests: list[tuple[str, dict[str, Any]]] = []
+    for cert in config.get("certificates") or ():
+        body = {k: v for k, v in cert.items() if k != "snis"}
+        body["snis"] = [sni["name"] for sni in cert.get("snis") or ()]
+        requests.append(("/certificates", body))
+    for ca in config.get("ca_certificates") or ():
+        requests.append(("/ca_certificates", dict(ca)))
+    for consumer in config.get("consumers") or ():
+        requests.append(("/consumers", {k: v for k, v in consumer.items() if k != "acls"}))
+        for acl in consumer.get("acls") or ():
+            requests.append((f"/consumers/{consumer['username']}/acls", dict(acl)))
+    for plugin in config.get("plugins") or ():
+        requests.append(("/plugins", dict(plugin)))
+    for service in config.get("services") or ():
+        body = {k: v for k, v in service.items() if k not in ("routes", "plugins")}
+        if isinstance(body.get("client_certificate"), str):
+            body["client_certificate"] = {"id": body["client_certificate"]}
+        requests.append(("/services", body))
+        for plugin in service.get("plugins") or ():
+            requests.append((f"/services/{service['name']}/plugins", dict(plugin)))
+        for route in service.get("routes") or ():
+            requests.append((f"/services/{service['name']}/routes",
+                             {k: v for k, v in route.items() if k != "plugins"}))
+            for plugin in route.get("plugins") or ():
+                requests.append((f"/routes/{route['name']}/plugins", dict(plugin)))
+    return requests
 
 
 MARKER_PATH = "/__kong_mtls_config"
