@@ -36,6 +36,7 @@ belongs, so Kong went on with a nil instance id; `KongSide(kong_version="3.4")` 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import re
@@ -62,6 +63,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 _WORD = re.compile(r"\w+", re.ASCII)
+_SEQUENCES = itertools.count(1)
 
 # mp_rpc.lua, get_step_method: by_pdk_method
 _STEP_BY_METHOD = {
@@ -791,7 +793,9 @@ class KongSide:
         self._connections: dict[str, RpcConnection] = {}
         self._instances: dict[str, _Instance] = {}
         self._configs: dict[str, str] = {}
-        self._next_seq = 0
+        # One sequence for every KongSide: each test is a new worker of one Kong that keeps
+        # running, as far as the (session-wide) plugin servers can tell.
+        self._next_seq = next(_SEQUENCES)
         #: mp_rpc.lua's get_field cache of this (one-worker) Kong: method name as sent -> the
         #: namespace its function was resolved in.
         self.method_cache: dict[str, str] = {}
@@ -855,7 +859,7 @@ class KongSide:
         known = self._instances.get(plugin_id)
         if known and self._configs.get(plugin_id) == encoded:
             return known.instance_id
-        self._next_seq += 1
+        self._next_seq = next(_SEQUENCES)
         full = kong_config(server.schema, config)
         full.update({"route_id": request_route_id(state.request), "__plugin_id": plugin_id,
                      "__key__": f"plugins:{server.name}:{request_route_id(state.request)}::::",

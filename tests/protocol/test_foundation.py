@@ -171,3 +171,48 @@ def test_start_instance_failure_fails_open_on_kong_before_3_9():
             assert new.run(Request(), [(server, {"fail_init": True})]).exit.status == 500
     finally:
         server.close()
+
+
+def test_an_instance_id_from_before_a_restart_never_names_another_config():
+    """Kong workers keep the instance ids they were given. kong-pdk numbers instances from 0 in
+    every server lifetime: after a restart, worker A's id for its strict route named the lenient
+    instance worker B had just started, and A's requests were served by B's config."""
+    server = PluginServerProcess("trivial", "tests.plugins.trivial").start()
+    strict, lenient = {"mode": "refuse"}, {"mode": "echo"}
+    try:
+        with KongSide() as worker_a, KongSide() as worker_b:
+            assert worker_a.run(Request(route={"id": "strict"}), [(server, strict)]).status == 403
+            server.restart()
+            worker_a.close()  # its pooled connection died with the old server
+            worker_b.close()
+            assert worker_b.run(Request(route={"id": "lenient"}), [(server, lenient)]).proxied
+            again = worker_a.run(Request(route={"id": "strict"}), [(server, strict)])
+            assert again.status == 403, "a stale instance id reached another route's instance"
+            assert any("no plugin instance" in message for _, message in again.logs)
+    finally:
+        server.close()
+
+
+def test_events_kong_abandoned_are_reaped():
+    """Kong gives up on an event when its socket times out; the handler's greenlet then waits for
+    a Step that never comes. The server reaps such events after --abandon-after seconds."""
+    server = PluginServerProcess("trivial", "tests.plugins.trivial",
+                                 extra_args=["--abandon-after", "1"]).start()
+    try:
+        with KongSide(rpc_timeout=0.5) as kong:
+            stats = kong._rpc(server).call("plugin.GetRuntimeStats")
+            for _ in range(4):
+                assert kong.run(Request(), [(server, {"mode": "sleep"})]).rpc_errors  # timed out
+        deadline = time.monotonic() + 15
+        while True:
+            with KongSide() as probe:
+                after = probe._rpc(server).call("plugin.GetRuntimeStats")
+            settled = after["Events"] == stats["Events"] and after["Greenlets"] - stats["Greenlets"] < 4
+            if settled or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert after["Events"] == stats["Events"], after
+        assert after["Greenlets"] - stats["Greenlets"] < 4, (stats, after)
+        assert "reason=EVENT_ABANDONED" in server.output()
+    finally:
+        server.close()

@@ -12,6 +12,12 @@ entry point. This replaces kong-pdk's `start_dedicated_server` (same flags Kong 
   answers by letting the request through (fail open);
 * an event that ends with `kong.response.exit` is finished at once; kong-pdk keeps its greenlet
   (and, when exit was the first PDK call, the event) forever;
+* instance ids name the config (a hash of plugin name and config): kong-pdk counts them from 0 in
+  every server lifetime, so after a restart an id a Kong worker still holds named another route's
+  instance (another trust bundle, `report_only` ...). A hashed id is unknown to a new server
+  ("no plugin instance": Kong starts it again) or names the very same config;
+* events Kong gave up on (its socket timed out while the handler waited) are reaped after
+  `--abandon-after` seconds without a Step from Kong; kong-pdk keeps their entry and greenlet forever;
 * `plugin.GetRuntimeStats` reports open events and greenlets (Kong never calls it; the soak test does).
 """
 
@@ -20,11 +26,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import hashlib
 import json
 import logging
 import os
 import re
 import sys
+import time
 import types
 from collections.abc import Sequence
 from typing import Any
@@ -45,14 +53,41 @@ from kong_mtls.kong.runtime import (
 )
 
 DEFAULT_PREFIX = "/usr/local/kong"
+#: Seconds without a Step from Kong after which an event waiting for one is reaped. Kong waits at
+#: most nginx's lua_socket_read_timeout (default 60 s) for an answer; this must stay above it.
+DEFAULT_ABANDON_AFTER = 600.0
 _CAMEL = re.compile("([a-z])([A-Z])")
 
 
+def instance_id(name: str, config_json: str) -> int:
+    """The id of the instance of plugin `name` with this config (as Kong sends it: route, service,
+    plugin id and sequence number included): 48 bits, exact in Lua's numbers."""
+    digest = hashlib.sha256(f"{name}\0{config_json}".encode("utf-8", "surrogateescape")).digest()
+    return int.from_bytes(digest[:6], "big")
+
+
 class SafePluginServer(PluginServer):
+    def __init__(self, *args: Any, abandon_after: float = DEFAULT_ABANDON_AFTER, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.abandon_after = abandon_after
+        self._waiting_since: dict[int, float] = {}  # event id -> when we last handed Kong a PDK call
+
+    def start_instance(self, cfg: dict) -> dict:
+        name = cfg["Name"]
+        plugin = self.plugins.get(name)
+        if plugin is None:
+            raise ValueError(f"no plugin {name} in this server")
+        iid = instance_id(name, cfg["Config"])
+        config = json.loads(cfg["Config"])
+        if iid not in self.instances:  # the same config from another worker: one instance
+            self.instances[iid] = plugin.new(config)
+        return {"Name": name, "Id": iid, "Config": config, "StartTime": time.time()}
+
     def handle_event(self, event: dict) -> dict:
         answer = super().handle_event(event)
         if _is_exit(answer):
             self._finish_exited(self.events.pop(answer["EventId"], None))
+        self._note(answer)
         return answer
 
     def _step(self, data: dict, is_error: bool) -> dict:
@@ -60,7 +95,33 @@ class SafePluginServer(PluginServer):
         answer = super()._step(data, is_error)
         if _is_exit(answer):
             self._finish_exited(channel)
+        self._note(answer)
         return answer
+
+    def _note(self, answer: dict) -> None:
+        if answer["EventId"] in self.events:
+            self._waiting_since[answer["EventId"]] = time.monotonic()
+        else:
+            self._waiting_since.pop(answer["EventId"], None)
+
+    def reap_abandoned(self) -> int:
+        """Finish the events Kong stopped stepping `abandon_after` seconds ago; returns how many."""
+        deadline = time.monotonic() - self.abandon_after
+        stale = [eid for eid, since in self._waiting_since.items() if since < deadline]
+        for eid in stale:
+            del self._waiting_since[eid]
+            channel = self.events.pop(eid, None)
+            if channel is not None:  # its handler waits for the answer to a PDK call
+                gevent.spawn(_answer_abandoned, channel)
+        if stale:
+            logging.getLogger("kong_mtls").warning(
+                log_line("server", "reaped", reason="EVENT_ABANDONED", events=len(stale)))
+        return len(stale)
+
+    def reap_forever(self) -> None:
+        while True:
+            gevent.sleep(min(60.0, self.abandon_after / 2))
+            self.reap_abandoned()
 
     @staticmethod
     def _finish_exited(channel: Any) -> None:
@@ -90,6 +151,14 @@ def _drain_exited(channel: Any) -> None:
     while channel.get() != MSG_RET:
         # A PDK call after exit: answer it as an error (the request is already answered).
         channel.put((None, "the request was already answered by kong.response.exit"))
+
+
+def _answer_abandoned(channel: Any) -> None:
+    """Answer the PDK call a handler of an abandoned event waits for with an error, then every
+    later one, until the handler returns."""
+    channel.put((None, "Kong abandoned this request"))
+    while channel.get() != MSG_RET:
+        channel.put((None, "Kong abandoned this request"))
 
 
 class _SocketReader:
@@ -179,6 +248,9 @@ def _arguments(name: str, argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("-p", "--kong-prefix", dest="prefix", default=DEFAULT_PREFIX,
                         help=f"directory for the socket <prefix>/{name}.sock (default: %(default)s)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--abandon-after", type=float, default=DEFAULT_ABANDON_AFTER, metavar="SECONDS",
+                        help="reap an event Kong has not stepped for this long (above nginx's "
+                             "lua_socket_read_timeout; default %(default)g)")
     # Accepted for compatibility with kong-pdk command lines; gevent mode is always on.
     parser.add_argument("-g", "--gevent", action="store_true", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -197,8 +269,9 @@ def serve(name: str, plugin_cls: type, schema: list, argv: Sequence[str] | None 
     configure_stderr_logging(args.verbose)
     loglevel = Logger.DEBUG if args.verbose else Logger.WARNING
     server = SafePluginServer(loglevel=loglevel, use_gevent=True, name=f"{name} {PLUGIN_VERSION}",
-                              lua_style=False)
+                              lua_style=False, abandon_after=args.abandon_after)
     server.plugins[name] = _module(name, plugin_cls, schema, priority)
+    gevent.spawn(server.reap_forever)
     listener = SafeUnixStreamServer(server, args.prefix, sock_name=f"{name}.sock", use_gevent=True)
     with contextlib.suppress(KeyboardInterrupt):
         listener.serve_forever()
