@@ -342,6 +342,26 @@ class Scenarios:
         eventually(lambda: gateway.https("/key", headers=valid).status == 200, 30,
                    "api-key-auth did not serve again after SIGCONT", gateway.error_log)
 
+    def test_6c_a_restarted_plugin_server_never_serves_another_routes_config(self, gateway: Gateway) -> None:
+        """Kong's worker keeps the instance ids a plugin server gave it. kong-pdk numbered them from
+        0 in each server lifetime: the first instance after a restart took the id of the first one
+        before it, and a strict route was served by a report-only route's config."""
+        requires(gateway, "client-cert-auth")
+
+        def restart_then_first(path: str, cert: str | None) -> None:
+            before = gateway.signal_plugin_server("client-cert-auth", 0)
+            gateway.signal_plugin_server("client-cert-auth", signal.SIGKILL)
+            eventually(lambda: not set(gateway.signal_plugin_server("client-cert-auth", 0)) & set(before)
+                       and gateway.https(path, cert=cert).status == 200, 60,
+                       f"{path} never served after a restart", gateway.error_log)
+
+        restart_then_first("/mtls", "clients/alice")     # the first instance of that lifetime
+        restart_then_first("/aop/report-only", None)     # ... and of the next one
+        headers = nonce()
+        answer = gateway.https("/mtls", headers=headers)
+        assert (answer.status, answer.json()) == (401, {"message": MESSAGE_NO_CERTIFICATE})
+        assert not gateway.seen_upstream(headers["X-Test-Nonce"])
+
     def test_7_resuming_clients_always_present_their_certificate(self, gateway: Gateway) -> None:
         """Browsers and HTTP libraries offer the previous TLS session on a new connection. The
         global client-cert-request turns session reuse off, so every connection is a full
