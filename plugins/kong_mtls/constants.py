@@ -74,6 +74,12 @@ CONSUMER_HEADERS = (
     HEADER_ANONYMOUS_CONSUMER,
 )
 
+# Set by Kong's acl (after our plugins) from the consumer's groups; client-sent copies are removed
+# by whichever of our plugins authenticates the request.
+HEADER_CONSUMER_GROUPS = "X-Consumer-Groups"
+HEADER_AUTHENTICATED_GROUPS = "X-Authenticated-Groups"
+GROUP_HEADERS = (HEADER_CONSUMER_GROUPS, HEADER_AUTHENTICATED_GROUPS)
+
 HEADER_WWW_AUTHENTICATE = "WWW-Authenticate"
 
 MESSAGE_UNEXPECTED = "An unexpected error occurred"

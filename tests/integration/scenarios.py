@@ -21,9 +21,16 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from kong_mtls.constants import API_KEY_AUTH, CLIENT_CERT_AUTH, IP_ALLOWLIST
+from kong_mtls.constants import (
+    API_KEY_AUTH,
+    CLIENT_CERT_AUTH,
+    CONSUMER_HEADERS,
+    GROUP_HEADERS,
+    IP_ALLOWLIST,
+)
 from kong_mtls.core.api_keys import MESSAGE_INVALID, MESSAGE_NO_KEY
 from kong_mtls.core.chain import MESSAGE_FAILED_VERIFICATION, MESSAGE_NO_CERTIFICATE
+from kong_mtls.core.headers import other_spellings
 from kong_mtls.core.upstream import MESSAGE_UNVERIFIED
 from kong_mtls.devpki import Authority, Issued
 from kong_mtls.guard import lua_guard
@@ -261,6 +268,23 @@ class Scenarios:
             assert shared_pool.status == 200, "Kong no longer reuses pooled connections across TLS settings"
         finally:
             gateway.restore()
+
+    def test_4f_no_spelling_of_an_identity_header_gets_through(self, gateway: Gateway) -> None:
+        """Kong sets `underscores_in_headers on`: it forwarded client-sent `X_Consumer_Username`
+        as readily as `X-Consumer-Username`. Every spelling of every header we own is removed, the
+        groups headers included (Kong's acl is not on /mtls and /key)."""
+        requires(gateway, "client-cert-auth", "api-key-auth")
+        def forged(*names: str) -> dict[str, str]:
+            return {spelling: "forged" for name in names for spelling in (name, *other_spellings(name))}
+
+        identity = (*CONSUMER_HEADERS, *GROUP_HEADERS)
+        key = {"apikey": gateway.api_key("ak_alice_dev")}
+        for path, cert, headers in (("/mtls", "clients/alice", forged(*identity, "X-Client-Cert-DN")),
+                                    ("/key", None, {**forged(*identity), **key})):
+            answer = gateway.https(path, cert=cert, headers=headers)
+            assert answer.status == 200, (path, answer)
+            passed = {k: v for k, v in answer.upstream_headers.items() if "forged" in str(v)}
+            assert not passed, (path, passed)
 
     def test_5_plugin_enabled_and_changed_at_runtime(self, gateway: Gateway) -> None:
         requires(gateway, "api-key-auth")

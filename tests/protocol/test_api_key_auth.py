@@ -63,8 +63,12 @@ def cert_mark(consumer: Consumer) -> dict:
 
 # -- success -----------------------------------------------------------------------------------------
 def test_valid_key_in_header(kong: KongSide, server) -> None:
-    spoofed = {"X-Consumer-Username": "admin", "X-Anonymous-Consumer": "true", "X-Credential-Identifier": "x"}
+    spoofed = {"X-Consumer-Username": "admin", "X-Anonymous-Consumer": "true", "X-Credential-Identifier": "x",
+               "X_Consumer_Username": "admin", "X-Consumer_ID": "forged", "X_Consumer_Groups": "admins",
+               "X-Authenticated-Groups": "admins"}
     outcome = run(kong, server, header_request(PLAIN.key, headers=spoofed))
+    for forged in ("x_consumer_username", "x-consumer_id", "x_consumer_groups", "x-authenticated-groups"):
+        assert forged not in outcome.upstream_headers, forged
     assert outcome.proxied and not outcome.rpc_errors
     credential = {"id": credential_identifier("plain"), "consumer": {"id": ALICE.id}}
     assert outcome.authenticated == [(ALICE.as_lua(), credential)]

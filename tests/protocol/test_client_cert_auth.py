@@ -12,6 +12,7 @@ from cryptography.hazmat.primitives import serialization
 
 from kong_mtls.constants import API_KEY_AUTH, CLIENT_CERT_AUTH, MESSAGE_UNEXPECTED, shared_mark
 from kong_mtls.core.chain import MESSAGE_FAILED_VERIFICATION, MESSAGE_NO_CERTIFICATE, cert_sha256, spki_sha256
+from kong_mtls.core.headers import other_spellings
 from kong_mtls.core.identity import OWNED_HEADERS, ConsumerMapping
 from kong_mtls.devpki import Authority
 from tests.harness.expect import assert_invalid_config
@@ -33,7 +34,9 @@ REFUSAL_CALLS = [GET_CHAIN, "kong.client.tls.set_client_verify", "kong.log.warn"
 
 #: Every identity header, as a client would forge it (mixed case, repeated).
 SPOOFED = [(name if i % 2 else name.lower(), "spoofed") for i, name in enumerate(OWNED_HEADERS)] + [
-    ("X-Consumer-ID", "spoofed-again"), ("x-client-cert-dn", "CN=admin")]
+    ("X-Consumer-ID", "spoofed-again"), ("x-client-cert-dn", "CN=admin")] + [
+    # Kong forwards underscore spellings (underscores_in_headers on); CGI/WSGI upstreams merge them.
+    (spelling, "spoofed-spelling") for name in OWNED_HEADERS for spelling in other_spellings(name)]
 
 
 @pytest.fixture(scope="module")
@@ -258,6 +261,18 @@ def test_spoofed_headers_never_reach_the_upstream(kong, server, pki, chains, cas
     assert outcome.proxied
     assert_no_spoofed_values(outcome)
     assert outcome.pdk_calls.count("kong.service.request.set_headers") == 1
+
+
+def test_a_group_holding_a_comma_and_space_is_not_published(kong, server, pki, kong_cert):
+    """Kong's acl joins groups with ", " into X-Consumer-Groups: `support, admins` would read as two."""
+    from kong_mtls.devpki import SubjectAltNames, name
+
+    subject = name("bob", organizational_units=["support, admins", "support"])
+    issued = pki.intermediate.issue(subject, sans=SubjectAltNames(dns=["bob.example"]))
+    conf = base_config(pki, consumer_mappings=[{"subject_name": "bob.example", "consumer": "bob"}],
+                       groups_from=["dn:OU"])
+    outcome = run(kong, server, capture_client_chain(issued, kong_cert), conf)
+    assert outcome.proxied and outcome.ctx_shared["authenticated_groups"] == ["support"]
 
 
 def test_anonymous(kong, server, pki, chains):

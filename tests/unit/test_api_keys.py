@@ -592,6 +592,8 @@ def test_upstream_headers_and_credential_of_an_authenticated_request() -> None:
         HEADER_CONSUMER_USERNAME: "alice",
         HEADER_CREDENTIAL_IDENTIFIER: credential_identifier("plain"),
         HEADER_ANONYMOUS_CONSUMER: [],
+        "X-Consumer-Groups": [],            # client-sent copies removed; Kong's acl sets its own
+        "X-Authenticated-Groups": [],
     }
     assert kong_credential(decision) == {"id": credential_identifier("plain"),
                                          "consumer": {"id": ALICE["id"]}}
@@ -656,8 +658,9 @@ def test_decisions_never_carry_the_secret() -> None:
 
 
 def test_skip_headers_strip_forged_identity_only_on_an_unauthenticated_preflight() -> None:
-    assert skip_headers(SkipReason.PREFLIGHT, lambda: None) == {name: [] for name in CONSUMER_HEADERS}
-    assert skip_headers(SkipReason.PREFLIGHT, lambda: "junk") == {name: [] for name in CONSUMER_HEADERS}
+    forged = {name: [] for name in (*CONSUMER_HEADERS, "X-Consumer-Groups", "X-Authenticated-Groups")}
+    assert skip_headers(SkipReason.PREFLIGHT, lambda: None) == forged
+    assert skip_headers(SkipReason.PREFLIGHT, lambda: "junk") == forged
     # after an earlier plugin authenticated the request, its headers stand
     assert skip_headers(SkipReason.PREFLIGHT, lambda: {"id": "c1"}) is None
     assert skip_headers(SkipReason.ALREADY_AUTHENTICATED, lambda: None) is None

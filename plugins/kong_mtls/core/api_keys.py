@@ -37,6 +37,7 @@ from typing import Any
 
 from kong_mtls.constants import (
     CONSUMER_HEADERS,
+    GROUP_HEADERS,
     HEADER_ANONYMOUS_CONSUMER,
     HEADER_CONSUMER_CUSTOM_ID,
     HEADER_CONSUMER_ID,
@@ -721,6 +722,7 @@ def upstream_headers(decision: Decision) -> dict[str, Any]:
         HEADER_CONSUMER_USERNAME: consumer.get("username") or [],
         HEADER_CREDENTIAL_IDENTIFIER: decision.credential.credential_id if authenticated else [],
         HEADER_ANONYMOUS_CONSUMER: "true" if decision.outcome is Outcome.ANONYMOUS else [],
+        **{name: [] for name in GROUP_HEADERS},  # Kong's acl sets its own after us
     }
     taken = {name.lower() for name in headers}
     for name in decision.rewrite.clear_headers:
@@ -737,7 +739,7 @@ def skip_headers(skipped: SkipReason, load_consumer_of_request: Callable[[], Any
     it past the guard, and the upstream must never see forged identity headers under it.
     """
     if skipped is SkipReason.PREFLIGHT and not is_consumer(load_consumer_of_request()):
-        return {name: [] for name in CONSUMER_HEADERS}
+        return {name: [] for name in (*CONSUMER_HEADERS, *GROUP_HEADERS)}
     return None
 
 

@@ -37,6 +37,7 @@ from cryptography.x509.oid import NameOID
 
 from kong_mtls.constants import (
     CONSUMER_HEADERS,
+    GROUP_HEADERS,
     HEADER_ANONYMOUS_CONSUMER,
     HEADER_CONSUMER_CUSTOM_ID,
     HEADER_CONSUMER_ID,
@@ -67,7 +68,7 @@ HEADER_XFCC = "X-Forwarded-Client-Cert"           # Envoy's format: Hash, Cert, 
 CERT_HEADERS = (HEADER_CLIENT_CERT_DN, HEADER_CLIENT_CERT_SAN, HEADER_CLIENT_CERT,
                 HEADER_CLIENT_CERT_CHAIN, HEADER_XFCC)
 #: Every header this plugin owns: client-sent copies are removed on every pass, whatever the options.
-OWNED_HEADERS = (*CONSUMER_HEADERS, *CERT_HEADERS)
+OWNED_HEADERS = (*CONSUMER_HEADERS, *GROUP_HEADERS, *CERT_HEADERS)
 
 #: `forward_client_cert` values.
 FORWARD_RFC9440 = "rfc9440"
@@ -298,10 +299,12 @@ class GroupSource:
 
 
 def _clean_groups(values: Iterable[str]) -> tuple[str, ...]:
-    """Drop empty values and ones an HTTP header could not carry (acl sends groups upstream)."""
+    """Drop empty values, ones an HTTP header could not carry, and ones holding ", ": Kong's acl
+    joins groups with ", " into one upstream header, where `support, admins` would read as two
+    groups (an RFC 4514 DN, `CN=a,OU=b`, has no space after its commas and stays)."""
     out: dict[str, None] = {}
     for value in values:
-        if value and len(value) <= 256 and value.isprintable():
+        if value and len(value) <= 256 and value.isprintable() and ", " not in value:
             out.setdefault(value, None)
     return tuple(out)
 

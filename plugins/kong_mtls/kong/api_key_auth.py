@@ -27,6 +27,7 @@ from kong_mtls.core.api_keys import (
     upstream_headers,
 )
 from kong_mtls.core.consumers import ConsumerCache
+from kong_mtls.core.headers import with_every_spelling
 from kong_mtls.kong.runtime import PhaseResult, Refusal, phase
 from kong_mtls.kong.server import serve
 
@@ -70,7 +71,7 @@ class Plugin:
         if skipped is not None:
             headers = skip_headers(skipped, kong.client.get_consumer)
             if headers is not None:
-                kong.service.request.set_headers(headers)
+                kong.service.request.set_headers(with_every_spelling(headers))
             kong.ctx.shared.set(MARK, pass_mark(skipped=skipped))
             return None
 
@@ -102,7 +103,7 @@ class Plugin:
             kong.client.authenticate(dict(decision.consumer))
         else:
             kong.client.authenticate(dict(decision.consumer), credential)
-        kong.service.request.set_headers(upstream_headers(decision))
+        kong.service.request.set_headers(with_every_spelling(upstream_headers(decision)))
         if decision.rewrite.query is not None:
             kong.service.request.set_query(dict(decision.rewrite.query))
         if decision.rewrite.body is not None:

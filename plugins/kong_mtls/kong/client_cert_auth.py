@@ -42,6 +42,7 @@ from kong_mtls.core.chain import (
     parse_pem_certificates,
     read_certificate_file,
 )
+from kong_mtls.core.headers import with_every_spelling
 from kong_mtls.core.identity import (
     FORWARD_FORMATS,
     Authenticator,
@@ -218,7 +219,7 @@ class Plugin:
                                      dict(decision.credential) if decision.credential else None)
         if decision.groups:
             kong.ctx.shared.set(SHARED_AUTHENTICATED_GROUPS, list(decision.groups))
-        kong.service.request.set_headers(dict(decision.headers))
+        kong.service.request.set_headers(with_every_spelling(decision.headers))
         # Last: the guard proxies on this mark, and Kong goes on if the plugin server fails between
         # two calls; set earlier, a failed set_headers would let client-sent identity headers through.
         kong.ctx.shared.set(MARK, dict(decision.mark or {}))

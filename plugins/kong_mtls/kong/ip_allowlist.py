@@ -26,6 +26,7 @@ from kong_mtls.core.addresses import (
     Source,
     parse_network,
 )
+from kong_mtls.core.headers import with_every_spelling
 from kong_mtls.kong.runtime import Refusal, phase
 from kong_mtls.kong.server import serve
 from kong_mtls.presets import CIDR_PRESET_NAMES, PresetError, load_cidr_preset
@@ -94,7 +95,7 @@ class Plugin:
                            decision.detail)
         if self.client_ip_header:
             # Replaces every client-sent copy of the header.
-            kong.service.request.set_headers({self.client_ip_header: decision.client_ip})
+            kong.service.request.set_headers(with_every_spelling({self.client_ip_header: decision.client_ip}))
         kong.ctx.shared.set(MARK, decision.shared_mark())
         return None
 

@@ -1,0 +1,36 @@
+"""Every spelling of the headers we own.
+
+Kong sets nginx's `underscores_in_headers on`: a client-sent `X_Consumer_ID` reaches the upstream
+as readily as `X-Consumer-ID`, and CGI/WSGI-style upstreams (Django, Flask under many servers, PHP)
+read both as the same variable. nginx matches header names without case but tells `-` from `_`, so
+replacing `X-Consumer-ID` leaves `X_Consumer_ID` and `X-Consumer_ID` in place. Each header we set
+or remove is therefore sent to `kong.service.request.set_headers` with every other spelling too,
+as an empty list (which removes it), in the same single call.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from collections.abc import Mapping
+from typing import Any
+
+
+@functools.lru_cache(maxsize=256)
+def other_spellings(name: str) -> tuple[str, ...]:
+    """`name` with each `-` or `_` written either way, `name` itself excluded."""
+    parts = name.replace("_", "-").split("-")
+    spelled = (parts[0] + "".join(sep + part for sep, part in zip(seps, parts[1:]))
+               for seps in itertools.product("-_", repeat=len(parts) - 1))
+    return tuple(s for s in spelled if s.lower() != name.lower())
+
+
+def with_every_spelling(headers: Mapping[str, Any]) -> dict[str, Any]:
+    """`headers` for one `set_headers` call, plus an empty list (remove) for every other spelling of
+    each name. A spelling that is itself a key keeps its own value."""
+    changes: dict[str, Any] = {}
+    for name in headers:
+        for other in other_spellings(name):
+            changes[other] = []
+    changes.update(headers)
+    return changes
