@@ -379,6 +379,24 @@ def test_the_refusal_log_line_of_an_unverified_certificate_has_no_control_charac
     assert not controls(line), sorted(controls(line))
 
 
+LOG_FIELD = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|\S+)')
+
+
+def test_a_certificate_subject_cannot_forge_log_fields():
+    """Quotes in a field are escaped: `CN=x" reason=OK status=200` stays inside `detail`."""
+    world = certs()
+    evil = world.pki.other_root.client('x" reason=OK status=200 detail="')
+    decision = world.strict.authenticate(evil.chain_pem, load_consumer)
+    line = log_line("client-cert-auth", "refused", status=decision.status, reason=decision.reason.value,
+                    detail=decision.detail)
+    fields = LOG_FIELD.findall(line)
+    assert [name for name, _ in fields] == ["status", "reason", "detail"], line
+    assert dict(fields)["reason"] == decision.reason.value
+    # Any value a client chooses (a header, a SAN, a key id) is logged the same way.
+    raw = log_line("ip-allowlist", "refused", reason="IP_NOT_ALLOWED", detail='1.2.3.4" reason=OK x="')
+    assert [name for name, _ in LOG_FIELD.findall(raw)] == ["reason", "detail"], raw
+
+
 def test_the_certificate_count_limit_holds_for_standard_pem():
     world = certs()
     too_many = world.alice.cert_pem + world.pki.intermediate.cert_pem * chain.MAX_CHAIN_CERTIFICATES

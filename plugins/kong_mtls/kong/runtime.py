@@ -60,13 +60,17 @@ def log_line(plugin: str, event: str, **fields: Any) -> str:
 
 def _log_value(value: Any) -> str:
     """One log field: at most 300 characters, and nothing a terminal or a log parser would act on
-    (control and other non-printable characters, from a certificate subject say, are escaped)."""
+    (control and other non-printable characters, from a certificate subject say, are escaped). A
+    value with a space, `=`, `"` or `\\` is quoted with `"` and `\\` escaped inside, so a subject
+    like `CN=x" reason=OK` cannot forge another field."""
     text = str(value)
     if len(text) > 300:
         text = text[:300] + "..."
     if not text.isprintable():
         text = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
-    return f'"{text}"' if " " in text else text
+    if any(c in text for c in ' "=\\'):  # quoted, and nothing inside can end the quotes
+        return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return text
 
 
 def pdk_log(kong: Any, plugin: str, level: str, line: str) -> None:
