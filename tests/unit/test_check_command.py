@@ -124,3 +124,37 @@ def test_missing_arguments_exit_2(capsys):
     with pytest.raises(SystemExit) as info:
         main(["check", "--chain", "x.pem"])
     assert info.value.code == 2
+
+
+def _anchor_with_raw_name_constraints(der: bytes) -> str:
+    """A self-signed CA whose nameConstraints extension is `der` as it stands."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "constrained CA")])
+    now = dt.datetime.now(dt.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
+            .public_key(key.public_key()).serial_number(7)
+            .not_valid_before(now - dt.timedelta(days=1)).not_valid_after(now + dt.timedelta(days=30))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(x509.KeyUsage(True, False, False, False, False, True, True, False, False),
+                           critical=True)
+            .add_extension(x509.UnrecognizedExtension(x509.oid.ExtensionOID.NAME_CONSTRAINTS, der),
+                           critical=True)
+            .sign(key, hashes.SHA256()))
+    return cert.public_bytes(serialization.Encoding.PEM).decode()
+
+
+@pytest.mark.parametrize("der", [
+    bytes.fromhex("3008a0063004a3023000"),              # permitted x400Address: no Python type for it
+    bytes.fromhex("3008a0063004a5023000"),              # permitted ediPartyName
+    bytes.fromhex("300ea00c300a87080a000000ff00ff00"),  # an IP constraint with a non-contiguous mask
+])
+def test_a_malformed_name_constraint_in_an_anchor_is_a_config_error(capsys, files, der):
+    config = files.write("nc.json", {"ca_certificates": [_anchor_with_raw_name_constraints(der)]})
+    code, _, err = run(capsys, "--config", config, "--chain", files.alice)
+    assert code == 2 and "ca_certificates[1]" in err and "Traceback" not in err

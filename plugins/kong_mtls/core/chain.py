@@ -224,6 +224,11 @@ def read_certificate_file(path: str) -> list[x509.Certificate]:
         raise ChainConfigError(f"{path}: {exc}") from None
 
 
+#: What reading a certificate's extensions may raise: cryptography parses them all on first access,
+#: and a name it cannot represent (x400Address, ediPartyName) is no ValueError.
+EXTENSION_ERRORS = (ValueError, x509.UnsupportedGeneralNameType)
+
+
 def check_anchor(cert: x509.Certificate) -> None:
     """Refuse a certificate the verifier could never use as a trust anchor: it must be a CA
     (basicConstraints cA) allowed to sign certificates (keyUsage keyCertSign)."""
@@ -232,7 +237,7 @@ def check_anchor(cert: x509.Certificate) -> None:
     except x509.ExtensionNotFound:
         raise ChainConfigError(f"{describe(cert)} has no basicConstraints extension; "
                                "it cannot be a trust anchor") from None
-    except ValueError as exc:
+    except EXTENSION_ERRORS as exc:
         raise ChainConfigError(f"{describe(cert)}: unreadable extensions: {exc}") from None
     if not constraints.ca:
         raise ChainConfigError(f"{describe(cert)} is not a CA certificate (basicConstraints cA=false); "
@@ -435,6 +440,8 @@ def _leaf_usage_problem(leaf: x509.Certificate,
         usage = leaf.extensions.get_extension_for_class(x509.KeyUsage).value
     except x509.ExtensionNotFound:
         usage = None
+    except EXTENSION_ERRORS as exc:
+        return Reason.MALFORMED_CHAIN, f"unreadable extensions: {exc}"
     if usage is not None and not usage.digital_signature:
         return Reason.BAD_KEY_USAGE, "keyUsage lacks digitalSignature"
     if eku is not None:
