@@ -149,7 +149,8 @@ class Authority:
     def intermediate(self, common_name: str, *, key_kind: str = "ec-p256", days: int = 1825,
                      path_length: int | None = None, organization: str | None = "kong-mtls dev",
                      crl_url: str | None = None, ocsp_url: str | None = None,
-                     key: PrivateKey | None = None) -> Authority:
+                     key: PrivateKey | None = None,
+                     name_constraints: x509.NameConstraints | None = None) -> Authority:
         key = key or new_key(key_kind)
         subject = name(common_name, organization=organization)
         now = _now()
@@ -158,6 +159,8 @@ class Authority:
         builder = (builder
                    .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
                    .add_extension(_ca_key_usage(), critical=True))
+        if name_constraints is not None:
+            builder = builder.add_extension(name_constraints, critical=True)
         return Authority(subject=subject, key=key, cert=builder.sign(self.key, _hash_for(self.key)),
                          parent=self)
 

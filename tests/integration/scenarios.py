@@ -269,6 +269,28 @@ class Scenarios:
         finally:
             gateway.restore()
 
+    def test_4g_a_name_of_one_kind_or_outside_a_cas_constraints_never_logs_in(self, gateway: Gateway) -> None:
+        """Typed names: a CN spelled like alice's SPIFFE ID is not alice (/mtls maps her SPIFFE ID,
+        and auto-matches usernames to CNs only). Name constraints hold for the CN: a partner CA
+        constrained to partner.example issues `CN=alice` without SAN; it is refused."""
+        requires(gateway, "client-cert-auth")
+        issuing = dev_issuing_ca(gateway.pki)
+        spelled = add_test_cert(gateway, "cn-spiffe", issuing.client("spiffe://dev.kong-mtls/ns/payments/sa/alice"))
+        headers = nonce()
+        answer = gateway.https("/mtls", cert=spelled, headers=headers)
+        assert (answer.status, answer.json()) == (401, {"message": MESSAGE_FAILED_VERIFICATION})
+        assert not gateway.seen_upstream(headers["X-Test-Nonce"])
+
+        partner = issuing.intermediate("partner CA", name_constraints=x509.NameConstraints(
+            [x509.DNSName("partner.example")], None))
+        impostor = add_test_cert(gateway, "partner-alice", partner.client("alice"))
+        headers = nonce()
+        answer = gateway.https("/mtls", cert=impostor, headers=headers)
+        assert (answer.status, answer.json()) == (401, {"message": MESSAGE_FAILED_VERIFICATION})
+        assert not gateway.seen_upstream(headers["X-Test-Nonce"])
+        eventually(lambda: "reason=OUTSIDE_NAME_CONSTRAINTS" in gateway.error_log(), 10,
+                   "the refusal's reason was not logged", gateway.error_log)
+
     def test_4f_no_spelling_of_an_identity_header_gets_through(self, gateway: Gateway) -> None:
         """Kong sets `underscores_in_headers on`: it forwarded client-sent `X_Consumer_Username`
         as readily as `X-Consumer-Username`. Every spelling of every header we own is removed, the

@@ -130,7 +130,7 @@ def test_returning_client_costs_four_round_trips(kong, server, pki, chains):
     conf = base_config(pki)  # auto-match by username, no groups
     first = run(kong, server, chains("alice"), conf)
     assert first.proxied and first.authenticated[0][0]["id"] == ALICE.id
-    assert first.pdk_calls.count("kong.client.load_consumer") == 5  # URI, DNS, email, IP miss; CN hits
+    assert first.pdk_calls.count("kong.client.load_consumer") == 1  # consumer_by compares the CN only
     second = run(kong, server, chains("alice"), conf)
     assert second.proxied and second.authenticated[0][0]["id"] == ALICE.id
     assert second.pdk_calls == [GET_CHAIN, "kong.client.authenticate", "kong.service.request.set_headers",
@@ -177,7 +177,7 @@ def test_every_failure_returns_401(kong, server, pki, chains, chain, reason, ext
     if extra.get("crls") == "CRL":
         extra = {**extra, "crls": [pki.intermediate.crl().public_bytes(serialization.Encoding.PEM).decode()]}
     if extra.get("consumer_mappings") == "PINNED":
-        extra = {"consumer_mappings": [{"subject_name": "alice", "consumer": "alice",
+        extra = {"consumer_mappings": [{"subject_name": "alice.clients.example", "consumer": "alice",
                                         "spki_sha256": spki_sha256(pki.alice.cert)}]}
     outcome = run(kong, server, pem, base_config(pki, **extra))
     assert outcome.exit.status == 401 and outcome.exit.source == CLIENT_CERT_AUTH

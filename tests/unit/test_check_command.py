@@ -23,7 +23,8 @@ def files(pki, tmp_path):
 
     config = {"ca_certificates": [pki.root.cert_pem], "revocation_check_mode": "SKIP",
               "groups_from": ["dn:OU", "mapping"],
-              "consumer_mappings": [{"subject_name": "alice", "consumer": "alice", "groups": ["ops"]}]}
+              "consumer_mappings": [{"subject_name": "alice", "name_type": "cn", "consumer": "alice",
+                                     "groups": ["ops"]}]}
     return types.SimpleNamespace(
         write=write,
         config=write("config.json", config),

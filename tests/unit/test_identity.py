@@ -107,18 +107,22 @@ def test_extract_identity_of_alice(pki):
 
 def test_names_follow_the_configured_order(pki):
     identity = extract_identity(pki.alice.cert)
-    assert identity.names() == ("spiffe://example.org/ns/payments/sa/alice", "alice.clients.example",
-                                "alice@example.org", "10.1.2.3", "alice")
-    assert identity.names((NameKind.CN, NameKind.DN)) == ("alice", identity.subject)
-    twice = pki.client("same.example", dns=["same.example"])
-    assert extract_identity(twice.cert).names((NameKind.DNS, NameKind.CN)) == ("same.example",)
+    D, C = NameKind.DNS, NameKind.CN
+    assert identity.names() == ((NameKind.URI, "spiffe://example.org/ns/payments/sa/alice"),
+                                (D, "alice.clients.example"), (NameKind.EMAIL, "alice@example.org"),
+                                (NameKind.IP, "10.1.2.3"), (C, "alice"))
+    assert identity.names((NameKind.CN, NameKind.DN)) == ((C, "alice"), (NameKind.DN, identity.subject))
+    twice = pki.client("same.example", dns=["same.example"])  # one value, two kinds: two names
+    assert extract_identity(twice.cert).names((NameKind.DNS, NameKind.CN)) == ((D, "same.example"),
+                                                                             (C, "same.example"))
 
 
 def test_ipv6_and_cn_only(pki):
     identity = extract_identity(pki.client("v6", ips=["2001:db8::1"]).cert)
-    assert identity.ips == ("2001:db8::1",) and identity.names() == ("2001:db8::1", "v6")
+    assert identity.ips == ("2001:db8::1",)
+    assert identity.names() == ((NameKind.IP, "2001:db8::1"), (NameKind.CN, "v6"))
     cn_only = extract_identity(pki.client("only-cn").cert)
-    assert cn_only.san == () and cn_only.names() == ("only-cn",) and cn_only.spiffe is None
+    assert cn_only.san == () and cn_only.names() == ((NameKind.CN, "only-cn"),) and cn_only.spiffe is None
 
 
 @pytest.mark.parametrize(("uri", "expected"), [
@@ -206,7 +210,8 @@ def test_several_groups_per_certificate(pki):
     sources = tuple(GroupSource.parse(s) for s in ("dn:OU", "cn", "spiffe_path", "spiffe_trust_domain",
                                                     "mapping", "dn:O"))
     auth = authenticator(pki, groups_from=sources,
-                         consumer_mappings=(mapping("alice", groups=("g1", "admins")),))
+                         consumer_mappings=(mapping("alice", groups=("g1", "admins"),
+                                                    name_type=NameKind.CN),))
     decision = auth.authenticate(pki.alice.chain_pem, consumers())
     assert decision.allowed and decision.via is Via.MAPPING
     assert decision.groups == ("payments", "admins", "alice", "ns", "sa", "example.org", "g1", "Example Org")
@@ -237,7 +242,9 @@ def test_mapping_by_each_name_kind(pki, kind, name):
         "ip": lambda: pki.client(None, ips=[name]),
         "cn": lambda: pki.client(name),
     }[kind]()
-    auth = authenticator(pki, consumer_mappings=(mapping(name, "bob"),), consumer_by=frozenset())
+    typed = NameKind.CN if kind == "cn" else None  # a CN mapping is never inferred
+    auth = authenticator(pki, consumer_mappings=(mapping(name, "bob", name_type=typed),),
+                         consumer_by=frozenset())
     decision = auth.authenticate(issued.chain_pem, consumers())
     assert decision.allowed and decision.via is Via.MAPPING and decision.consumer["id"] == BOB_ID
     assert decision.credential == {"id": auth.policy.consumer_mappings[0].credential_id,
@@ -248,7 +255,7 @@ def test_mapping_by_each_name_kind(pki, kind, name):
 
 def test_mapping_follows_name_preference(pki):
     by_uri = mapping("spiffe://example.org/ns/payments/sa/alice", "alice")
-    by_cn = mapping("alice", "bob")
+    by_cn = mapping("alice", "bob", name_type=NameKind.CN)
     auth = authenticator(pki, consumer_mappings=(by_cn, by_uri))
     assert auth.authenticate(pki.alice.chain_pem, consumers()).consumer["id"] == ALICE_ID
     cn_first = authenticator(pki, consumer_mappings=(by_cn, by_uri), name_sources=(NameKind.CN, NameKind.URI))
@@ -256,11 +263,11 @@ def test_mapping_follows_name_preference(pki):
 
 
 def test_names_outside_the_sources_do_not_map(pki):
-    auth = authenticator(pki, consumer_mappings=(mapping("alice"),), name_sources=(NameKind.DNS,),
-                         consumer_by=frozenset())
-    decision = auth.authenticate(pki.alice.chain_pem, consumers())
-    assert decision.reason is Reason.NO_CONSUMER and not decision.allowed
-    dn = authenticator(pki, consumer_mappings=(mapping("CN=alice,OU=admins,OU=payments,O=Example Org"),),
+    with pytest.raises(ConfigError, match="name_sources does not list cn"):
+        authenticator(pki, consumer_mappings=(mapping("alice", name_type=NameKind.CN),),
+                      name_sources=(NameKind.DNS,), consumer_by=frozenset())
+    dn = authenticator(pki, consumer_mappings=(mapping("CN=alice,OU=admins,OU=payments,O=Example Org",
+                                                       name_type=NameKind.DN),),
                        name_sources=(NameKind.DN,))
     assert dn.authenticate(pki.alice.chain_pem, consumers()).consumer["id"] == ALICE_ID
 
@@ -308,7 +315,8 @@ def test_the_most_specific_mapping_wins_and_rotation_maps_each_ca(pki):
 
 
 def test_mapped_consumer_missing_is_no_consumer(pki):
-    auth = authenticator(pki, consumer_mappings=(mapping("alice", "ghost"),), default_consumer="everyone")
+    auth = authenticator(pki, consumer_mappings=(mapping("alice", "ghost", name_type=NameKind.CN),),
+                         default_consumer="everyone")
     decision = auth.authenticate(pki.alice.chain_pem, consumers())
     assert decision.reason is Reason.NO_CONSUMER and decision.status == 401 and "ghost" in decision.detail
 
@@ -426,7 +434,8 @@ def test_skip_consumer_lookup(pki):
     load = consumers()
     auth = authenticator(pki, skip_consumer_lookup=True,
                          groups_from=(GroupSource.parse("cn"), GroupSource.parse("mapping")),
-                         consumer_mappings=(ConsumerMapping("alice", None, groups=("ops",)),))
+                         consumer_mappings=(ConsumerMapping("alice", None, groups=("ops",),
+                                                            name_type=NameKind.CN),))
     decision = auth.authenticate(pki.alice.chain_pem, load)
     assert decision.allowed and decision.via is Via.SKIP_CONSUMER_LOOKUP and load.calls == []
     assert decision.consumer is None and decision.credential is None and decision.groups == ("alice", "ops")
@@ -571,9 +580,9 @@ def test_auto_match_caches_misses_per_name(pki):
     auth = authenticator(pki, default_consumer="everyone")
     stranger = pki.client("stranger-cn", dns=["stranger.example"])
     assert auth.authenticate(stranger.chain_pem, load).via is Via.DEFAULT_CONSUMER
-    assert load.calls == ["stranger.example", "stranger-cn", "everyone"]
+    assert load.calls == ["stranger-cn", "everyone"]   # consumer_by compares CNs only
     auth.authenticate(stranger.chain_pem, load)
-    assert len(load.calls) == 3
+    assert len(load.calls) == 2
 
 
 def test_unreadable_names_are_a_refusal(pki, monkeypatch):
@@ -607,3 +616,65 @@ def test_a_deleted_consumer_is_noticed_after_the_cache_ttl(pki):
     clock.now = 31
     assert auth.authenticate(pki.alice.chain_pem, load).reason is Reason.NO_CONSUMER
     assert load.calls == ["alice", "alice"]
+
+
+# -- typed names and name constraints (names taken from the subject) --------------------------------
+
+def test_a_name_of_one_kind_never_matches_a_mapping_of_another(pki):
+    """A CN spelled like a mapped SPIFFE ID or DNS name does not map: mappings are typed."""
+    spiffe = "spiffe://example.org/ns/payments/sa/alice"
+    auth = authenticator(pki, consumer_mappings=(mapping(spiffe, "alice"), mapping("admin.example", "bob")),
+                         consumer_by=frozenset())
+    for cn in (spiffe, "admin.example"):
+        decision = auth.authenticate(pki.client(cn).chain_pem, consumers())
+        assert decision.reason is Reason.NO_CONSUMER, cn
+    assert auth.policy.consumer_mappings[0].name_type is NameKind.URI
+    assert auth.policy.consumer_mappings[1].name_type is NameKind.DNS
+
+
+def test_consumer_by_compares_usernames_with_cns_only(pki):
+    """A DNS name, an email or a URI equal to a username does not log in as that consumer."""
+    auth = authenticator(pki, consumer_by=frozenset({"username"}))
+    for issued in (pki.client(None, dns=["alice"]), pki.client(None, emails=["alice"]),
+                   pki.client(None, uris=["alice://x"])):
+        assert auth.authenticate(issued.chain_pem, consumers()).reason is Reason.NO_CONSUMER
+    assert auth.authenticate(pki.client("alice").chain_pem, consumers()).consumer["id"] == ALICE_ID
+
+
+def test_a_cn_only_leaf_of_a_constrained_ca_cannot_claim_another_name(pki):
+    """A partner CA constrained to partner.example issues CN=admin without SAN: it must not log in as
+    consumer `admin` (auto-match on the CN), nor through a CN mapping; a CN inside the subtree may."""
+    partner = pki.root.intermediate("partner CA", name_constraints=x509.NameConstraints(
+        [x509.DNSName("partner.example")], None))
+    auth = authenticator(pki)
+    admin = partner.client("alice")                      # CN-only, outside the permitted subtree
+    decision = auth.authenticate(admin.chain_pem, consumers())
+    assert not decision.allowed and decision.reason is Reason.OUTSIDE_NAME_CONSTRAINTS, decision.detail
+    mapped = authenticator(pki, consumer_mappings=(mapping("alice", "alice", name_type=NameKind.CN),))
+    assert mapped.authenticate(admin.chain_pem, consumers()).reason is Reason.OUTSIDE_NAME_CONSTRAINTS
+    inside = authenticator(pki, consumer_by=frozenset(), consumer_mappings=(
+        mapping("svc.partner.example", "bob", name_type=NameKind.CN),))
+    assert inside.authenticate(partner.client("svc.partner.example").chain_pem, consumers()).allowed
+
+
+def test_an_excluded_subtree_holds_for_the_cn(pki):
+    excluded = pki.root.intermediate("no-admin CA", name_constraints=x509.NameConstraints(
+        None, [x509.DNSName("admin.example")]))
+    mapped = authenticator(pki, consumer_by=frozenset(), consumer_mappings=(
+        mapping("x.admin.example", "bob", name_type=NameKind.CN),))
+    decision = mapped.authenticate(excluded.client("x.admin.example").chain_pem, consumers())
+    assert decision.reason is Reason.OUTSIDE_NAME_CONSTRAINTS
+    groups = authenticator(pki, skip_consumer_lookup=True, groups_from=(GroupSource.parse("cn"),))
+    assert groups.authenticate(excluded.client("x.admin.example").chain_pem, consumers()).reason \
+        is Reason.OUTSIDE_NAME_CONSTRAINTS
+
+
+def test_a_directory_name_constraint_is_refused_by_the_verifier(pki):
+    """cryptography's verifier does not support directoryName constraints: such a CA verifies
+    nothing (so no subject attribute can escape one)."""
+    org = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Partner")])
+    by_dn = pki.root.intermediate("dn CA", name_constraints=x509.NameConstraints(
+        [x509.DirectoryName(org)], None))
+    decision = authenticator(pki, skip_consumer_lookup=True).authenticate(
+        by_dn.client("alice", organization="Partner").chain_pem, consumers())
+    assert not decision.allowed and "directoryName" in decision.detail

@@ -62,6 +62,7 @@ class Reason(str, Enum):
     REVOKED = "REVOKED"                          # the leaf is revoked (CRL or OCSP)
     REVOCATION_UNKNOWN = "REVOCATION_UNKNOWN"    # revocation status could not be established (STRICT)
     PIN_MISMATCH = "PIN_MISMATCH"                # a mapping for the name is pinned to another CA or key
+    OUTSIDE_NAME_CONSTRAINTS = "OUTSIDE_NAME_CONSTRAINTS"  # a CN/DN used as identity breaks constraints
     NO_CONSUMER = "NO_CONSUMER"                  # verified, but no consumer matches (and no default)
     ANONYMOUS_NOT_FOUND = "ANONYMOUS_NOT_FOUND"  # the configured anonymous consumer does not exist (500)
     DEFAULT_CONSUMER_NOT_FOUND = "DEFAULT_CONSUMER_NOT_FOUND"  # same for default_consumer (500)

@@ -53,6 +53,7 @@ from kong_mtls.core.chain import (
     Reason,
     VerifiedChain,
     cert_sha256,
+    describe,
     normalize_sha256,
     spki_sha256,
 )
@@ -95,8 +96,31 @@ class NameKind(str, Enum):
     DN = "dn"  # the whole subject as an RFC 4514 string
 
 
-#: Like Enterprise mtls-auth: the SANs, then the CN.
+#: Like Enterprise mtls-auth: the SANs, then the CN. Names keep their kind: a mapping matches only
+#: names of its `name_type`, and `consumer_by` compares only CNs with usernames or ids.
 DEFAULT_NAME_ORDER = (NameKind.URI, NameKind.DNS, NameKind.EMAIL, NameKind.IP, NameKind.CN)
+
+#: A name together with its kind: a value of one kind never matches a mapping of another.
+TypedName = tuple[NameKind, str]
+
+
+def infer_name_kind(text: str) -> NameKind:
+    """The kind of a mapping's `subject_name` when `name_type` is not given: `ip` for an IP
+    literal, `uri` for `<scheme>:...` with `//` (SPIFFE IDs included), `email` for text with `@`,
+    otherwise `dns`. A CN or a whole DN is never inferred: it must be named."""
+    try:
+        ipaddress.ip_address(text)
+        return NameKind.IP
+    except ValueError:
+        pass
+    if _URI_SCHEME.match(text):
+        return NameKind.URI
+    if "@" in text:
+        return NameKind.EMAIL
+    return NameKind.DNS
+
+
+_URI_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 class IdentityError(ValueError):
@@ -163,15 +187,15 @@ class CertIdentity:
     spki_sha256: str
     fingerprint_sha256: str
 
-    def names(self, order: Sequence[NameKind] = DEFAULT_NAME_ORDER) -> tuple[str, ...]:
-        """Candidate subject names in order of preference, without duplicates."""
+    def names(self, order: Sequence[NameKind] = DEFAULT_NAME_ORDER) -> tuple[TypedName, ...]:
+        """Candidate subject names with their kind, in order of preference, without duplicates."""
         by_kind = {NameKind.URI: self.uris, NameKind.DNS: self.dns, NameKind.EMAIL: self.emails,
                    NameKind.IP: self.ips, NameKind.CN: self.common_names, NameKind.DN: (self.subject,)}
-        out: dict[str, None] = {}
+        out: dict[TypedName, None] = {}
         for kind in order:
             for value in by_kind[kind]:
                 if value:
-                    out.setdefault(value, None)
+                    out.setdefault((kind, value), None)
         return tuple(out)
 
     def attribute_values(self, oid: str) -> tuple[str, ...]:
@@ -224,6 +248,51 @@ def extract_identity(cert: x509.Certificate) -> CertIdentity:
         )
     except Exception as exc:  # cryptography decodes names lazily and may raise many kinds of errors
         raise IdentityError(f"unreadable certificate names: {type(exc).__name__}: {exc}") from None
+
+
+# ====================================================================================================
+# Name constraints for names taken from the subject
+# ====================================================================================================
+class _Outside(str):
+    """Why the CN, used as an identity, is outside a CA's name constraints (memoised facts)."""
+
+
+_DNS_NAME = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?)"
+                       r"(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?)*$")
+
+
+def _dns_within(name: str, base: str) -> bool:
+    """RFC 5280 DNS name constraint: `base` permits itself and its subdomains; `.base` only these."""
+    name, base = name.lower().rstrip("."), base.lower().rstrip(".")
+    if base.startswith("."):
+        return name.endswith(base)
+    return name == base or name.endswith("." + base)
+
+
+def cn_outside_name_constraints(path: Sequence[x509.Certificate], identity: CertIdentity) -> str | None:
+    """Why the leaf's CN, used as a name, breaks a name constraint of a CA in `path`, or None.
+
+    The verifier applies name constraints to subjectAltName values only; a CN used as an identity
+    (a consumer name, a group) must hold them too, or a CA constrained to `partner.example` could
+    issue `CN=admin` without SAN. Where a CA permits any subtree, the CN must be a DNS name inside
+    one of its permitted DNS subtrees; it must never lie in an excluded DNS subtree. (The verifier
+    refuses directoryName constraints altogether, so the subject itself needs no check.)
+    """
+    for ca in path[1:]:
+        try:
+            constraints = ca.extensions.get_extension_for_class(x509.NameConstraints).value
+        except x509.ExtensionNotFound:
+            continue
+        permitted = list(constraints.permitted_subtrees or ())
+        permitted_dns = [n.value for n in permitted if isinstance(n, x509.DNSName)]
+        excluded_dns = [n.value for n in constraints.excluded_subtrees or () if isinstance(n, x509.DNSName)]
+        for cn in identity.common_names:
+            dns_like = _DNS_NAME.fullmatch(cn) is not None
+            if permitted and not (dns_like and any(_dns_within(cn, base) for base in permitted_dns)):
+                return f"CN {cn!r} is outside the permitted subtrees of {describe(ca)}"
+            if dns_like and any(_dns_within(cn, base) for base in excluded_dns):
+                return f"CN {cn!r} is in an excluded subtree of {describe(ca)}"
+    return None
 
 
 # ====================================================================================================
@@ -323,12 +392,20 @@ class ConsumerMapping:
     ca_sha256: str | None = None
     spki_sha256: str | None = None
     groups: tuple[str, ...] = ()
+    name_type: NameKind | None = None  # None: inferred from subject_name (`infer_name_kind`)
     credential_id: str = field(init=False)
 
     def __post_init__(self) -> None:
+        if self.name_type is None:
+            object.__setattr__(self, "name_type", infer_name_kind(self.subject_name))
         key = "\x1f".join((self.subject_name, self.consumer or "", self.ca_sha256 or "",
                            self.spki_sha256 or ""))
         object.__setattr__(self, "credential_id", str(uuid.uuid5(CREDENTIAL_NAMESPACE, "mapping\x1f" + key)))
+
+    @property
+    def typed_name(self) -> TypedName:
+        assert self.name_type is not None  # set in __post_init__
+        return self.name_type, self.subject_name
 
     @property
     def specificity(self) -> int:
@@ -342,7 +419,7 @@ class ConsumerMapping:
 
 def parse_mappings(items: Sequence[Mapping[str, Any]], field_name: str = "consumer_mappings") -> tuple[
         ConsumerMapping, ...]:
-    """Config records `{subject_name, consumer, ca_sha256, spki_sha256, groups}` -> mappings.
+    """Config records `{subject_name, name_type, consumer, ca_sha256, spki_sha256, groups}` -> mappings.
     Raises ConfigError naming `consumer_mappings[i].<field>`."""
     out: list[ConsumerMapping] = []
     seen: dict[tuple, int] = {}
@@ -368,10 +445,16 @@ def parse_mappings(items: Sequence[Mapping[str, Any]], field_name: str = "consum
         consumer = item.get("consumer")
         if consumer is not None and (not isinstance(consumer, str) or not consumer):
             raise ConfigError(f"{where}.consumer", "a consumer id or username")
-        mapping = ConsumerMapping(name, consumer, pins["ca_sha256"], pins["spki_sha256"], groups)
-        key = (mapping.subject_name, mapping.ca_sha256, mapping.spki_sha256)
+        name_type = item.get("name_type")
+        try:
+            kind = NameKind(name_type) if name_type is not None else None
+        except ValueError:
+            raise ConfigError(f"{where}.name_type",
+                              f"one of {', '.join(k.value for k in NameKind)}") from None
+        mapping = ConsumerMapping(name, consumer, pins["ca_sha256"], pins["spki_sha256"], groups, kind)
+        key = (mapping.typed_name, mapping.ca_sha256, mapping.spki_sha256)
         if key in seen:
-            raise ConfigError(where, f"same subject_name and pins as {field_name}[{seen[key]}]")
+            raise ConfigError(where, f"same subject_name, name_type and pins as {field_name}[{seen[key]}]")
         seen[key] = i
         out.append(mapping)
     return tuple(out)
@@ -401,6 +484,10 @@ class AuthPolicy:
         if set(self.forward_client_cert) - set(FORWARD_FORMATS):
             raise ConfigError("forward_client_cert", f"expected any of {', '.join(FORWARD_FORMATS)}")
         for i, mapping in enumerate(self.consumer_mappings, start=1):
+            if mapping.name_type not in self.name_sources:
+                raise ConfigError(f"consumer_mappings[{i}].subject_name",
+                                  f"a {mapping.name_type.value} name, but name_sources does not list "
+                                  f"{mapping.name_type.value} (set name_type, or add it to name_sources)")
             if self.skip_consumer_lookup and mapping.consumer is not None:
                 raise ConfigError(f"consumer_mappings[{i}].consumer",
                                   "not used when skip_consumer_lookup is true (mappings then only pin "
@@ -469,11 +556,12 @@ class _Facts:
     """Everything the certificate alone decides, memoised per presented chain."""
 
     identity: CertIdentity
-    names: tuple[str, ...]
+    names: tuple[TypedName, ...]
     mapping: ConsumerMapping | None
     pin_mismatch: str | None
     groups: tuple[str, ...]
     cert_headers: Mapping[str, HeaderValue]
+    cn_outside: str | None = None  # why the CN may not be used as a name (name constraints)
 
 
 def _escape_dn(text: str) -> str:
@@ -568,9 +656,9 @@ class Authenticator:
         # Successful resolutions per chain, kept as long as a consumer lookup is (revocation and
         # chain validity are still checked on every request).
         self._passes: LRU[str, tuple[float, Decision]] = LRU(memo_size if consumer_cache_ttl > 0 else 0)
-        index: dict[str, list[ConsumerMapping]] = {}
+        index: dict[TypedName, list[ConsumerMapping]] = {}
         for mapping in policy.consumer_mappings:
-            index.setdefault(mapping.subject_name, []).append(mapping)
+            index.setdefault(mapping.typed_name, []).append(mapping)
         self._mappings = {name: sorted(ms, key=lambda m: -m.specificity) for name, ms in index.items()}
 
     # -- the request ---------------------------------------------------------------------------------
@@ -591,6 +679,8 @@ class Authenticator:
                 return self._fail(reason, f"{revoked.reason}: {revoked.detail}", chain_pem, chain.leaf,
                                   load_consumer)
         facts = self._facts(chain)
+        if isinstance(facts, _Outside):
+            return self._fail(Reason.OUTSIDE_NAME_CONSTRAINTS, facts, chain_pem, chain.leaf, load_consumer)
         if isinstance(facts, str):
             return self._fail(Reason.MALFORMED_CHAIN, facts, chain_pem, chain.leaf, load_consumer)
         if facts.pin_mismatch is not None:
@@ -618,10 +708,15 @@ class Authenticator:
                                   chain_pem, chain.leaf, load_consumer, facts=facts, chain=chain)
             return self._pass(Via.MAPPING, chain, facts, row, mapping.credential_id)
         if policy.consumer_by:
-            for name in facts.names:
+            # A consumer's username or id is compared with CNs only: a DNS name, a URI or an email
+            # address never logs in as the consumer of the same spelling.
+            for _, name in (typed for typed in facts.names if typed[0] is NameKind.CN):
                 row = self.consumers.get(name, load_consumer)
                 if row is not None and (("username" in policy.consumer_by and row.get("username") == name)
                                         or ("id" in policy.consumer_by and row.get("id") == name)):
+                    if facts.cn_outside:
+                        return self._fail(Reason.OUTSIDE_NAME_CONSTRAINTS, facts.cn_outside, chain_pem,
+                                          chain.leaf, load_consumer, facts=facts, chain=chain)
                     return self._pass(Via.CONSUMER_BY, chain, facts, row, _credential_id("consumer_by", name))
         if policy.default_consumer is not None:
             row = self.consumers.get(policy.default_consumer, load_consumer)
@@ -631,7 +726,8 @@ class Authenticator:
                                   chain_pem, chain.leaf, load_consumer, facts=facts, chain=chain)
             return self._pass(Via.DEFAULT_CONSUMER, chain, facts, row,
                               _credential_id("default_consumer", policy.default_consumer))
-        return self._fail(Reason.NO_CONSUMER, f"no consumer for names {list(facts.names)[:8]}",
+        names = [f"{kind.value}:{value}" for kind, value in facts.names[:8]]
+        return self._fail(Reason.NO_CONSUMER, f"no consumer for names {names}",
                           chain_pem, chain.leaf, load_consumer, facts=facts, chain=chain)
 
     # -- outcomes ------------------------------------------------------------------------------------
@@ -712,12 +808,16 @@ class Authenticator:
         return facts
 
     def _compute_facts(self, chain: VerifiedChain) -> _Facts | str:
+        """The facts, or why not: a str (unreadable names), an `_Outside` (name constraints)."""
         try:
             identity = extract_identity(chain.leaf)
         except IdentityError as exc:
             return str(exc)
         policy = self.policy
         names = identity.names(policy.name_sources)
+        cn_outside = cn_outside_name_constraints(chain.path, identity)
+        if cn_outside and any(source.kind is GroupSourceKind.CN for source in policy.groups_from):
+            return _Outside(cn_outside)
         mapping, mismatch = None, None
         for name in names:
             candidates = self._mappings.get(name)
@@ -726,15 +826,18 @@ class Authenticator:
             held = [m for m in candidates if m.pins_hold(chain.spki_sha256, chain.ca_sha256)]
             if held:
                 mapping = held[0]
+                if name[0] is NameKind.CN and cn_outside:
+                    return _Outside(cn_outside)
             else:
-                mismatch = (f"name {name!r} is mapped with pins the certificate does not hold "
+                mismatch = (f"name {name[1]!r} is mapped with pins the certificate does not hold "
                             f"(spki {chain.spki_sha256[:16]}..., path CAs "
                             f"{', '.join(c[:16] + '...' for c in chain.ca_sha256)})")
             break
         groups = _clean_groups(value for source in policy.groups_from
                                for value in source.values(identity, mapping))
         return _Facts(identity=identity, names=names, mapping=mapping, pin_mismatch=mismatch, groups=groups,
-                      cert_headers=_cert_headers(chain, identity, policy.forward_client_cert))
+                      cert_headers=_cert_headers(chain, identity, policy.forward_client_cert),
+                      cn_outside=cn_outside)
 
 
 def _credential_id(kind: str, name: str) -> str:

@@ -44,6 +44,7 @@ from kong_mtls.core.chain import (
 )
 from kong_mtls.core.headers import with_every_spelling
 from kong_mtls.core.identity import (
+    DEFAULT_NAME_ORDER,
     FORWARD_FORMATS,
     Authenticator,
     AuthPolicy,
@@ -78,10 +79,11 @@ Schema = [
     schema.integer("http_timeout", default=5000, between=(100, 60000)),
     schema.integer("revocation_cache_ttl", default=3600, between=(1, 7 * 86400)),
     # Identity -> consumer and groups.
-    schema.strings("name_sources", default=[k.value for k in NameKind if k is not NameKind.DN],
+    schema.strings("name_sources", default=[k.value for k in DEFAULT_NAME_ORDER],
                    one_of=[k.value for k in NameKind], len_min=1),
     schema.records("consumer_mappings", [
         schema.string("subject_name", required=True, len_min=1),
+        schema.string("name_type", one_of=[k.value for k in NameKind]),
         schema.string("consumer", len_min=1),
         schema.string("ca_sha256", len_min=1),
         schema.string("spki_sha256", len_min=1),
