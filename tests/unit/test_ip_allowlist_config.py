@@ -114,6 +114,18 @@ def test_broken_preset_file_is_refused_at_start(tmp_path):
         Plugin({**CF_LOCK, "preset_files": {"cloudflare": str(path)}})
 
 
+@pytest.mark.parametrize(("key", "cidr"), [("ipv4_cidrs", "0.0.0.0/0"), ("ipv4_cidrs", "10.0.0.0/7"),
+                                           ("ipv6_cidrs", "::/0"), ("ipv6_cidrs", "2000::/3")])
+def test_a_preset_file_with_an_implausibly_wide_range_is_refused(tmp_path, key, cidr):
+    """The width check of `kong-mtls cloudflare-ranges` holds for every preset file: one line of
+    `0.0.0.0/0` would make every peer a trusted Cloudflare proxy."""
+    path = tmp_path / "cf.json"
+    first = "192.0.2.0/24" if key == "ipv4_cidrs" else "2001:db8::/32"
+    path.write_text(json.dumps({"name": "cloudflare", key: [first, cidr]}))
+    with pytest.raises(ConfigError, match=rf"preset_files.cloudflare: .*{key}\[2\].*wider than"):
+        Plugin({**CF_LOCK, "preset_files": {"cloudflare": str(path)}})
+
+
 def test_x_forwarded_for_with_hops():
     plugin = Plugin({"source": "header", "header_name": "x-forwarded-for", "forwarded_for_hops": 2,
                      "trusted_proxies": ["10.0.0.0/8"], "require_trusted_peer": False,

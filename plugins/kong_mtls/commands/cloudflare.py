@@ -30,7 +30,7 @@ from urllib.parse import urlsplit
 from kong_mtls import __version__
 from kong_mtls.cli import CommandError
 from kong_mtls.core.addresses import AddressError, parse_network
-from kong_mtls.presets import CidrList, PresetError, cidr_list, read_cidr_list
+from kong_mtls.presets import WIDEST_PREFIX, CidrList, PresetError, cidr_list, read_cidr_list
 
 COMMAND = "cloudflare-ranges"
 PRESET = "cloudflare"
@@ -43,10 +43,6 @@ EXIT_CHANGED = 1
 EXIT_FETCH_FAILED = 3
 
 MAX_BODY_BYTES = 1024 * 1024
-#: A published range wider than this is refused as implausible (a tampered or broken answer
-#: could otherwise open an allowlist to a large part of the Internet). Cloudflare's widest are
-#: /13 (IPv4) and /29 (IPv6).
-WIDEST_PREFIX = {4: 8, 6: 16}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

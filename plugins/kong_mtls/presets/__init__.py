@@ -51,6 +51,13 @@ class CidrList:
         return json.dumps(document, indent=2) + "\n"
 
 
+#: A preset range wider than this is refused as implausible, in a shipped preset, a `preset_files`
+#: override and a list fetched by `kong-mtls cloudflare-ranges` alike: a tampered or broken list
+#: could otherwise open an allowlist to a large part of the Internet (`0.0.0.0/0`). Cloudflare's
+#: widest are /13 (IPv4) and /29 (IPv6).
+WIDEST_PREFIX = {4: 8, 6: 16}
+
+
 def parse_cidr_list(document: object, origin: str) -> CidrList:
     """Check a preset document: every CIDR valid and of the family its list names, at least one."""
     if not isinstance(document, Mapping):
@@ -70,6 +77,9 @@ def parse_cidr_list(document: object, origin: str) -> CidrList:
                 raise PresetError(f"{origin}: {key}[{i}]: {exc}") from None
             if network.version != version:
                 raise PresetError(f"{origin}: {key}[{i}]: {item!r} is not an IPv{version} CIDR")
+            if network.prefixlen < WIDEST_PREFIX[version]:
+                raise PresetError(f"{origin}: {key}[{i}]: {item!r} is wider than /{WIDEST_PREFIX[version]}; "
+                                  "refusing an implausible range")
         families[key] = tuple(items)
     if not families["ipv4_cidrs"] and not families["ipv6_cidrs"]:
         raise PresetError(f"{origin}: no CIDRs")
