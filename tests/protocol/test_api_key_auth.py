@@ -251,6 +251,15 @@ def test_preflight_never_forwards_forged_identity_headers(kong: KongSide, server
         assert outcome.header(name) is None, name
 
 
+def test_hide_credentials_holds_on_a_skipped_preflight(kong: KongSide, server) -> None:
+    """The key goes upstream on no path: a preflight let through without looking still loses it."""
+    request = Request(method="OPTIONS", headers={"apikey": PLAIN.key},
+                      query={"apikey": PLAIN.key, "page": "2"})
+    outcome = run(kong, server, request, config(run_on_preflight=False, hide_credentials=True))
+    assert outcome.proxied and "apikey" not in outcome.upstream_headers
+    assert outcome.upstream_query == {"page": ["2"]}
+
+
 def test_preflight_keeps_the_headers_of_an_earlier_authentication(kong: KongSide, server) -> None:
     first = config(key_names=["x-first-key"])
     second = config(run_on_preflight=False)

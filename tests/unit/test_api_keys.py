@@ -33,6 +33,7 @@ from kong_mtls.core.api_keys import (
     extract_key,
     generate_key,
     hash_key,
+    hidden_query_args,
     key_index,
     kong_credential,
     parse_rfc3339,
@@ -659,8 +660,17 @@ def test_decisions_never_carry_the_secret() -> None:
 
 def test_skip_headers_strip_forged_identity_only_on_an_unauthenticated_preflight() -> None:
     forged = {name: [] for name in (*CONSUMER_HEADERS, "X-Consumer-Groups", "X-Authenticated-Groups")}
-    assert skip_headers(SkipReason.PREFLIGHT, lambda: None) == forged
-    assert skip_headers(SkipReason.PREFLIGHT, lambda: "junk") == forged
+    plain = KeySettings()
+    assert skip_headers(SkipReason.PREFLIGHT, lambda: None, plain) == forged
+    assert skip_headers(SkipReason.PREFLIGHT, lambda: "junk", plain) == forged
     # after an earlier plugin authenticated the request, its headers stand
-    assert skip_headers(SkipReason.PREFLIGHT, lambda: {"id": "c1"}) is None
-    assert skip_headers(SkipReason.ALREADY_AUTHENTICATED, lambda: None) is None
+    assert skip_headers(SkipReason.PREFLIGHT, lambda: {"id": "c1"}, plain) is None
+    assert skip_headers(SkipReason.ALREADY_AUTHENTICATED, lambda: None, plain) is None
+
+
+def test_hide_credentials_strips_the_key_of_a_skipped_request_too() -> None:
+    hide = KeySettings(key_names=("apikey", "x-key"), key_in_query=True, hide_credentials=True)
+    assert skip_headers(SkipReason.ALREADY_AUTHENTICATED, lambda: None, hide) == {"apikey": [], "x-key": []}
+    assert hidden_query_args(hide) == ("apikey", "x-key")
+    assert hidden_query_args(KeySettings(hide_credentials=True)) == ()     # query keys not read
+    assert hidden_query_args(KeySettings(key_in_query=True)) == ()         # hide_credentials off

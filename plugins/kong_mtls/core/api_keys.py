@@ -731,16 +731,27 @@ def upstream_headers(decision: Decision) -> dict[str, Any]:
     return headers
 
 
-def skip_headers(skipped: SkipReason, load_consumer_of_request: Callable[[], Any]) -> dict[str, Any] | None:
+def skip_headers(skipped: SkipReason, load_consumer_of_request: Callable[[], Any],
+                 settings: KeySettings) -> dict[str, Any] | None:
     """Header changes for a request let through without looking for a key, or None.
 
     After another plugin authenticated the request, its consumer headers stand. A preflight that no
     plugin authenticated gets the client-sent copies of the consumer headers removed: the mark lets
-    it past the guard, and the upstream must never see forged identity headers under it.
+    it past the guard, and the upstream must never see forged identity headers under it. With
+    `hide_credentials`, a key in a header is removed either way (`hidden_query_args` for the query).
     """
+    headers: dict[str, Any] = {}
+    if settings.hide_credentials and settings.key_in_header:
+        headers.update((name, []) for name in settings.key_names)
     if skipped is SkipReason.PREFLIGHT and not is_consumer(load_consumer_of_request()):
-        return {name: [] for name in (*CONSUMER_HEADERS, *GROUP_HEADERS)}
-    return None
+        headers.update((name, []) for name in (*CONSUMER_HEADERS, *GROUP_HEADERS))
+    return headers or None
+
+
+def hidden_query_args(settings: KeySettings) -> tuple[str, ...]:
+    """Query arguments to clear on a request let through without looking for a key: the key names
+    with `hide_credentials` and `key_in_query` (a key in the body stays: reading it costs a body read)."""
+    return settings.key_names if settings.hide_credentials and settings.key_in_query else ()
 
 
 def kong_credential(decision: Decision) -> dict[str, Any] | None:

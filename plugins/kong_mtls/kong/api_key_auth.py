@@ -20,6 +20,7 @@ from kong_mtls.constants import API_KEY_AUTH, CLIENT_CERT_AUTH, IP_ALLOWLIST, sh
 from kong_mtls.core.api_keys import (
     ApiKeyAuth,
     Outcome,
+    hidden_query_args,
     kong_credential,
     pass_mark,
     resolve_client_ip,
@@ -69,9 +70,11 @@ class Plugin:
         # request needs are even looked up.
         skipped = auth.skip_reason(lambda: kong.request.get_method(), lambda: kong.client.get_credential())
         if skipped is not None:
-            headers = skip_headers(skipped, kong.client.get_consumer)
+            headers = skip_headers(skipped, kong.client.get_consumer, auth.settings)
             if headers is not None:
                 kong.service.request.set_headers(with_every_spelling(headers))
+            for name in hidden_query_args(auth.settings):
+                kong.service.request.clear_query_arg(name)
             kong.ctx.shared.set(MARK, pass_mark(skipped=skipped))
             return None
 
