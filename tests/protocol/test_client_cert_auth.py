@@ -263,16 +263,17 @@ def test_spoofed_headers_never_reach_the_upstream(kong, server, pki, chains, cas
     assert outcome.pdk_calls.count("kong.service.request.set_headers") == 1
 
 
-def test_a_group_holding_a_comma_and_space_is_not_published(kong, server, pki, kong_cert):
-    """Kong's acl joins groups with ", " into X-Consumer-Groups: `support, admins` would read as two."""
+def test_a_group_holding_a_comma_is_not_published(kong, server, pki, kong_cert):
+    """Kong's acl joins groups with ", " into X-Consumer-Groups, which upstreams split on commas:
+    `support,admins` would read as a group `admins`."""
     from kong_mtls.devpki import SubjectAltNames, name
 
-    subject = name("bob", organizational_units=["support, admins", "support"])
+    subject = name("bob", organizational_units=["support, admins", "x,admins2", "ops;admins3", "support"])
     issued = pki.intermediate.issue(subject, sans=SubjectAltNames(dns=["bob.example"]))
     conf = base_config(pki, consumer_mappings=[{"subject_name": "bob.example", "consumer": "bob"}],
                        groups_from=["dn:OU"])
     outcome = run(kong, server, capture_client_chain(issued, kong_cert), conf)
-    assert outcome.proxied and outcome.ctx_shared["authenticated_groups"] == ["support"]
+    assert outcome.proxied and outcome.ctx_shared["authenticated_groups"] == ["ops;admins3", "support"]
 
 
 def test_anonymous(kong, server, pki, chains):

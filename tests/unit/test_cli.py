@@ -41,3 +41,13 @@ def test_installed_console_script_runs(tmp_path):
     assert (tmp_path / "ca" / "root.pem").exists()
     assert '"client_alice"' in out.stdout
     assert oct((tmp_path / "clients" / "alice.key").stat().st_mode & 0o777) == "0o600"
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "0.5", "nan", "abc"])
+def test_plugin_servers_refuse_an_abandon_after_below_one_second(value, capsys):
+    """0 would busy-loop the reaper and reap events Kong still waits for."""
+    from kong_mtls.kong.ip_allowlist import main as ip_allowlist
+
+    with pytest.raises(SystemExit) as info:
+        ip_allowlist(["--abandon-after", value, "-p", "/tmp"])
+    assert info.value.code == 2 and "--abandon-after" in capsys.readouterr().err

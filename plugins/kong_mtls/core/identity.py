@@ -367,13 +367,15 @@ class GroupSource:
         return spiffe.segments
 
 
-def _clean_groups(values: Iterable[str]) -> tuple[str, ...]:
-    """Drop empty values, ones an HTTP header could not carry, and ones holding ", ": Kong's acl
-    joins groups with ", " into one upstream header, where `support, admins` would read as two
-    groups (an RFC 4514 DN, `CN=a,OU=b`, has no space after its commas and stays)."""
+def _clean_groups(values: Iterable[str], dn: bool = False) -> tuple[str, ...]:
+    """Drop empty values, ones an HTTP header could not carry, and ones with a comma: Kong's acl
+    joins groups with ", " into one upstream header, which upstreams split on commas, so
+    `support,admins` would read as a group `admins`. A whole DN (`dn`, RFC 4514) keeps the commas
+    between its RDNs (its pieces all hold `=`) but not an escaped comma inside a value."""
     out: dict[str, None] = {}
     for value in values:
-        if value and len(value) <= 256 and value.isprintable() and ", " not in value:
+        if value and len(value) <= 256 and value.isprintable() and \
+                ("\\," not in value if dn else "," not in value):
             out.setdefault(value, None)
     return tuple(out)
 
@@ -833,8 +835,10 @@ class Authenticator:
                             f"(spki {chain.spki_sha256[:16]}..., path CAs "
                             f"{', '.join(c[:16] + '...' for c in chain.ca_sha256)})")
             break
-        groups = _clean_groups(value for source in policy.groups_from
-                               for value in source.values(identity, mapping))
+        groups = tuple(dict.fromkeys(
+            group for source in policy.groups_from
+            for group in _clean_groups(source.values(identity, mapping),
+                                       dn=source.kind is GroupSourceKind.DN)))
         return _Facts(identity=identity, names=names, mapping=mapping, pin_mismatch=mismatch, groups=groups,
                       cert_headers=_cert_headers(chain, identity, policy.forward_client_cert),
                       cn_outside=cn_outside)

@@ -239,6 +239,17 @@ def _accepting_every_config(name: str, plugin_cls: type) -> type:
     return AnyConfig
 
 
+def _seconds_at_least_one(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 1 <= value <= 86400:
+        raise argparse.ArgumentTypeError("between 1 and 86400 seconds (keep it above nginx's "
+                                         "lua_socket_read_timeout)")
+    return value
+
+
 def _arguments(name: str, argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=f"kong-mtls-{name}",
                                      description=f"Kong plugin server for the {name} plugin.")
@@ -248,7 +259,8 @@ def _arguments(name: str, argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("-p", "--kong-prefix", dest="prefix", default=DEFAULT_PREFIX,
                         help=f"directory for the socket <prefix>/{name}.sock (default: %(default)s)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    parser.add_argument("--abandon-after", type=float, default=DEFAULT_ABANDON_AFTER, metavar="SECONDS",
+    parser.add_argument("--abandon-after", type=_seconds_at_least_one, default=DEFAULT_ABANDON_AFTER,
+                        metavar="SECONDS",
                         help="reap an event Kong has not stepped for this long (above nginx's "
                              "lua_socket_read_timeout; default %(default)g)")
     # Accepted for compatibility with kong-pdk command lines; gevent mode is always on.
