@@ -3,9 +3,11 @@ loopback: the checks run inside the gevent plugin server, off its event loop."""
 
 from __future__ import annotations
 
+import functools
 import threading
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 
 from kong_mtls.constants import CLIENT_CERT_AUTH
 from kong_mtls.core.chain import MESSAGE_FAILED_VERIFICATION
@@ -25,9 +27,17 @@ def ca(pki):
     return pki.root.intermediate("revocation test CA")
 
 
+@functools.lru_cache(maxsize=1)
+def _root_crl(pki) -> str:
+    """One CRL for the session: a new one would be a new config, so a new plugin instance."""
+    return pki.root.crl().public_bytes(serialization.Encoding.PEM).decode()
+
+
 def _config(pki, mode: str) -> dict:
+    """The root's own CRL is configured: its issuing CAs are checked too (and revoked by nobody)."""
+    root_crl = [_root_crl(pki)] if mode != "SKIP" else None
     return {"ca_certificates": [pki.root.cert_pem], "revocation_check_mode": mode,
-            "skip_consumer_lookup": True, "http_timeout": 1000}
+            "skip_consumer_lookup": True, "http_timeout": 1000, "crls": root_crl}
 
 
 def _run(kong, server, pki, leaf, mode):

@@ -126,7 +126,8 @@ def test_options_reach_the_verifier(pki):
 def test_configured_crl_revokes(pki):
     leaf, crl = pki.revoked_with_crl()
     crl_pem = crl.public_bytes(serialization.Encoding.PEM).decode()
-    auth = compile_config({"ca_certificates": [pki.root.cert_pem], "crls": [crl_pem],
+    root_crl = pki.root.crl().public_bytes(serialization.Encoding.PEM).decode()  # STRICT: every CA too
+    auth = compile_config({"ca_certificates": [pki.root.cert_pem], "crls": [crl_pem, root_crl],
                            "revocation_check_mode": "STRICT", "skip_consumer_lookup": True}).authenticator
     assert auth.authenticate(leaf.chain_pem, no_consumer).reason is Reason.REVOKED
     assert auth.authenticate(pki.alice.chain_pem, no_consumer).via is Via.SKIP_CONSUMER_LOOKUP

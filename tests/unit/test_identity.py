@@ -477,20 +477,24 @@ def test_revocation_verdicts(pki):
 
     decision = authenticator(pki, revocation=revoked).authenticate(pki.alice.chain_pem, consumers())
     assert decision.reason is Reason.REVOKED and decision.status == 401 and "serial listed" in decision.detail
-    assert seen == [(pki.alice.cert, pki.intermediate.cert)]
+    assert seen == [(pki.alice.cert, pki.intermediate.cert)]      # the first refusal ends it
     unknown = authenticator(pki, revocation=lambda leaf, issuer: types.SimpleNamespace(
         ok=False, reason="REVOCATION_UNKNOWN", detail="unreachable")).authenticate(pki.alice.chain_pem,
                                                                                    consumers())
     assert unknown.reason is Reason.REVOCATION_UNKNOWN
-    good = authenticator(pki, revocation=lambda leaf, issuer: types.SimpleNamespace(
-        ok=True, reason="GOOD", detail="")).authenticate(pki.alice.chain_pem, consumers())
+    checked = []
+    good = authenticator(pki, revocation=lambda leaf, issuer: checked.append((leaf, issuer)) or
+                         types.SimpleNamespace(ok=True, reason="GOOD", detail="")).authenticate(
+        pki.alice.chain_pem, consumers())
     assert good.allowed and good.via is Via.CONSUMER_BY
+    # every certificate below the anchor, each with its issuer
+    assert checked == [(pki.alice.cert, pki.intermediate.cert), (pki.intermediate.cert, pki.root.cert)]
 
 
 def test_revoked_via_configured_crl_with_the_revocation_core(pki):
     revocation = pytest.importorskip("kong_mtls.core.revocation")
     leaf, crl = pki.revoked_with_crl()
-    checker = revocation.RevocationChecker(static_crls=[crl])
+    checker = revocation.RevocationChecker(static_crls=[crl, pki.root.crl()])  # STRICT: every CA too
 
     def check(cert, issuer):
         return checker.check(cert, issuer, revocation.RevocationMode.STRICT)
@@ -498,6 +502,21 @@ def test_revoked_via_configured_crl_with_the_revocation_core(pki):
     auth = authenticator(pki, revocation=check, default_consumer="everyone")
     assert auth.authenticate(leaf.chain_pem, consumers()).reason is Reason.REVOKED
     assert auth.authenticate(pki.alice.chain_pem, consumers()).allowed
+
+
+def test_a_revoked_intermediate_revokes_its_leaves_in_strict(pki):
+    """The root's CRL lists the issuing CA: a valid leaf it issued is refused (REVOKED)."""
+    revocation = pytest.importorskip("kong_mtls.core.revocation")
+    root = Authority.root("revoking root")
+    issuing = root.intermediate("revoked issuing CA")
+    root.revoke(issuing.cert)
+    leaf = issuing.client("alice", dns=["alice.example"])
+    checker = revocation.RevocationChecker(static_crls=[root.crl(), issuing.crl()])
+    verifier = ChainVerifier(ChainPolicy(anchors=(root.cert,)))
+    auth = Authenticator(verifier, AuthPolicy(default_consumer="everyone"), revocation=lambda cert, issuer:
+                         checker.check(cert, issuer, revocation.RevocationMode.STRICT))
+    decision = auth.authenticate(leaf.chain_pem, consumers())
+    assert decision.reason is Reason.REVOKED and "revoked issuing CA" in decision.detail
 
 
 # -- headers -------------------------------------------------------------------------------------------

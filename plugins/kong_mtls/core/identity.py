@@ -674,12 +674,15 @@ class Authenticator:
                               chain_pem, verdict.leaf, load_consumer)
         chain = verdict.chain
         if self.revocation is not None:
-            revoked = self.revocation(chain.leaf, chain.issuer)
-            if not revoked.ok:
-                reason = Reason.REVOKED if str(revoked.reason).upper() == Reason.REVOKED.value \
-                    else Reason.REVOCATION_UNKNOWN
-                return self._fail(reason, f"{revoked.reason}: {revoked.detail}", chain_pem, chain.leaf,
-                                  load_consumer)
+            # Every certificate below the anchor: a revoked intermediate revokes what it issued.
+            for cert, issuer in zip(chain.path, chain.path[1:]):
+                revoked = self.revocation(cert, issuer)
+                if not revoked.ok:
+                    reason = Reason.REVOKED if str(revoked.reason).upper() == Reason.REVOKED.value \
+                        else Reason.REVOCATION_UNKNOWN
+                    which = "" if cert is chain.leaf else f" (CA {describe(cert)})"
+                    return self._fail(reason, f"{revoked.reason}{which}: {revoked.detail}", chain_pem,
+                                      chain.leaf, load_consumer)
         facts = self._facts(chain)
         if isinstance(facts, _Outside):
             return self._fail(Reason.OUTSIDE_NAME_CONSTRAINTS, facts, chain_pem, chain.leaf, load_consumer)
