@@ -172,6 +172,71 @@ def test_distribution_point_crl_is_used_when_ocsp_gives_no_answer(server, failur
     assert (server.hits["ocsp"], server.hits["crl"]) == (1, 1)
 
 
+def _bare_crl(ca: Authority, *, last_update: dt.datetime, next_update: dt.datetime | None,
+              number: bool = True) -> x509.CertificateRevocationList:
+    """A CRL by `ca`; without `next_update`, re-encoded and signed again without that field
+    (cryptography's builder always writes one, as RFC 5280 requires)."""
+    builder = (x509.CertificateRevocationListBuilder().issuer_name(ca.subject).last_update(last_update)
+               .next_update(next_update or last_update + dt.timedelta(days=1)))
+    if number:
+        builder = builder.add_extension(x509.CRLNumber(7), critical=False)
+    crl = builder.sign(ca.key, hashes.SHA256())
+    if next_update is not None:
+        return crl
+    tbs = _der_items(_der_content(crl.tbs_certlist_bytes))
+    # version, signature algorithm, issuer, thisUpdate, nextUpdate, [crlExtensions]: drop nextUpdate
+    tbs = _der(0x30, b"".join(item for i, item in enumerate(tbs) if i != 4))
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    signature = ca.key.sign(tbs, ec.ECDSA(hashes.SHA256()))
+    algorithm = _der_items(_der_content(crl.public_bytes(serialization.Encoding.DER)))[1]
+    der = _der(0x30, tbs + algorithm + _der(0x03, b"\x00" + signature))
+    return x509.load_der_x509_crl(der)
+
+
+def _der(tag: int, content: bytes) -> bytes:
+    size = len(content)
+    length = bytes([size]) if size < 128 else bytes([0x80 | ((size.bit_length() + 7) // 8)]) + \
+        size.to_bytes((size.bit_length() + 7) // 8, "big")
+    return bytes([tag]) + length + content
+
+
+def _der_content(der: bytes) -> bytes:
+    return _der_items(der, content=True)[0]
+
+
+def _der_items(der: bytes, content: bool = False) -> list[bytes]:
+    """The top-level TLV elements of `der` (whole, or their contents)."""
+    items, i = [], 0
+    while i < len(der):
+        size, head = der[i + 1], 2
+        if size & 0x80:
+            count = size & 0x7F
+            size, head = int.from_bytes(der[i + 2:i + 2 + count], "big"), 2 + count
+        items.append(der[i + head:i + head + size] if content else der[i:i + head + size])
+        i += head + size
+    return items
+
+
+def test_a_crl_without_next_update_is_believed_for_seven_days_only(ca):
+    """RFC 5280 requires nextUpdate; without one, an old copy could be replayed for ever."""
+    leaf = ca.client("replayed")
+    fresh = _bare_crl(ca, last_update=utcnow() - dt.timedelta(days=1), next_update=None)
+    assert fresh.next_update_utc is None and fresh.is_signature_valid(ca.key.public_key())
+    assert outcome(RevocationChecker(static_crls=[fresh]).check(leaf.cert, ca.cert, STRICT)) == (True, GOOD)
+    old = _bare_crl(ca, last_update=utcnow() - dt.timedelta(days=8), next_update=None)
+    verdict = RevocationChecker(static_crls=[old]).check(leaf.cert, ca.cert, STRICT)
+    assert outcome(verdict) == (False, UNKNOWN) and "has none" in verdict.detail
+
+
+def test_a_crl_without_a_crl_number_is_not_used(ca):
+    leaf = ca.client("unnumbered")
+    crl = _bare_crl(ca, last_update=utcnow() - dt.timedelta(minutes=1),
+                    next_update=utcnow() + dt.timedelta(days=1), number=False)
+    verdict = RevocationChecker(static_crls=[crl]).check(leaf.cert, ca.cert, STRICT)
+    assert outcome(verdict) == (False, UNKNOWN) and "CRL number" in verdict.detail
+
+
 def test_stale_configured_crl_falls_through_to_the_network(server):
     leaf = server.client("stale-static", crl_url=False)
     stale = server.authority.crl(last_update=utcnow() - dt.timedelta(days=2),
@@ -300,6 +365,8 @@ def _crl_with(ca: Authority, extension: x509.ExtensionType, revoked: tuple[int, 
     builder = (x509.CertificateRevocationListBuilder().issuer_name(ca.subject)
                .last_update(last).next_update(last + dt.timedelta(days=1))
                .add_extension(extension, critical=True))
+    if not isinstance(extension, x509.CRLNumber):
+        builder = builder.add_extension(x509.CRLNumber(1), critical=False)
     for serial in revoked:
         builder = builder.add_revoked_certificate(
             x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(last).build())
@@ -652,3 +719,19 @@ def test_checks_from_many_threads_agree(server):
         t.join(10)
     assert {outcome(v) for v in results} == {(False, REVOKED)} and len(results) == 8
     assert server.hits["ocsp"] == 1  # one resolution per certificate, however many ask at once
+
+
+def test_a_crl_from_an_issuer_without_key_usage_is_not_used():
+    """RFC 5280: a CA signs CRLs only if its keyUsage names cRLSign; no keyUsage is no cRLSign."""
+    key = new_key()
+    subject = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "CA without keyUsage")])
+    now = utcnow()
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+            .serial_number(1).not_valid_before(now - dt.timedelta(days=1))
+            .not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    bare = Authority(subject=subject, key=key, cert=cert)
+    leaf = bare.client("leaf")
+    verdict = RevocationChecker(static_crls=[bare.crl()]).check(leaf.cert, cert, STRICT)
+    assert outcome(verdict) == (False, UNKNOWN) and "CRL signing" in verdict.detail

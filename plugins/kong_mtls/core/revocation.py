@@ -244,11 +244,17 @@ def _iso(seconds: float) -> str:
 
 
 def _may_sign_crls(issuer: x509.Certificate) -> bool:
+    """RFC 5280: a CA's keyUsage must be present, and name cRLSign for the CA to sign CRLs."""
     try:
         usage = issuer.extensions.get_extension_for_class(x509.KeyUsage).value
     except x509.ExtensionNotFound:
-        return True
+        return False
     return usage.crl_sign
+
+
+#: How long a CRL without nextUpdate (which RFC 5280 requires) is believed after its lastUpdate.
+#: Unbounded, an old copy served over plain http could be replayed forever.
+CRL_WITHOUT_NEXT_UPDATE_MAX_AGE = 7 * 86400
 
 
 def _verify_signature(public_key: Any, signature: bytes, data: bytes, hash_algorithm: Any) -> bool:
@@ -605,12 +611,21 @@ class RevocationChecker:
             if not self._crl_signature_ok(crl, crl_fp, issuer, issuer_fp):
                 notes.append(f"{where}: signature does not verify with the issuer's key")
                 return None
-            if crl.last_update_utc.timestamp() > now + self._clock_skew:
+            last_update = crl.last_update_utc.timestamp()
+            if last_update > now + self._clock_skew:
                 notes.append(f"{where}: lastUpdate is in the future")
                 return None
-            next_update = crl.next_update_utc.timestamp() if crl.next_update_utc is not None else None
-            if next_update is not None and next_update < now:
-                notes.append(f"{where}: stale (nextUpdate {_iso(next_update)} has passed)")
+            try:
+                crl.extensions.get_extension_for_class(x509.CRLNumber)
+            except x509.ExtensionNotFound:
+                notes.append(f"{where}: no CRL number (RFC 5280 requires one)")
+                return None
+            next_update = crl.next_update_utc.timestamp() if crl.next_update_utc is not None \
+                else last_update + CRL_WITHOUT_NEXT_UPDATE_MAX_AGE
+            if next_update < now:
+                notes.append(f"{where}: stale (nextUpdate {_iso(next_update)} has passed"
+                             + (")" if crl.next_update_utc is not None else
+                                ", counted from lastUpdate: the CRL has none)"))
                 return None
             scope, why = _crl_scope(crl, leaf_crl_urls)
             if scope is None:
@@ -682,8 +697,9 @@ class RevocationChecker:
                                now + self._negative_ttl)
         crl = crls[0]
         expires = now + self._max_ttl
-        if crl.next_update_utc is not None:
-            expires = min(expires, crl.next_update_utc.timestamp())
+        next_update = crl.next_update_utc.timestamp() if crl.next_update_utc is not None \
+            else crl.last_update_utc.timestamp() + CRL_WITHOUT_NEXT_UPDATE_MAX_AGE
+        expires = min(expires, next_update)
         if expires <= now:  # already stale: do not fetch it again on every request
             expires = now + self._negative_ttl
         return _FetchedCRL(crl, crl.fingerprint(hashes.SHA256()), "", len(data), expires)
