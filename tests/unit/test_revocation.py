@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import threading
 import time
 from collections.abc import Iterator
@@ -11,9 +12,9 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
+from kong_mtls.core import revocation as _revocation
 from kong_mtls.core.revocation import (
     FetchError,
-    RevocationChecker,
     RevocationMode,
     RevocationReason,
     RevocationVerdict,
@@ -23,6 +24,9 @@ from kong_mtls.core.revocation import (
 )
 from kong_mtls.devpki import Authority, Issued, new_key
 from tests.harness.revocation_servers import RevocationServer, delegated_responder, refused_url
+
+#: The test responders listen on loopback, which a checker refuses to reach unless told.
+RevocationChecker = functools.partial(_revocation.RevocationChecker, allow_private_addresses=True)
 
 SKIP, IGNORE, STRICT = RevocationMode.SKIP, RevocationMode.IGNORE_CA_ERROR, RevocationMode.STRICT
 GOOD, REVOKED = RevocationReason.GOOD, RevocationReason.REVOKED
@@ -59,7 +63,7 @@ class CountingFetch:
 
     def __init__(self) -> None:
         self.urls: list[str] = []
-        self._inner = UrllibFetcher()
+        self._inner = UrllibFetcher(allow_private=True)
 
     def __call__(self, url: str, body: bytes | None, timeout: float) -> bytes:
         self.urls.append(url)
@@ -671,21 +675,21 @@ def test_check_url_accepts_http_and_https():
 def test_fetcher_refuses_redirects_to_other_schemes(server, target, why):
     server.redirect_to = target
     with pytest.raises(FetchError, match=why):
-        UrllibFetcher()(f"{server.base_url}/redirect", None, 2)
+        UrllibFetcher(allow_private=True)(f"{server.base_url}/redirect", None, 2)
 
 
 def test_fetcher_follows_http_redirects_and_reports_http_errors(server):
     server.redirect_to = server.crl_url
-    data = UrllibFetcher()(f"{server.base_url}/redirect", None, 2)
+    data = UrllibFetcher(allow_private=True)(f"{server.base_url}/redirect", None, 2)
     assert data == server.crl.public_bytes(serialization.Encoding.DER)
     with pytest.raises(FetchError, match="HTTP status 404"):
-        UrllibFetcher()(f"{server.base_url}/nothing", None, 2)
+        UrllibFetcher(allow_private=True)(f"{server.base_url}/nothing", None, 2)
 
 
 def test_fetcher_bounds_the_size(server):
     server.crl_behaviour = "huge"
     with pytest.raises(FetchError, match="larger than 1000 bytes"):
-        UrllibFetcher(max_bytes=1000)(server.crl_url, None, 2)
+        UrllibFetcher(max_bytes=1000, allow_private=True)(server.crl_url, None, 2)
 
 
 def test_parse_crls(ca):
@@ -735,3 +739,25 @@ def test_a_crl_from_an_issuer_without_key_usage_is_not_used():
     leaf = bare.client("leaf")
     verdict = RevocationChecker(static_crls=[bare.crl()]).check(leaf.cert, cert, STRICT)
     assert outcome(verdict) == (False, UNKNOWN) and "CRL signing" in verdict.detail
+
+
+# -- where fetches may go ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("address", ["127.0.0.1", "::1", "169.254.169.254", "10.1.2.3", "192.168.0.10",
+                                     "172.16.0.1", "100.64.0.1", "::ffff:127.0.0.1", "fe80::1", "0.0.0.0"])
+def test_non_public_addresses_are_not_fetch_targets(address):
+    assert not _revocation._public_address(address)
+
+
+def test_a_crl_address_on_loopback_is_refused_by_default(server):
+    """A client chooses the CRL and OCSP addresses in its certificate: by default a fetch never
+    reaches loopback, link-local (cloud metadata) or private addresses, redirects included."""
+    leaf = server.client("ssrf", ocsp_url=False)
+    revoke(server, leaf)
+    verdict = _revocation.RevocationChecker(http_timeout=2).check(leaf.cert, server.authority.cert, STRICT)
+    assert outcome(verdict) == (False, UNKNOWN)
+    assert "non-public addresses" in verdict.detail and server.hits.get("crl", 0) == 0
+    with pytest.raises(FetchError, match="non-public"):
+        UrllibFetcher()("http://localhost:9/crl", None, 2)
+    assert outcome(RevocationChecker(http_timeout=2).check(leaf.cert, server.authority.cert, STRICT)) \
+        == (False, REVOKED)

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import http.client
+import ipaddress
 import socket
 import sys
 import threading
@@ -127,16 +129,76 @@ class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
+def _public_address(address: str) -> bool:
+    """Whether a fetch may connect to `address`: a globally routable unicast address, so not
+    loopback, link-local (cloud metadata at 169.254.169.254), private, shared or reserved space."""
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_global and not ip.is_multicast
+
+
+def _connect(host: str, port: int, timeout: float | None, allow_private: bool) -> socket.socket:
+    """A TCP connection to `host`, made to an address checked first (no second name lookup that a
+    rebinding DNS answer could turn elsewhere)."""
+    refused = []
+    last_error: OSError | None = None
+    for family, kind, proto, _, sockaddr in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+        if not allow_private and not _public_address(sockaddr[0]):
+            refused.append(sockaddr[0])
+            continue
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(sockaddr)
+            return sock
+        except OSError as exc:
+            sock.close()
+            last_error = exc
+    if last_error is not None:
+        raise last_error
+    raise FetchError(f"{host} resolves to non-public addresses only ({', '.join(refused[:3])}); "
+                     "refused (revocation_allow_private_addresses)")
+
+
+class _GuardedHTTPConnection(http.client.HTTPConnection):
+    allow_private = False
+
+    def connect(self) -> None:
+        self.sock = _connect(self.host, self.port, self.timeout, self.allow_private)
+
+
+class _GuardedHTTPSConnection(http.client.HTTPSConnection):
+    allow_private = False
+
+    def connect(self) -> None:
+        sock = _connect(self.host, self.port, self.timeout, self.allow_private)
+        self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
+
+
 class UrllibFetcher:
-    """The default `Fetch`: urllib, http(s) only (redirects too), no proxy, bounded size and time.
+    """The default `Fetch`: urllib, http(s) only (redirects too), no proxy, bounded size and time,
+    and only to public addresses unless `allow_private` (CRL and OCSP addresses come from the
+    client's certificate: without this, they would reach loopback, cloud metadata or the LAN).
 
     `timeout` bounds each socket operation and, between reads, the whole download.
     """
 
-    def __init__(self, max_bytes: int = MAX_CRL_BYTES) -> None:
+    def __init__(self, max_bytes: int = MAX_CRL_BYTES, allow_private: bool = False) -> None:
         self.max_bytes = max_bytes
         self._opener = urllib.request.OpenerDirector()
-        for handler in (urllib.request.HTTPHandler(), urllib.request.HTTPSHandler(), _HttpOnlyRedirects(),
+        http_connection = type("HTTP", (_GuardedHTTPConnection,), {"allow_private": allow_private})
+        https_connection = type("HTTPS", (_GuardedHTTPSConnection,), {"allow_private": allow_private})
+
+        class Plain(urllib.request.HTTPHandler):
+            def http_open(self, req: urllib.request.Request) -> Any:
+                return self.do_open(http_connection, req)
+
+        class Secure(urllib.request.HTTPSHandler):
+            def https_open(self, req: urllib.request.Request) -> Any:
+                return self.do_open(https_connection, req, context=self._context)
+
+        for handler in (Plain(), Secure(), _HttpOnlyRedirects(),
                         urllib.request.HTTPDefaultErrorHandler(), urllib.request.HTTPErrorProcessor(),
                         urllib.request.UnknownHandler()):
             self._opener.add_handler(handler)
@@ -180,6 +242,8 @@ def _describe_failure(exc: BaseException) -> str:
         return f"HTTP status {exc.code}" + (" (redirect not followed)" if 300 <= exc.code < 400 else "")
     if isinstance(exc, urllib.error.URLError) and isinstance(exc.reason, BaseException):
         exc = exc.reason
+    if isinstance(exc, FetchError):
+        return str(exc)
     if isinstance(exc, (socket.timeout, TimeoutError)):
         return "timed out"
     if isinstance(exc, ConnectionRefusedError):
@@ -400,7 +464,8 @@ class RevocationChecker:
                  http_timeout: float = 5.0, max_ttl: float = 3600.0, fetch: Fetch | None = None,
                  clock: Callable[[], float] = time.time, negative_ttl: float = 30.0,
                  max_entries: int = 10_000, max_crl_bytes: int = MAX_CRL_BYTES,
-                 clock_skew: float = 300.0, max_fetch_threads: int = 8) -> None:
+                 clock_skew: float = 300.0, max_fetch_threads: int = 8,
+                 allow_private_addresses: bool = False) -> None:
         for crl in static_crls:
             if not isinstance(crl, x509.CertificateRevocationList):
                 raise TypeError("static_crls must hold cryptography CertificateRevocationList objects")
@@ -416,7 +481,7 @@ class RevocationChecker:
         self._max_crl_bytes = max_crl_bytes
         self._clock_skew = float(clock_skew)
         self._max_fetch_threads = max_fetch_threads
-        self._fetcher: Fetch = fetch or UrllibFetcher(max_crl_bytes)
+        self._fetcher: Fetch = fetch or UrllibFetcher(max_crl_bytes, allow_private=allow_private_addresses)
         self._clock = clock
 
         self._lock = threading.Lock()  # guards every dict/set below; never held across I/O

@@ -78,6 +78,9 @@ Schema = [
     schema.strings("crls"),
     schema.integer("http_timeout", default=5000, between=(100, 60000)),
     schema.integer("revocation_cache_ttl", default=3600, between=(1, 7 * 86400)),
+    # CRL/OCSP addresses come from client certificates: loopback, link-local and private ones only
+    # when the operator says so (a responder on the LAN).
+    schema.boolean("revocation_allow_private_addresses", default=False),
     # Identity -> consumer and groups.
     schema.strings("name_sources", default=[k.value for k in DEFAULT_NAME_ORDER],
                    one_of=[k.value for k in NameKind], len_min=1),
@@ -191,6 +194,7 @@ def _revocation(conf: Mapping[str, Any], clock: Callable[[], float]) -> Callable
         except ValueError as exc:
             raise ConfigError(f"crls[{i}]", str(exc)) from None
     checker = RevocationChecker(static_crls=crls, http_timeout=conf["http_timeout"] / 1000.0,
+                                allow_private_addresses=conf["revocation_allow_private_addresses"],
                                 max_ttl=float(conf["revocation_cache_ttl"]), clock=clock)
     return lambda leaf, issuer: checker.check(leaf, issuer, mode)
 
