@@ -389,7 +389,7 @@ def _idp(**flags) -> x509.IssuingDistributionPoint:
     (x509.DeltaCRLIndicator(1), "partial (delta CRL)", REVOKED),
     (_idp(only_some_reasons=frozenset({x509.ReasonFlags.key_compromise})), "some reasons only", REVOKED),
     (_idp(full_name=[x509.UniformResourceIdentifier("http://elsewhere.example/crl")]), "scope", REVOKED),
-    (_idp(only_contains_ca_certs=True), "CA or attribute certificates only", UNKNOWN),
+    (_idp(only_contains_ca_certs=True), "CA certificates only", UNKNOWN),
     (_idp(indirect_crl=True), "indirect CRLs are not supported", UNKNOWN),
 ], ids=["delta", "some-reasons", "other-scope", "ca-only", "indirect"])
 def test_partial_crl_never_says_good(ca, extension, why, listed):

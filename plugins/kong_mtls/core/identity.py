@@ -262,8 +262,11 @@ _DNS_NAME = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0
 
 
 def _dns_within(name: str, base: str) -> bool:
-    """RFC 5280 DNS name constraint: `base` permits itself and its subdomains; `.base` only these."""
+    """RFC 5280 DNS name constraint: `base` holds itself and its subdomains; `.base` only these; an
+    empty base (or `.`) every name (the CA/Browser Forum's way to exclude all DNS names)."""
     name, base = name.lower().rstrip("."), base.lower().rstrip(".")
+    if not base:
+        return True
     if base.startswith("."):
         return name.endswith(base)
     return name == base or name.endswith("." + base)
@@ -274,9 +277,9 @@ def cn_outside_name_constraints(path: Sequence[x509.Certificate], identity: Cert
 
     The verifier applies name constraints to subjectAltName values only; a CN used as an identity
     (a consumer name, a group) must hold them too, or a CA constrained to `partner.example` could
-    issue `CN=admin` without SAN. Where a CA permits any subtree, the CN must be a DNS name inside
-    one of its permitted DNS subtrees; it must never lie in an excluded DNS subtree. (The verifier
-    refuses directoryName constraints altogether, so the subject itself needs no check.)
+    issue `CN=admin` without SAN. Below a CA with name constraints the CN must be a DNS name, inside
+    one of its permitted DNS subtrees where it permits any, and in none of its excluded DNS subtrees.
+    (The verifier refuses directoryName constraints altogether.)
     """
     for ca in path[1:]:
         try:
@@ -287,10 +290,11 @@ def cn_outside_name_constraints(path: Sequence[x509.Certificate], identity: Cert
         permitted_dns = [n.value for n in permitted if isinstance(n, x509.DNSName)]
         excluded_dns = [n.value for n in constraints.excluded_subtrees or () if isinstance(n, x509.DNSName)]
         for cn in identity.common_names:
-            dns_like = _DNS_NAME.fullmatch(cn) is not None
-            if permitted and not (dns_like and any(_dns_within(cn, base) for base in permitted_dns)):
+            if _DNS_NAME.fullmatch(cn) is None:  # no constraint type can vouch for it: closed
+                return f"CN {cn!r} is no DNS name and {describe(ca)} has name constraints"
+            if permitted and not any(_dns_within(cn, base) for base in permitted_dns):
                 return f"CN {cn!r} is outside the permitted subtrees of {describe(ca)}"
-            if dns_like and any(_dns_within(cn, base) for base in excluded_dns):
+            if any(_dns_within(cn, base) for base in excluded_dns):
                 return f"CN {cn!r} is in an excluded subtree of {describe(ca)}"
     return None
 
@@ -319,6 +323,7 @@ _ATTRIBUTE_OIDS = {
     "PSEUDONYM": NameOID.PSEUDONYM, "DNQUALIFIER": NameOID.DN_QUALIFIER,
 }
 _DOTTED = re.compile(r"^[0-2](\.(0|[1-9][0-9]*))+$")
+_CN_OID = NameOID.COMMON_NAME.dotted_string
 
 
 @dataclass(frozen=True)
@@ -368,13 +373,14 @@ class GroupSource:
 
 
 def _clean_groups(values: Iterable[str], dn: bool = False) -> tuple[str, ...]:
-    """Drop empty values, ones an HTTP header could not carry, and ones with a comma: Kong's acl
+    """Drop empty values, ones an HTTP header could not carry, ones with surrounding spaces (which
+    upstreams trim) and ones with a comma: Kong's acl
     joins groups with ", " into one upstream header, which upstreams split on commas, so
     `support,admins` would read as a group `admins`. A whole DN (`dn`, RFC 4514) keeps the commas
     between its RDNs (its pieces all hold `=`) but not an escaped comma inside a value."""
     out: dict[str, None] = {}
     for value in values:
-        if value and len(value) <= 256 and value.isprintable() and \
+        if value and len(value) <= 256 and value.isprintable() and value == value.strip() and \
                 ("\\," not in value if dn else "," not in value):
             out.setdefault(value, None)
     return tuple(out)
@@ -821,7 +827,9 @@ class Authenticator:
         policy = self.policy
         names = identity.names(policy.name_sources)
         cn_outside = cn_outside_name_constraints(chain.path, identity)
-        if cn_outside and any(source.kind is GroupSourceKind.CN for source in policy.groups_from):
+        if cn_outside and any(source.kind is GroupSourceKind.CN or (source.kind is GroupSourceKind.ATTRIBUTE
+                                                                   and source.oid == _CN_OID)
+                              for source in policy.groups_from):
             return _Outside(cn_outside)
         mapping, mismatch = None, None
         for name in names:

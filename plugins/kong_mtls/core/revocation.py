@@ -133,9 +133,21 @@ def _public_address(address: str) -> bool:
     """Whether a fetch may connect to `address`: a globally routable unicast address, so not
     loopback, link-local (cloud metadata at 169.254.169.254), private, shared or reserved space."""
     ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address):
+        if any(ip in net for net in _IPV6_REFUSED):
+            return False
+        embedded = ip.ipv4_mapped or ip.sixtofour or next(
+            (ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF) for net in _IPV6_EMBEDDING_IPV4 if ip in net), None)
+        if embedded is not None:
+            ip = embedded
     return ip.is_global and not ip.is_multicast
+
+
+#: IPv6 ranges that carry an IPv4 address in their last 32 bits (NAT64, local NAT64, IPv4-compatible,
+#: SIIT): judged by that IPv4 address. Site-local is refused outright.
+_IPV6_EMBEDDING_IPV4 = tuple(ipaddress.IPv6Network(n) for n in (
+    "64:ff9b::/96", "64:ff9b:1::/48", "::/96", "::ffff:0:0:0/96"))
+_IPV6_REFUSED = (ipaddress.IPv6Network("fec0::/10"),)
 
 
 def _connect(host: str, port: int, timeout: float | None, allow_private: bool) -> socket.socket:
@@ -338,8 +350,18 @@ def _verify_signature(public_key: Any, signature: bytes, data: bytes, hash_algor
     return True
 
 
-def _crl_scope(crl: x509.CertificateRevocationList, leaf_crl_urls: set[str]) -> tuple[str | None, str]:
-    """("complete" | "partial" | None when the CRL cannot speak for this leaf, why)."""
+def _is_ca(cert: x509.Certificate) -> bool:
+    try:
+        return cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        return False
+
+
+def _crl_scope(crl: x509.CertificateRevocationList, leaf_crl_urls: set[str],
+               for_ca: bool = False) -> tuple[str | None, str]:
+    """("complete" | "partial" | None when the CRL cannot speak for this certificate, why).
+    `for_ca`: the certificate checked is a CA (an intermediate): a CA-only CRL (an ARL) speaks for
+    it, an end-entity-only one does not (RFC 5280 6.3.3 b.2)."""
     scope, why = "complete", ""
     for ext in crl.extensions:
         value = ext.value
@@ -348,8 +370,12 @@ def _crl_scope(crl: x509.CertificateRevocationList, leaf_crl_urls: set[str]) -> 
         elif isinstance(value, x509.IssuingDistributionPoint):
             if value.indirect_crl:
                 return None, "indirect CRLs are not supported"
-            if value.only_contains_ca_certs or value.only_contains_attribute_certs:
-                return None, "the CRL covers CA or attribute certificates only"
+            if value.only_contains_attribute_certs:
+                return None, "the CRL covers attribute certificates only"
+            if value.only_contains_ca_certs and not for_ca:
+                return None, "the CRL covers CA certificates only"
+            if value.only_contains_user_certs and for_ca:
+                return None, "the CRL covers end-entity certificates only"
             if value.only_some_reasons:
                 scope, why = "partial", "the CRL covers some reasons only"
             elif value.relative_name is not None or (value.full_name and not any(
@@ -692,7 +718,7 @@ class RevocationChecker:
                              + (")" if crl.next_update_utc is not None else
                                 ", counted from lastUpdate: the CRL has none)"))
                 return None
-            scope, why = _crl_scope(crl, leaf_crl_urls)
+            scope, why = _crl_scope(crl, leaf_crl_urls, for_ca=_is_ca(leaf))
             if scope is None:
                 notes.append(f"{where}: {why}")
                 return None

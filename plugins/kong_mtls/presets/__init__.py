@@ -11,6 +11,7 @@ a fresher copy than the one shipped (`load_cidr_preset(name, override_file=...)`
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -51,7 +52,8 @@ class CidrList:
         return json.dumps(document, indent=2) + "\n"
 
 
-#: A preset range wider than this is refused as implausible, in a shipped preset, a `preset_files`
+#: A preset range wider than this, or a list covering more than one such range in all, is refused
+#: as implausible, in a shipped preset, a `preset_files`
 #: override and a list fetched by `kong-mtls cloudflare-ranges` alike: a tampered or broken list
 #: could otherwise open an allowlist to a large part of the Internet (`0.0.0.0/0`). Cloudflare's
 #: widest are /13 (IPv4) and /29 (IPv6).
@@ -80,6 +82,11 @@ def parse_cidr_list(document: object, origin: str) -> CidrList:
             if network.prefixlen < WIDEST_PREFIX[version]:
                 raise PresetError(f"{origin}: {key}[{i}]: {item!r} is wider than /{WIDEST_PREFIX[version]}; "
                                   "refusing an implausible range")
+        covered = sum(n.num_addresses for n in ipaddress.collapse_addresses(
+            parse_network(item) for item in items))
+        if covered > 2 ** ((32 if version == 4 else 128) - WIDEST_PREFIX[version]):
+            raise PresetError(f"{origin}: {key} covers more addresses than one /{WIDEST_PREFIX[version]}; "
+                              "refusing an implausible list")
         families[key] = tuple(items)
     if not families["ipv4_cidrs"] and not families["ipv6_cidrs"]:
         raise PresetError(f"{origin}: no CIDRs")
