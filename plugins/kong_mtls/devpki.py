@@ -180,8 +180,8 @@ class Authority:
         if extended_key_usage is not None:
             builder = builder.add_extension(x509.ExtendedKeyUsage(list(extended_key_usage)), critical=False)
         san = (sans or SubjectAltNames()).extension()
-        if san is not None:
-            builder = builder.add_extension(san, critical=critical_san)
+        if san is not None:  # critical when the subject is empty, as RFC 5280 requires (and Go does)
+            builder = builder.add_extension(san, critical=critical_san or len(subject) == 0)
         cert = builder.sign(self.key, _hash_for(self.key))
         return Issued(cert=cert, key=key, intermediates=self.chain)
 

@@ -99,16 +99,55 @@ def test_chain_may_include_the_root_and_be_bytes(pki, v):
     assert v.verify(with_root.encode()).ok
 
 
-@pytest.mark.parametrize("kind", ["rsa", "cn-only", "no-eku", "no-aki"])
+@pytest.mark.parametrize("kind", ["rsa", "cn-only", "no-eku"])
 def test_valid_leaf_shapes(pki, v, kind):
     issued = {
         "rsa": lambda: pki.rsa_client(),
         "cn-only": lambda: pki.client("cn-only.example"),   # no subjectAltName at all
         "no-eku": lambda: pki.no_eku(),                       # RFC 5280: no EKU = any purpose
-        "no-aki": lambda: raw_leaf(pki.intermediate, "no-aki", aki=False),
     }[kind]()
     verdict = v.verify(issued.chain_pem)
     assert verdict.ok, verdict.detail
+
+
+def _shaped_leaf(issuer, *, subject: x509.Name, san_critical: bool | None, eku_critical: bool = False,
+                 aki: bool = True) -> str:
+    """A leaf with the given subject, SAN criticality (None: no SAN), EKU criticality and AKI."""
+    key = new_key()
+    builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer.subject)
+               .public_key(key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(now() - DAY).not_valid_after(now() + DAY)
+               .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH]),
+                              critical=eku_critical))
+    if aki:
+        builder = builder.add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.key.public_key()), critical=False)
+    if san_critical is not None:
+        builder = builder.add_extension(x509.SubjectAlternativeName([x509.DNSName("shaped.example")]),
+                                        critical=san_critical)
+    cert = builder.sign(issuer.key, hashes.SHA256())
+    return cert.public_bytes(serialization.Encoding.PEM).decode() + issuer.cert_pem
+
+
+EMPTY = x509.Name([])
+
+
+@pytest.mark.parametrize(("shape", "ok"), [
+    ({"subject": name("s"), "san_critical": False}, True),
+    ({"subject": EMPTY, "san_critical": True}, True),           # RFC 5280: empty subject, critical SAN
+    ({"subject": name("cn-only"), "san_critical": None}, True),  # CN-only: the one kept relaxation
+    ({"subject": EMPTY, "san_critical": False}, False),
+    ({"subject": name("s"), "san_critical": True}, False),
+    ({"subject": EMPTY, "san_critical": None}, False),
+    ({"subject": name("s"), "san_critical": False, "eku_critical": True}, False),
+    ({"subject": name("s"), "san_critical": False, "aki": False}, False),
+], ids=["plain", "empty-subject-critical-san", "cn-only", "empty-subject-noncritical-san",
+        "subject-and-critical-san", "empty-subject-no-san", "critical-eku", "no-aki"])
+def test_what_the_verifier_accepts_of_a_leaf(pki, v, shape, ok):
+    verdict = v.verify(_shaped_leaf(pki.intermediate, **shape))
+    assert verdict.ok is ok, verdict.detail
+    if not ok:
+        assert verdict.reason is Reason.BAD_EXTENSION, verdict.detail
 
 
 # -- refusals ------------------------------------------------------------------------------------------

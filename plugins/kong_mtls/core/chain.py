@@ -31,7 +31,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -415,6 +415,7 @@ _MESSAGE_REASONS = (
     ("Forbidden", Reason.UNSUPPORTED_ALGORITHM),
     ("RSA key", Reason.UNSUPPORTED_ALGORITHM),
     ("invalid extension", Reason.BAD_EXTENSION),
+    ("extension validator failed", Reason.BAD_EXTENSION),  # _san_rules
     ("no interior errors", Reason.UNKNOWN_CA),
 )
 
@@ -456,6 +457,20 @@ def _leaf_usage_problem(leaf: x509.Certificate,
     return None
 
 
+def _san_rules(_policy: Any, cert: x509.Certificate, san: x509.SubjectAlternativeName | None) -> None:
+    """RFC 5280 4.2.1.6: with an empty subject the subjectAltName must be critical; with a subject,
+    it is not (the web PKI refuses a critical one)."""
+    if san is None:
+        if len(cert.subject) == 0:
+            raise ValueError("a leaf with an empty subject needs a subjectAltName")
+        return
+    critical = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).critical
+    if len(cert.subject) == 0 and not critical:
+        raise ValueError("an empty subject requires a critical subjectAltName")
+    if len(cert.subject) > 0 and critical:
+        raise ValueError("a critical subjectAltName beside a non-empty subject")
+
+
 class ChainVerifier:
     """Verifies presented chains against one `ChainPolicy`, with the caches described above.
 
@@ -469,10 +484,14 @@ class ChainVerifier:
         self._refused: LRU[str, tuple[float, ChainVerdict]] = LRU(min(cache_size, 1024))
         self.hits = 0
         self.misses = 0
+        # The web PKI's end-entity rules with two relaxations, each for a documented need
+        # (docs/client-cert-auth.md, "What the verifier accepts"): subjectAltName may be absent
+        # (CN-only client certificates of enterprise PKIs), its criticality then checked as RFC 5280
+        # says; extendedKeyUsage is any purpose, non-critical (the purpose is checked afterwards
+        # against `required_eku`, which may be another than clientAuth).
         ee = (verification.ExtensionPolicy.webpki_defaults_ee()
-              .may_be_present(x509.SubjectAlternativeName, verification.Criticality.AGNOSTIC, None)
-              .may_be_present(x509.AuthorityKeyIdentifier, verification.Criticality.AGNOSTIC, None)
-              .may_be_present(x509.ExtendedKeyUsage, verification.Criticality.AGNOSTIC, None))
+              .may_be_present(x509.SubjectAlternativeName, verification.Criticality.AGNOSTIC, _san_rules)
+              .may_be_present(x509.ExtendedKeyUsage, verification.Criticality.NON_CRITICAL, None))
         ca = verification.ExtensionPolicy.webpki_defaults_ca()
         if policy.required_eku != ExtendedKeyUsageOID.CLIENT_AUTH:
             # The client verifier checks CA certificates' EKU against clientAuth; another purpose
