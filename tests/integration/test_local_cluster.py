@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -32,32 +33,29 @@ pytestmark = pytest.mark.integration
 STARTING = (404, 401, 500, GUARD_STATUS)
 
 
+def _stopped_after(resource: Any) -> Iterator[Any]:
+    """Yield `resource` to the module's tests, then stop it."""
+    try:
+        yield resource
+    finally:
+        resource.stop()
+
+
 @pytest.fixture(scope="module")
 def postgres() -> Iterator[PostgresServer]:
-    server = PostgresServer().start()
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from _stopped_after(PostgresServer().start())
 
 
 @pytest.fixture(scope="module")
 def traditional(postgres: PostgresServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    gateway = RUNNER.start(tmp_path_factory.mktemp("kong-db"), database=postgres.create_database("kong_db"))
-    try:
-        yield gateway
-    finally:
-        gateway.stop()
+    yield from _stopped_after(RUNNER.start(tmp_path_factory.mktemp("kong-db"),
+                                           database=postgres.create_database("kong_db")))
 
 
 @pytest.fixture(scope="module")
 def control_plane(postgres: PostgresServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    gateway = RUNNER.start(tmp_path_factory.mktemp("kong-cp"), database=postgres.create_database("kong_cp"),
-                           role="control_plane")
-    try:
-        yield gateway
-    finally:
-        gateway.stop()
+    yield from _stopped_after(RUNNER.start(tmp_path_factory.mktemp("kong-cp"), role="control_plane",
+                                           database=postgres.create_database("kong_cp")))
 
 
 def nonce() -> dict[str, str]:
