@@ -24,6 +24,7 @@ EXPIRED = generate_key("expired")
 NETWORK = generate_key("network")
 CERT = generate_key("cert")
 LEGACY = "e1f2a3b4c5d6e7f8a9b0c1d2e3f4a5b6"
+INDEX_SECRET = "protocol-test-index-secret"
 FORGED = "plain." + generate_key().key.split(".", 1)[1]
 SECRETS = [PLAIN.key, EXPIRED.key, NETWORK.key, CERT.key, LEGACY, FORGED]
 
@@ -32,7 +33,7 @@ CREDENTIALS = [
     credential_entry(EXPIRED.key, "alice", "expired", expires_at="2020-09-13T12:26:40Z"),
     credential_entry(NETWORK.key, "bob", "network", allowed_cidrs=["10.0.0.0/8"]),
     credential_entry(CERT.key, ALICE.id, "cert", client_cert=True, client_spki_sha256=[SPKI]),
-    credential_entry(LEGACY, "bob", "legacy", migrated=True),
+    credential_entry(LEGACY, "bob", "legacy", index_secret=INDEX_SECRET),
 ]
 
 
@@ -43,7 +44,7 @@ def server(plugin_server):
 
 def config(**extra: Any) -> dict[str, Any]:
     """Every source on but the body (key_in_query is off by default: URLs end up in logs)."""
-    return {"credentials": CREDENTIALS, "key_in_query": True, **extra}
+    return {"credentials": CREDENTIALS, "key_in_query": True, "key_index_secret": INDEX_SECRET, **extra}
 
 
 def run(kong: KongSide, server, request: Request, conf: dict | None = None, **kwargs: Any) -> Outcome:
@@ -119,7 +120,8 @@ def test_hide_credentials_header(kong: KongSide, server) -> None:
 
 
 def test_query_keys_are_not_read_by_default(kong: KongSide, server) -> None:
-    outcome = run(kong, server, Request(query={"apikey": PLAIN.key}), {"credentials": CREDENTIALS})
+    outcome = run(kong, server, Request(query={"apikey": PLAIN.key}),
+                  {"credentials": CREDENTIALS, "key_index_secret": INDEX_SECRET})
     assert (outcome.status, outcome.message) == (401, "No API key found in request")
     assert "kong.request.get_query" not in outcome.pdk_calls
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import hmac
 import re
 from typing import Any
 
@@ -60,6 +61,7 @@ CERT = generate_key("cert")
 PINNED = generate_key("pinned")
 MIGRATED_KEY = "9f0c1e2d3b4a59687766554433221100"  # the shape of a key-auth generated key
 DOTTED_KEY = "plain.looks-like-an-id-but-is-a-legacy-key"  # a legacy key whose prefix is a known id
+INDEX_SECRET = "test-deployment-index-secret"  # the config's key_index_secret
 
 
 def entries() -> list[dict[str, Any]]:
@@ -69,8 +71,8 @@ def entries() -> list[dict[str, Any]]:
         credential_entry(NETWORK.key, "bob", "network", allowed_cidrs=["10.0.0.0/8", "2001:db8::/32"]),
         credential_entry(CERT.key, "alice", "cert", client_cert=True),
         credential_entry(PINNED.key, ALICE["id"], "pinned", client_spki_sha256=[SPKI.upper()]),
-        credential_entry(MIGRATED_KEY, "bob", "legacy-1", migrated=True),
-        credential_entry(DOTTED_KEY, "bob", "legacy-2", migrated=True),
+        credential_entry(MIGRATED_KEY, "bob", "legacy-1", index_secret=INDEX_SECRET),
+        credential_entry(DOTTED_KEY, "bob", "legacy-2", index_secret=INDEX_SECRET),
     ]
 
 
@@ -81,6 +83,7 @@ def make(**config: Any) -> ApiKeyAuth:
     """Query keys on unless a test says otherwise (off by default: URLs end up in logs)."""
     config.setdefault("credentials", ENTRIES)
     config.setdefault("key_in_query", True)
+    config.setdefault("key_index_secret", INDEX_SECRET)
     return ApiKeyAuth.from_config(config)
 
 
@@ -168,11 +171,22 @@ def test_hash_is_salted_hmac_sha256() -> None:
     assert "some-key" not in text
 
 
-def test_key_index_is_domain_separated_truncated_sha256() -> None:
-    index = key_index(MIGRATED_KEY)
-    assert re.fullmatch(r"[0-9a-f]{32}", index) and index == key_index(MIGRATED_KEY)
-    assert index != hashlib.sha256(MIGRATED_KEY.encode()).hexdigest()[:32]
-    assert index != key_index(MIGRATED_KEY + "x")
+def test_key_index_is_an_hmac_under_the_deployments_secret() -> None:
+    """No table precomputed for one deployment, or for a public prefix, finds keys in another."""
+    index = key_index(MIGRATED_KEY, INDEX_SECRET)
+    assert re.fullmatch(r"[0-9a-f]{32}", index) and index == key_index(MIGRATED_KEY, INDEX_SECRET)
+    assert index == hmac.new(INDEX_SECRET.encode(), MIGRATED_KEY.encode(), hashlib.sha256).hexdigest()[:32]
+    assert index != key_index(MIGRATED_KEY, INDEX_SECRET + "x")
+    assert index != key_index(MIGRATED_KEY + "x", INDEX_SECRET)
+
+
+def test_key_index_needs_a_secret_of_sixteen_characters() -> None:
+    with pytest.raises(ConfigError, match="key_index_secret"):
+        CredentialTable.from_config(ENTRIES)                    # migrated keys, no secret
+    with pytest.raises(ConfigError, match="key_index_secret"):
+        ApiKeyAuth.from_config({"credentials": ENTRIES, "key_index_secret": "too short"})
+    # a config without migrated keys needs none
+    assert len(CredentialTable.from_config([credential_entry(PLAIN.key, "alice", "plain")])) == 1
 
 
 def test_credential_identifier_is_a_stable_uuid5_of_the_key_id() -> None:
@@ -249,7 +263,7 @@ def test_credential_entry_normalises_pins_and_keeps_only_the_hash() -> None:
 # ====================================================================================================
 # Lookup and verification
 # ====================================================================================================
-TABLE = CredentialTable.from_config(ENTRIES)
+TABLE = CredentialTable.from_config(ENTRIES, index_secret=INDEX_SECRET.encode())
 
 
 def test_lookup_by_id_and_by_index() -> None:
@@ -281,7 +295,8 @@ def test_unknown_and_malformed_keys() -> None:
 
 def test_key_with_raw_bytes_round_trips() -> None:
     raw = b"caf\xe9-key-\xff".decode("utf-8", "surrogateescape")  # how the server decodes raw bytes
-    table = CredentialTable.from_config([credential_entry(raw, "bob", "raw", migrated=True)])
+    table = CredentialTable.from_config([credential_entry(raw, "bob", "raw", index_secret=INDEX_SECRET)],
+                                        index_secret=INDEX_SECRET.encode())
     assert table.match(raw).credential.key_id == "raw"
 
 
@@ -304,7 +319,7 @@ def test_key_in_header() -> None:
 
 
 def test_query_keys_are_off_by_default() -> None:
-    auth = ApiKeyAuth.from_config({"credentials": ENTRIES})
+    auth = ApiKeyAuth.from_config({"credentials": ENTRIES, "key_index_secret": INDEX_SECRET})
     assert not auth.settings.key_in_query
 
 

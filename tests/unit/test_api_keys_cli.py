@@ -6,6 +6,8 @@ import argparse
 import io
 import json
 import re
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -27,7 +29,15 @@ def parser() -> argparse.ArgumentParser:
     return root
 
 
+INDEX_SECRET = "cli-test-index-secret"
+_SECRET_FILE = Path(tempfile.mkdtemp(prefix="kong-mtls-cli-")) / "index-secret"
+_SECRET_FILE.write_text(INDEX_SECRET + "\n")
+
+
 def run(argv: list[str], stdin: str | None = None, tty: bool = False) -> tuple[str, str]:
+    """`argv` through the CLI's parser; `hash` gets the test deployment's --index-secret-file."""
+    if argv[:2] == ["api-key", "hash"] and "--index-secret-file" not in argv:
+        argv = [*argv, "--index-secret-file", str(_SECRET_FILE)]
     args = parser().parse_args(argv)
     out, err = io.StringIO(), io.StringIO()
     if args.action == "new":
@@ -58,7 +68,18 @@ def yaml_entry(text: str) -> dict[str, Any]:
 
 
 def authenticates(entry: dict[str, Any], key: str) -> bool:
-    return CredentialTable.from_config([entry]).match(key).reason is None
+    return CredentialTable.from_config([entry], index_secret=INDEX_SECRET.encode()).match(key).reason is None
+
+
+def test_hash_needs_the_deployments_index_secret_from_a_file(tmp_path) -> None:
+    with pytest.raises(SystemExit) as info:                      # required, and never an argument value
+        parser().parse_args(["api-key", "hash", "--consumer", "carol"])
+    assert info.value.code == 2
+    short = tmp_path / "short"
+    short.write_text("too short")
+    args = parser().parse_args(["api-key", "hash", "--consumer", "carol", "--index-secret-file", str(short)])
+    with pytest.raises(CommandError, match=r"--index-secret-file: .*16 or more"):
+        args.func(args, stdin=io.StringIO(LEGACY_KEY), out=io.StringIO(), err=io.StringIO())
 
 
 def test_new_prints_the_key_once_with_an_entry_that_verifies_it() -> None:

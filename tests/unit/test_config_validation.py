@@ -29,6 +29,8 @@ from tests.harness.expect import assert_invalid_config
 from tests.harness.kong_side import Request
 from tests.harness.pki import TestPKI
 
+INDEX_SECRET = "validation-index-secret"
+
 
 class Material:
     """Certificates, keys and files the configs point at, all made at test time."""
@@ -63,8 +65,8 @@ class Material:
         key = generate_key()
         self.entry = credential_entry(key.key, "alice", key.key_id)
         legacy = "legacy-key-" + base64.urlsafe_b64encode(os.urandom(18)).decode()
-        self.migrated = credential_entry(legacy, "bob", "legacy-1", migrated=True)
-        self.index = key_index(legacy)
+        self.migrated = credential_entry(legacy, "bob", "legacy-1", index_secret=INDEX_SECRET)
+        self.index = key_index(legacy, INDEX_SECRET)
 
     def _write(self, name: str, text: str) -> str:
         path = os.path.join(self.dir, name)
@@ -296,11 +298,15 @@ API_KEY_AUTH_CASES = [
     ("id ending in a newline", lambda m: {"credentials": [cred(m, id="ak_1\n")]}, "credentials[1].id"),
     ("duplicate id", lambda m: {"credentials": [m.entry, cred(m, hash=GOOD_HASH)]}, "credentials[2].id"),
     ("duplicate hash", lambda m: {"credentials": [m.entry, cred(m, id="other")]}, "credentials[2].hash"),
-    ("duplicate key index", lambda m: {"credentials": [m.migrated, cred(m, id="other", key_index=m.index)]},
-     "credentials[2].key_index"),
+    ("duplicate key index", lambda m: {"credentials": [m.migrated, cred(m, id="other", key_index=m.index)],
+                                       "key_index_secret": INDEX_SECRET}, "credentials[2].key_index"),
+    ("migrated keys without a key_index_secret", lambda m: {"credentials": [m.migrated]}, "key_index_secret"),
+    ("key_index_secret too short", lambda m: {"credentials": [m.migrated], "key_index_secret": "short"},
+     "key_index_secret"),
     ("bad key index", lambda m: {"credentials": [cred(m, key_index="xyz")]}, "credentials[1].key_index"),
     ("key index ending in a newline",
-     lambda m: {"credentials": [{**m.migrated, "key_index": m.index + "\n"}]},
+     lambda m: {"credentials": [{**m.migrated, "key_index": m.index + "\n"}],
+                "key_index_secret": INDEX_SECRET},
      "credentials[1].key_index"),
     ("expiry not a date", lambda m: {"credentials": [cred(m, expires_at="tomorrow")]},
      "credentials[1].expires_at"),
@@ -410,7 +416,8 @@ def test_the_base_configs_of_the_tables_are_valid():
     m = material()
     for module, config in (("ip_allowlist", PEER), ("ip_allowlist", HEADER_SOURCE),
                            ("client_cert_auth", cert(m)),
-                           ("api_key_auth", {"credentials": [m.entry, m.migrated]}),
+                           ("api_key_auth", {"credentials": [m.entry, m.migrated],
+                                             "key_index_secret": INDEX_SECRET}),
                            ("upstream_identity", up(m)), ("client_cert_request", {}),
                            ("upstream_identity", up(m, client_cert_file=m.files["kong-cert"],
                                                     client_key_file=m.files["kong-key"], host="127.0.0.1",

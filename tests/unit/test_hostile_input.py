@@ -721,6 +721,9 @@ NOW = 1_800_000_000.0
 EXPIRED_AT = "2020-01-01T00:00:00Z"
 
 
+
+HOSTILE_INDEX_SECRET = "hostile-index-secret"
+
 class KeyWorld:
     def __init__(self) -> None:
         pki = certs().pki
@@ -732,7 +735,7 @@ class KeyWorld:
         self.keys["bob"] = legacy
         entries = [
             api_keys.credential_entry(made["alice"].key, "alice", made["alice"].key_id),
-            api_keys.credential_entry(legacy, "bob", "legacy-bob", migrated=True),
+            api_keys.credential_entry(legacy, "bob", "legacy-bob", index_secret=HOSTILE_INDEX_SECRET),
             api_keys.credential_entry(made["carol"].key, "carol", made["carol"].key_id,
                                       expires_at=EXPIRED_AT),
             api_keys.credential_entry(made["dave"].key, "dave", made["dave"].key_id,
@@ -745,7 +748,7 @@ class KeyWorld:
         self.owner_of_id = {e["id"]: e["consumer"] for e in entries}
         self.key_names = ("apikey", "x_api_key")
         config = {"key_names": list(self.key_names), "key_in_header": True, "key_in_query": True,
-                  "key_in_body": True, "credentials": entries}
+                  "key_in_body": True, "credentials": entries, "key_index_secret": HOSTILE_INDEX_SECRET}
         self.strict = api_keys.ApiKeyAuth.from_config(config)
         self.hiding = api_keys.ApiKeyAuth.from_config({**config, "hide_credentials": True})
         self.anonymous = api_keys.ApiKeyAuth.from_config({**config, "anonymous": "nobody"})

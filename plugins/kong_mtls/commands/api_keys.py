@@ -24,9 +24,11 @@ from kong_mtls.core.api_keys import (
     credential_entry,
     credential_identifier,
     generate_key,
+    index_secret,
     new_key_id,
     parse_rfc3339,
 )
+from kong_mtls.files import FileReadError, read_limited
 from kong_mtls.schema import ConfigError
 
 COMMAND = "api-key"
@@ -57,6 +59,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "The key is never taken from the command line.")
     _entry_options(hashed, id_help="credential id for logs and X-Credential-Identifier, e.g. the "
                                    "key-auth credential's id (default: ka_ + 16 random hex digits)")
+    hashed.add_argument("--index-secret-file", required=True, metavar="PATH",
+                        help="file holding the deployment's key_index_secret (16+ characters, the same "
+                             "value as the plugin's config.key_index_secret); never on the command line")
     hashed.set_defaults(func=run_hash)
 
 
@@ -80,7 +85,7 @@ def _entry_options(parser: argparse.ArgumentParser, id_help: str) -> None:
 def run_new(args: argparse.Namespace, out: TextIO | None = None) -> int:
     out = out or sys.stdout
     key = generate_key(_key_id(args, GENERATED_ID_PREFIX))
-    entry = _entry(args, key.key, key.key_id, migrated=False)
+    entry = _entry(args, key.key, key.key_id)
     if args.format == "json":
         out.write(json.dumps({"key": key.key, "credential": entry,
                               "credential_identifier": credential_identifier(key.key_id)}, indent=2) + "\n")
@@ -100,7 +105,7 @@ def run_hash(args: argparse.Namespace, stdin: TextIO | None = None, out: TextIO 
         err.write(f"warning: this key has fewer than {SHORT_KEY} characters; a short or guessable key "
                   "can be recovered from its hash by trial. Replace it with `kong-mtls api-key new` "
                   "soon.\n")
-    entry = _entry(args, key, _key_id(args, MIGRATED_ID_PREFIX), migrated=True)
+    entry = _entry(args, key, _key_id(args, MIGRATED_ID_PREFIX), secret=_index_secret(args))
     if args.format == "json":
         out.write(json.dumps({"credential": entry,
                               "credential_identifier": credential_identifier(entry["id"])}, indent=2) + "\n")
@@ -141,7 +146,20 @@ def _key_id(args: argparse.Namespace, prefix: str) -> str:
     return args.key_id
 
 
-def _entry(args: argparse.Namespace, key: str, key_id: str, migrated: bool) -> dict[str, Any]:
+def _index_secret(args: argparse.Namespace) -> str:
+    try:
+        text = read_limited(args.index_secret_file, 4096).decode("utf-8").strip()
+    except (FileReadError, UnicodeDecodeError) as exc:
+        raise CommandError(f"--index-secret-file: {exc}") from None
+    try:
+        index_secret(text)
+    except ConfigError as exc:
+        raise CommandError(f"--index-secret-file: {exc.problem}") from None
+    return text
+
+
+def _entry(args: argparse.Namespace, key: str, key_id: str,
+           secret: str | None = None) -> dict[str, Any]:
     if not args.consumer.strip():
         raise CommandError("--consumer: give the consumer's id or username")
     if args.expires_at is not None:
@@ -152,7 +170,7 @@ def _entry(args: argparse.Namespace, key: str, key_id: str, migrated: bool) -> d
         if expires <= time.time():
             raise CommandError("--expires-at is in the past")
     try:
-        return credential_entry(key, args.consumer, key_id, migrated=migrated,
+        return credential_entry(key, args.consumer, key_id, index_secret=secret,
                                 expires_at=args.expires_at, allowed_cidrs=args.allowed_cidrs,
                                 client_cert=args.client_cert,
                                 client_spki_sha256=args.client_spki_sha256)

@@ -67,9 +67,9 @@ MAC_BYTES = 32
 KEY_INDEX_BYTES = 16
 #: Longer presented keys are refused without hashing them (a body can carry megabytes).
 MAX_KEY_LENGTH = 1024
-#: Domain prefix of `key_index`: the index is no plain SHA-256 of the key, so generic precomputed
-#: SHA-256 tables do not apply to it.
-_INDEX_DOMAIN = b"kong-mtls api-key-auth key index v1\x00"
+#: `key_index` is an HMAC of the key under the deployment's `key_index_secret`: with a fixed key,
+#: one precomputed table would find weak migrated keys in every deployment's config.
+MIN_INDEX_SECRET_CHARS = 16
 #: Namespace of the credential ids given to Kong (`kong.client.authenticate`, X-Credential-Identifier).
 CREDENTIAL_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:kong-mtls:api-key-auth:credential")
 
@@ -172,16 +172,25 @@ def hash_key(key: str, salt: bytes | None = None) -> str:
     return f"{HASH_SCHEME}:{_b64(salt)}:{_b64(_mac(salt, data))}"
 
 
-def key_index(key: str) -> str:
-    """The lookup index of a key that has no id in it (keys migrated from key-auth)."""
+def key_index(key: str, secret: str) -> str:
+    """The lookup index of a key that has no id in it (keys migrated from key-auth), under the
+    deployment's `key_index_secret`."""
     data = key_bytes(key)
     if data is None or not data:
         raise ValueError(f"an API key is 1 to {MAX_KEY_LENGTH} bytes")
-    return _index_of(data)
+    return _index_of(data, index_secret(secret))
 
 
-def _index_of(data: bytes) -> str:
-    return hashlib.sha256(_INDEX_DOMAIN + data).digest()[:KEY_INDEX_BYTES].hex()
+def index_secret(secret: object, where: str = "key_index_secret") -> bytes:
+    """The HMAC key of `key_index`; ConfigError unless a string of MIN_INDEX_SECRET_CHARS or more."""
+    if not isinstance(secret, str) or len(secret) < MIN_INDEX_SECRET_CHARS or not secret.isprintable():
+        raise ConfigError(where, f"a printable secret of {MIN_INDEX_SECRET_CHARS} or more characters "
+                                 "(the same in every config that holds migrated keys)")
+    return secret.encode()
+
+
+def _index_of(data: bytes, secret: bytes) -> str:
+    return hmac.new(secret, data, hashlib.sha256).digest()[:KEY_INDEX_BYTES].hex()
 
 
 def credential_identifier(key_id: str) -> str:
@@ -250,16 +259,19 @@ class KeyMatch:
 class CredentialTable:
     """All credentials of one plugin instance, indexed once: O(1) lookup by key id or key index."""
 
-    def __init__(self, credentials: Sequence[Credential]) -> None:
+    def __init__(self, credentials: Sequence[Credential], index_secret: bytes | None = None) -> None:
         self._by_id = {c.key_id: c for c in credentials}
         self._by_index = {c.key_index: c for c in credentials if c.key_index is not None}
+        if self._by_index and index_secret is None:
+            raise ConfigError("key_index_secret", "required when a credential has a key_index")
+        self._index_secret = index_secret or b""
 
     def __len__(self) -> int:
         return len(self._by_id)
 
     @classmethod
-    def from_config(cls, records: Sequence[Mapping[str, Any]] | None,
-                    where: str = "credentials") -> CredentialTable:
+    def from_config(cls, records: Sequence[Mapping[str, Any]] | None, where: str = "credentials",
+                    index_secret: bytes | None = None) -> CredentialTable:
         """Validate every record; ConfigError names the field, e.g. `credentials[2].hash`."""
         if records is None:
             records = []
@@ -281,7 +293,7 @@ class CredentialTable:
                     raise ConfigError(f"{here}.{name}", f"same {name} as {where}[{seen[value]}]")
                 seen[value] = i
             credentials.append(credential)
-        return cls(credentials)
+        return cls(credentials, index_secret)
 
     def match(self, key: str) -> KeyMatch:
         """Find and verify the credential of a presented key (expiry is checked by the caller)."""
@@ -295,7 +307,7 @@ class CredentialTable:
             if by_id is not None and by_id.key_index is None:
                 candidates.append(by_id)
         if self._by_index:
-            by_index = self._by_index.get(_index_of(data))
+            by_index = self._by_index.get(_index_of(data, self._index_secret))
             if by_index is not None:
                 candidates.append(by_index)
         if not candidates:
@@ -382,13 +394,14 @@ def _parse_hash(value: str, where: str) -> tuple[bytes, bytes]:
     return salt, mac
 
 
-def credential_entry(key: str, consumer: str, key_id: str, *, migrated: bool = False,
+def credential_entry(key: str, consumer: str, key_id: str, *, index_secret: str | None = None,
                      expires_at: str | None = None, allowed_cidrs: Sequence[str] = (),
                      client_cert: bool = False, client_spki_sha256: Sequence[str] = ()) -> dict[str, Any]:
-    """The config record for a key (what the CLI prints); validated like the plugin validates it."""
+    """The config record for a key (what the CLI prints); validated like the plugin validates it.
+    With `index_secret` (a key migrated from key-auth, without an id), it carries a `key_index`."""
     entry: dict[str, Any] = {"id": key_id, "hash": hash_key(key), "consumer": consumer}
-    if migrated:
-        entry["key_index"] = key_index(key)
+    if index_secret is not None:
+        entry["key_index"] = key_index(key, index_secret)
     if expires_at is not None:
         entry["expires_at"] = expires_at
     if allowed_cidrs:
@@ -627,7 +640,10 @@ class ApiKeyAuth:
             key_in_body=_flag(config, "key_in_body", False),
             hide_credentials=_flag(config, "hide_credentials", False),
         )
-        return cls(settings=settings, credentials=CredentialTable.from_config(config.get("credentials")),
+        secret = config.get("key_index_secret")
+        credentials = CredentialTable.from_config(
+            config.get("credentials"), index_secret=index_secret(secret) if secret is not None else None)
+        return cls(settings=settings, credentials=credentials,
                    anonymous=anonymous, run_on_preflight=_flag(config, "run_on_preflight", True),
                    realm=realm)
 

@@ -45,6 +45,8 @@ Schema = [
     schema.boolean("run_on_preflight", default=True, required=True),
     schema.string("realm"),
     schema.integer("consumer_cache_ttl", default=60, required=True, between=(0, 86400)),
+    # The HMAC key of the credentials' key_index (keys migrated from key-auth): one per deployment.
+    schema.string("key_index_secret"),
     schema.records("credentials", [
         schema.string("id", required=True),
         schema.string("hash", required=True),
