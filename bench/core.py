@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from cryptography import x509
+
 from bench import core_cidr
 from bench.load import time_call
 from kong_mtls.core.api_keys import ApiKeyAuth, credential_entry, generate_key
-from kong_mtls.core.chain import ChainPolicy, ChainVerifier
+from kong_mtls.core.chain import MAX_LEAF_NAMES, ChainPolicy, ChainVerifier
 from kong_mtls.devpki import Authority
 from kong_mtls.kong.client_cert_auth import compile_config
 
@@ -38,6 +40,48 @@ def chain_rows() -> list[str]:
     return rows
 
 
+def hostile_chains() -> dict[str, tuple[Authority, str]]:
+    """The most expensive chains we know how to present, each with the anchor it is checked against
+    (`tests/unit/test_chain.py` checks each is refused):
+
+    * a loop: six CA certificates whose names and keys chain in a circle, under the trusted root's
+      name but none signed by it (path building explores every cycle);
+    * constraints: an intermediate (signed by the root) with 300 permitted DNS subtrees and a leaf
+      with the most SANs accepted (MAX_LEAF_NAMES), none inside (every SAN against every subtree);
+    * wide: the leaf of an unknown CA plus five unrelated CA certificates.
+    """
+    root = Authority.root("bench hostile root")
+    loop_cas = [Authority.root(f"bench loop {i}") for i in range(6)]
+    loop = []
+    for i, ca in enumerate(loop_cas):
+        parent = loop_cas[(i + 1) % len(loop_cas)]
+        loop.append(Authority(subject=ca.subject, key=ca.key, parent=parent,
+                              cert=parent.intermediate(f"bench loop {i}", key=ca.key).cert))
+    looped = loop[0].client("loop", dns=["loop.example"]).cert_pem + "".join(c.cert_pem for c in loop[1:])
+    subtrees = [x509.DNSName(f"permitted-{i}.example") for i in range(300)]
+    constrained = root.intermediate("bench constrained",
+                                    name_constraints=x509.NameConstraints(subtrees, None))
+    sans = [f"n{i}.outside.example" for i in range(MAX_LEAF_NAMES)]
+    constraints = constrained.client("many", dns=sans).chain_pem
+    stranger = Authority.root("bench stranger")
+    wide = stranger.client("wide", dns=["wide.example"]).cert_pem + "".join(
+        Authority.root(f"bench unrelated {i}").cert_pem for i in range(5))
+    return {"loop of 6 CAs": (root, looped), "300 name constraints x many SANs": (root, constraints),
+            "unknown CA with 5 unrelated CAs": (root, wide)}
+
+
+def hostile_rows() -> list[str]:
+    rows = []
+    for name, (root, pem) in hostile_chains().items():
+        verifier = ChainVerifier(ChainPolicy(anchors=(root.cert,)), cache_size=0)  # no verdict kept
+        verdict = verifier.verify(pem)
+        assert not verdict.ok, name
+        micros = time_call(lambda pem=pem, verifier=verifier: verifier.verify(pem), repeat=50)
+        rows.append(f"| hostile chain, first sight: {name} ({len(pem) // 1024} KiB, refused "
+                    f"{verdict.reason.value}) | {micros:,.1f} |")
+    return rows
+
+
 def api_key_rows() -> list[str]:
     keys = [generate_key() for _ in range(2000)]
     auth = ApiKeyAuth.from_config({"credentials": [credential_entry(k.key, "alice", k.key_id) for k in keys],
@@ -52,6 +96,7 @@ def api_key_rows() -> list[str]:
 def section() -> list[str]:
     lines = ["## Pure cores", "", "| operation | µs per call |", "|---|---:|"]
     lines += chain_rows()
+    lines += hostile_rows()
     lines += api_key_rows()
     lines += ["", "CIDR matching (`ip-allowlist`), µs per lookup:", "",
               "| family | CIDRs | merged ranges | membership test | whole decision, recurring addresses |"

@@ -521,3 +521,31 @@ def test_unknown_ca_preset():
 
 def test_cert_pem_helper_roundtrip(pki):
     assert parse_pem_certificates(cert_pem(pki.alice.cert)) == [pki.alice.cert]
+
+
+# -- hostile chains: refused cheaply, bounded cost (bench/core.py measures them) ------------------------
+
+def test_more_certificates_than_the_depth_allows_are_refused_before_parsing(pki):
+    shallow = verifier(pki.root.cert, max_chain_depth=1)            # leaf + 1 CA + the root at most
+    assert shallow.verify(pki.alice.chain_pem + pki.root.cert_pem).ok
+    verdict = shallow.verify(pki.alice.chain_pem + pki.root.cert_pem + pki.other_root.cert_pem)
+    assert verdict.reason is Reason.CHAIN_TOO_LARGE and "limit 3" in verdict.detail
+
+
+def test_a_leaf_refused_by_its_own_extensions_costs_no_path_building(pki, monkeypatch):
+    def no_path(*_):
+        raise AssertionError("path building ran")
+
+    v = verifier(pki.root.cert)
+    monkeypatch.setattr(v, "_path", no_path)
+    crowded = pki.client("crowded", dns=[f"n{i}.example" for i in range(chain_core.MAX_LEAF_NAMES + 1)])
+    assert v.verify(crowded.chain_pem).reason is Reason.BAD_EXTENSION
+    server_only = pki.intermediate.server(["not-a-client.example"])
+    assert v.verify(server_only.chain_pem).reason is Reason.BAD_EKU
+
+
+def test_the_benchmarks_hostile_chains_are_refused():
+    from bench.core import hostile_chains
+
+    for label, (root, pem) in hostile_chains().items():
+        assert not verifier(root.cert).verify(pem).ok, label

@@ -76,6 +76,8 @@ MESSAGE_FAILED_VERIFICATION = "TLS certificate failed verification"
 #: handful of certificates; nginx's own default limit on the whole handshake is far below 64 KB.
 MAX_CHAIN_PEM_CHARS = 64 * 1024
 MAX_CHAIN_CERTIFICATES = 16
+#: A client certificate names one holder: more SANs only multiply the name-constraint checks.
+MAX_LEAF_NAMES = 100
 #: How long a refusal stays cached for the same presented chain.
 REFUSAL_CACHE_SECONDS = 30.0
 #: Anchors expiring within this many days are reported by `expiring_anchors`.
@@ -444,6 +446,12 @@ def _leaf_usage_problem(leaf: x509.Certificate,
         usage = None
     except EXTENSION_ERRORS as exc:
         return Reason.MALFORMED_CHAIN, f"unreadable extensions: {exc}"
+    try:
+        names = len(leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value)
+    except x509.ExtensionNotFound:
+        names = 0
+    if names > MAX_LEAF_NAMES:
+        return Reason.BAD_EXTENSION, f"subjectAltName with {names} names, limit {MAX_LEAF_NAMES}"
     if usage is not None and not usage.digital_signature:
         return Reason.BAD_KEY_USAGE, "keyUsage lacks digitalSignature"
     if eku is not None:
@@ -535,10 +543,12 @@ class ChainVerifier:
     def _verify(self, data: bytes, key: str, now: float) -> ChainVerdict:
         policy = self.policy
         # Every PEM block counts, whatever its label: cryptography also reads "X509 CERTIFICATE".
+        # A usable chain holds the leaf, at most max_chain_depth CAs and perhaps the root: more
+        # candidates only feed path building, which a crafted set makes expensive.
         count = data.count(b"-----BEGIN ")
-        if count > policy.max_certificates:
-            return ChainVerdict(reason=Reason.CHAIN_TOO_LARGE,
-                                detail=f"{count} certificates, limit {policy.max_certificates}")
+        limit = min(policy.max_certificates, policy.max_chain_depth + 2)
+        if count > limit:
+            return ChainVerdict(reason=Reason.CHAIN_TOO_LARGE, detail=f"{count} certificates, limit {limit}")
         if count == 0:
             return ChainVerdict(reason=Reason.MALFORMED_CHAIN, detail="no PEM certificate in the chain")
         try:
@@ -546,7 +556,12 @@ class ChainVerifier:
         except ValueError as exc:
             return ChainVerdict(reason=Reason.MALFORMED_CHAIN, detail=f"unreadable PEM: {exc}")
         leaf, presented_intermediates = certs[0], certs[1:]
-        intermediates = [*presented_intermediates, *policy.known_intermediates]
+        # Cheap refusals before path building: the leaf's own key usage and purpose.
+        problem = _leaf_usage_problem(leaf, policy.required_eku)
+        if problem is not None:
+            return ChainVerdict(reason=problem[0], detail=f"{problem[1]}: {describe(leaf)}", leaf=leaf)
+        intermediates = list({cert_sha256(c): c for c in [*presented_intermediates,
+                                                           *policy.known_intermediates]}.values())
         moment = _utc(now)
         try:
             path = self._path(leaf, intermediates, moment)
@@ -559,9 +574,6 @@ class ChainVerifier:
                 path = self._path(leaf, intermediates, retry_at)
             except verification.VerificationError:
                 return ChainVerdict(reason=reason, detail=detail, leaf=leaf)
-        problem = _leaf_usage_problem(leaf, policy.required_eku)
-        if problem is not None:
-            return ChainVerdict(reason=problem[0], detail=f"{problem[1]}: {describe(leaf)}", leaf=leaf)
         skew = policy.time_skew
         chain = VerifiedChain(
             leaf=leaf, path=tuple(path), presented=tuple(certs), chain_sha256=key,
