@@ -37,6 +37,7 @@ from kong_mtls.guard import lua_guard
 from tests.integration.runners import Gateway, eventually
 from tests.integration.support import (
     Response,
+    adapt_config,
     cloudflare_test_config,
     find_route,
     refused,
@@ -87,6 +88,11 @@ def expired_client(gateway: Gateway) -> str:
     issued = dev_issuing_ca(gateway.pki).client("alice-expired", not_before=past - dt.timedelta(days=1),
                                                 not_after=past)
     return add_test_cert(gateway, "expired", issued)
+
+
+def adapt_to(gateway: Gateway, config: dict) -> dict:
+    """`config` as this Kong can load it (Kong < 3.8's acl has no always_use_authenticated_groups)."""
+    return adapt_config(config, available=gateway.plugins, kong_version=gateway.kong_version)
 
 
 def tls_version(version: ssl.TLSVersion, context: ssl.SSLContext) -> ssl.SSLContext:
@@ -290,6 +296,34 @@ class Scenarios:
         assert not gateway.seen_upstream(headers["X-Test-Nonce"])
         eventually(lambda: "reason=OUTSIDE_NAME_CONSTRAINTS" in gateway.error_log(), 10,
                    "the refusal's reason was not logged", gateway.error_log)
+
+    def test_4h_a_group_with_a_comma_never_reaches_the_upstream(self, gateway: Gateway) -> None:
+        """Kong's acl joins the groups into X-Consumer-Groups with ", ", which upstreams split on
+        commas: an OU `x,admins` would read as a group `admins`. It is not published."""
+        requires(gateway, "client-cert-auth")
+        config = copy.deepcopy(gateway.config)
+        mtls = find_route(config, "mtls")
+        support = copy.deepcopy(mtls)
+        support.update(name="mtls-support", paths=["/mtls/support"])
+        support["plugins"] = [route_plugin(mtls, "client-cert-auth"),
+                              {"name": "acl", "config": {"allow": ["support"],
+                                                         "always_use_authenticated_groups": True}},
+                              {"name": "post-function",
+                               "config": {"access": [lua_guard(["client-cert-auth"])]}}]
+        config["services"][0]["routes"].append(support)
+        bob = add_test_cert(gateway, "bob-comma", dev_issuing_ca(gateway.pki).client(
+            "bob", emails=["bob@example.org"], organizational_units=["support", "x,admins"]))
+        try:
+            gateway.load_config(adapt_to(gateway, config))
+            answer = gateway.https("/mtls/support", cert=bob)
+            assert answer.status == 200, answer
+            sent = [answer.upstream_headers.get(name.lower()) for name in GROUP_HEADERS]
+            # As an upstream reads them: split on commas, trimmed. (Kong >= 3.8 sends the
+            # certificate's groups as X-Authenticated-Groups; 3.4 bob's consumer groups.)
+            read = {group.strip() for value in sent if value for group in value.split(",")}
+            assert read == {"support"}, sent
+        finally:
+            gateway.restore()
 
     def test_4f_no_spelling_of_an_identity_header_gets_through(self, gateway: Gateway) -> None:
         """Kong sets `underscores_in_headers on`: it forwarded client-sent `X_Consumer_Username`
