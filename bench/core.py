@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 
 from bench import core_cidr
 from bench.load import time_call
 from kong_mtls.core.api_keys import ApiKeyAuth, credential_entry, generate_key
 from kong_mtls.core.chain import MAX_LEAF_NAMES, ChainPolicy, ChainVerifier
-from kong_mtls.devpki import Authority
+from kong_mtls.devpki import Authority, cert_pem
 from kong_mtls.kong.client_cert_auth import compile_config
 
 KEY_KINDS = ("rsa-2048", "rsa-4096", "ec-p256")
@@ -48,6 +49,8 @@ def hostile_chains() -> dict[str, tuple[Authority, str]]:
       name but none signed by it (path building explores every cycle);
     * constraints: an intermediate (signed by the root) with 300 permitted DNS subtrees and a leaf
       with the most SANs accepted (MAX_LEAF_NAMES), none inside (every SAN against every subtree);
+    * self-issued: a leaf and five self-issued P-384 CAs of one name and key (only serials differ),
+      each a candidate issuer of the leaf and of the others;
     * wide: the leaf of an unknown CA plus five unrelated CA certificates.
     """
     root = Authority.root("bench hostile root")
@@ -63,10 +66,22 @@ def hostile_chains() -> dict[str, tuple[Authority, str]]:
                                     name_constraints=x509.NameConstraints(subtrees, None))
     sans = [f"n{i}.outside.example" for i in range(MAX_LEAF_NAMES)]
     constraints = constrained.client("many", dns=sans).chain_pem
+    same = Authority.root("bench same-key CA", key_kind="ec-p384")
+    copies = []
+    for serial in range(5):  # self-issued, one name and key, another serial each
+        builder = (x509.CertificateBuilder().subject_name(same.subject).issuer_name(same.subject)
+                   .public_key(same.key.public_key()).serial_number(serial + 2)
+                   .not_valid_before(same.cert.not_valid_before_utc)
+                   .not_valid_after(same.cert.not_valid_after_utc))
+        for ext in same.cert.extensions:
+            builder = builder.add_extension(ext.value, ext.critical)
+        copies.append(cert_pem(builder.sign(same.key, hashes.SHA384())))
+    self_issued = same.client("same", dns=["same.example"]).cert_pem + "".join(copies)
     stranger = Authority.root("bench stranger")
     wide = stranger.client("wide", dns=["wide.example"]).cert_pem + "".join(
         Authority.root(f"bench unrelated {i}").cert_pem for i in range(5))
     return {"loop of 6 CAs": (root, looped), "300 name constraints x many SANs": (root, constraints),
+            "5 self-issued CAs of one name and key": (root, self_issued),
             "unknown CA with 5 unrelated CAs": (root, wide)}
 
 

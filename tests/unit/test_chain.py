@@ -526,10 +526,28 @@ def test_cert_pem_helper_roundtrip(pki):
 # -- hostile chains: refused cheaply, bounded cost (bench/core.py measures them) ------------------------
 
 def test_more_certificates_than_the_depth_allows_are_refused_before_parsing(pki):
-    shallow = verifier(pki.root.cert, max_chain_depth=1)            # leaf + 1 CA + the root at most
-    assert shallow.verify(pki.alice.chain_pem + pki.root.cert_pem).ok
-    verdict = shallow.verify(pki.alice.chain_pem + pki.root.cert_pem + pki.other_root.cert_pem)
-    assert verdict.reason is Reason.CHAIN_TOO_LARGE and "limit 3" in verdict.detail
+    shallow = verifier(pki.root.cert, max_chain_depth=1)   # leaf, 1 CA, root, two cross-signs at most
+    assert shallow.verify(pki.alice.chain_pem + pki.root.cert_pem + pki.other_root.cert_pem).ok
+    verdict = shallow.verify(pki.alice.chain_pem + pki.root.cert_pem + pki.other_root.cert_pem * 4)
+    assert verdict.reason is Reason.CHAIN_TOO_LARGE and "limit 5" in verdict.detail
+
+
+def test_a_whole_bundle_sent_to_a_partial_chain_anchor_verifies(pki):
+    """An intermediate as the anchor, depth 0: a client that sends leaf, intermediate and root."""
+    partial = verifier(pki.intermediate.cert, allow_partial_chain=True, max_chain_depth=0)
+    assert partial.verify(pki.alice.chain_pem + pki.root.cert_pem).ok
+
+
+def test_ca_certificates_sharing_one_name_and_key_cost_no_signature_storm():
+    """A self-made leaf with five self-issued CAs of one name and key, differing in serial: path
+    building would try them all (tens of ms with P-384). Self-issued candidates are dropped and at
+    most two per name and key are kept."""
+    from bench.core import hostile_chains
+
+    root, pem = hostile_chains()["5 self-issued CAs of one name and key"]
+    assert len(chain_core._path_candidates(x509.load_pem_x509_certificates(pem.encode())[1:],
+                                           ChainPolicy(anchors=(root.cert,)))) == 0
+    assert verifier(root.cert).verify(pem).reason is Reason.UNKNOWN_CA
 
 
 def test_a_leaf_refused_by_its_own_extensions_costs_no_path_building(pki, monkeypatch):

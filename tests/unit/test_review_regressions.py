@@ -114,6 +114,7 @@ def test_a_crl_for_end_entities_only_never_vouches_for_an_intermediate():
 
 
 @pytest.mark.parametrize("address", ["64:ff9b::a9fe:a9fe", "64:ff9b::a00:1", "64:ff9b:1::a00:1",
+                                     "64:ff9b:1:a9fe:a9:fe00:808:808",
                                      "2002:a9fe:a9fe::", "::a00:1", "::ffff:0:a00:1", "fec0::1"])
 def test_ipv6_forms_of_private_ipv4_addresses_are_no_fetch_targets(address):
     assert not _public_address(address)
@@ -127,3 +128,13 @@ def test_public_addresses_stay_fetch_targets():
 def test_a_preset_list_covering_more_than_one_slash_8_in_all_is_refused():
     with pytest.raises(PresetError, match="more addresses than one /8"):
         parse_cidr_list({"name": "cloudflare", "ipv4_cidrs": [f"{i}.0.0.0/8" for i in range(256)]}, "x")
+
+
+@pytest.mark.parametrize("secret", ["sixteen-chars-ok ", " sixteen-chars-ok", "sixteen\tchars-ok"])
+def test_an_index_secret_with_surrounding_or_control_spaces_is_refused(secret):
+    """The CLI reads the secret from a file without its line end: the plugin's copy must be the same."""
+    from kong_mtls.core.api_keys import index_secret
+    from kong_mtls.schema import ConfigError
+
+    with pytest.raises(ConfigError, match="key_index_secret"):
+        index_secret(secret)

@@ -148,9 +148,11 @@ def _key_id(args: argparse.Namespace, prefix: str) -> str:
 
 def _index_secret(args: argparse.Namespace) -> str:
     try:
-        text = read_limited(args.index_secret_file, 4096).decode("utf-8").strip()
-    except (FileReadError, UnicodeDecodeError) as exc:
+        text = read_limited(args.index_secret_file, 4096).decode("utf-8").rstrip("\r\n")
+    except FileReadError as exc:
         raise CommandError(f"--index-secret-file: {exc}") from None
+    except UnicodeDecodeError:
+        raise CommandError("--index-secret-file: not UTF-8 text") from None
     try:
         index_secret(text)
     except ConfigError as exc:

@@ -183,9 +183,10 @@ def key_index(key: str, secret: str) -> str:
 
 def index_secret(secret: object, where: str = "key_index_secret") -> bytes:
     """The HMAC key of `key_index`; ConfigError unless a string of MIN_INDEX_SECRET_CHARS or more."""
-    if not isinstance(secret, str) or len(secret) < MIN_INDEX_SECRET_CHARS or not secret.isprintable():
-        raise ConfigError(where, f"a printable secret of {MIN_INDEX_SECRET_CHARS} or more characters "
-                                 "(the same in every config that holds migrated keys)")
+    if not isinstance(secret, str) or len(secret) < MIN_INDEX_SECRET_CHARS or not secret.isprintable() \
+            or secret != secret.strip():
+        raise ConfigError(where, f"a printable secret of {MIN_INDEX_SECRET_CHARS} or more characters, "
+                                 "no surrounding spaces (the same in every config that holds migrated keys)")
     return secret.encode()
 
 

@@ -465,6 +465,26 @@ def _leaf_usage_problem(leaf: x509.Certificate,
     return None
 
 
+def _path_candidates(presented: Sequence[x509.Certificate], policy: ChainPolicy) -> list[x509.Certificate]:
+    """The CA certificates path building may use: the configured intermediates and the presented
+    ones, without duplicates, without self-issued ones (a root the client appended is in the store
+    already or useless), and at most two per subject and key (a CA and one cross-signed copy). A
+    crafted set of CAs sharing one name and key otherwise costs path building many signature checks."""
+    out: dict[str, x509.Certificate] = {}
+    per_subject_key: dict[tuple[bytes, bytes], int] = {}
+    for cert in [*policy.known_intermediates, *presented]:
+        if cert.issuer == cert.subject:
+            continue
+        group = (cert.subject.public_bytes(), cert.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo))
+        fingerprint = cert_sha256(cert)
+        if fingerprint in out or per_subject_key.get(group, 0) >= 2:
+            continue
+        per_subject_key[group] = per_subject_key.get(group, 0) + 1
+        out[fingerprint] = cert
+    return list(out.values())
+
+
 def _san_rules(_policy: Any, cert: x509.Certificate, san: x509.SubjectAlternativeName | None) -> None:
     """RFC 5280 4.2.1.6: with an empty subject the subjectAltName must be critical; with a subject,
     it is not (the web PKI refuses a critical one)."""
@@ -543,10 +563,10 @@ class ChainVerifier:
     def _verify(self, data: bytes, key: str, now: float) -> ChainVerdict:
         policy = self.policy
         # Every PEM block counts, whatever its label: cryptography also reads "X509 CERTIFICATE".
-        # A usable chain holds the leaf, at most max_chain_depth CAs and perhaps the root: more
-        # candidates only feed path building, which a crafted set makes expensive.
+        # A usable chain holds the leaf, at most max_chain_depth CAs, perhaps the root and a
+        # cross-signed CA or two: more candidates only feed path building.
         count = data.count(b"-----BEGIN ")
-        limit = min(policy.max_certificates, policy.max_chain_depth + 2)
+        limit = min(policy.max_certificates, policy.max_chain_depth + 4)
         if count > limit:
             return ChainVerdict(reason=Reason.CHAIN_TOO_LARGE, detail=f"{count} certificates, limit {limit}")
         if count == 0:
@@ -560,8 +580,7 @@ class ChainVerifier:
         problem = _leaf_usage_problem(leaf, policy.required_eku)
         if problem is not None:
             return ChainVerdict(reason=problem[0], detail=f"{problem[1]}: {describe(leaf)}", leaf=leaf)
-        intermediates = list({cert_sha256(c): c for c in [*presented_intermediates,
-                                                           *policy.known_intermediates]}.values())
+        intermediates = _path_candidates(presented_intermediates, policy)
         moment = _utc(now)
         try:
             path = self._path(leaf, intermediates, moment)

@@ -143,11 +143,12 @@ def _public_address(address: str) -> bool:
     return ip.is_global and not ip.is_multicast
 
 
-#: IPv6 ranges that carry an IPv4 address in their last 32 bits (NAT64, local NAT64, IPv4-compatible,
-#: SIIT): judged by that IPv4 address. Site-local is refused outright.
-_IPV6_EMBEDDING_IPV4 = tuple(ipaddress.IPv6Network(n) for n in (
-    "64:ff9b::/96", "64:ff9b:1::/48", "::/96", "::ffff:0:0:0/96"))
-_IPV6_REFUSED = (ipaddress.IPv6Network("fec0::/10"),)
+#: IPv6 ranges that carry an IPv4 address in their last 32 bits (well-known NAT64, IPv4-compatible,
+#: SIIT): judged by that IPv4 address.
+_IPV6_EMBEDDING_IPV4 = tuple(ipaddress.IPv6Network(n) for n in ("64:ff9b::/96", "::/96", "::ffff:0:0:0/96"))
+#: Refused outright: site-local, and local-use NAT64 (RFC 8215), whose prefixes of /48 to /64 put the
+#: IPv4 address anywhere in bits 48-103.
+_IPV6_REFUSED = (ipaddress.IPv6Network("fec0::/10"), ipaddress.IPv6Network("64:ff9b:1::/48"))
 
 
 def _connect(host: str, port: int, timeout: float | None, allow_private: bool) -> socket.socket:
