@@ -28,9 +28,13 @@ def other_spellings(name: str) -> tuple[str, ...]:
 def with_every_spelling(headers: Mapping[str, Any]) -> dict[str, Any]:
     """`headers` for one `set_headers` call, plus an empty list (remove) for every other spelling of
     each name. A spelling that is itself a key keeps its own value."""
-    changes: dict[str, Any] = {}
-    for name in headers:
-        for other in other_spellings(name):
-            changes[other] = []
+    changes = dict(_removals(tuple(headers)))
     changes.update(headers)
     return changes
+
+
+@functools.lru_cache(maxsize=64)
+def _removals(names: tuple[str, ...]) -> dict[str, Any]:
+    """The removals for a set of names: a plugin sends the same names on every request. Callers
+    copy it (its lists are shared, and never changed)."""
+    return {other: [] for name in names for other in other_spellings(name)}
