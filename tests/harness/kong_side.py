@@ -295,9 +295,11 @@ class Request:
     vars: Mapping[str, Any] = field(default_factory=dict)
     route: Mapping[str, Any] = field(default_factory=lambda: {"id": "00000000-0000-4000-8000-00000000a001",
                                                                 "name": "test-route"})
+    # A Service that verifies its upstream against a CA store of its own (upstream-identity's rule).
     service: Mapping[str, Any] = field(default_factory=lambda: {
         "id": "00000000-0000-4000-8000-00000000b001", "name": "test-service", "host": "upstream.test",
-        "port": 443, "protocol": "https"})
+        "port": 443, "protocol": "https", "tls_verify": True,
+        "ca_certificates": ["00000000-0000-4000-8000-00000000c001"]})
 
 
 @dataclass

@@ -258,6 +258,27 @@ class Scenarios:
         assert (impostor.status, impostor.json()) == (502, {"message": MESSAGE_UNVERIFIED})
         assert "URI_SAN_MISMATCH" in gateway.error_log()
 
+    def test_4d2_upstream_identity_refuses_a_service_without_its_own_ca_store(self, gateway: Gateway) -> None:
+        """Kong verifies the upstream against the Service's ca_certificates, or else its system
+        trust store (any public CA): upstream-identity refuses to vouch for such a Service."""
+        requires(gateway, "upstream-identity")
+        config = copy.deepcopy(gateway.config)
+        echo = next(s for s in config["services"] if s["name"] == "echo")
+        no_ca = {k: v for k, v in echo.items() if k not in ("routes", "ca_certificates")}
+        route = {**copy.deepcopy(find_route(config, "upstream")), "name": "upstream-no-ca",
+                 "paths": ["/upstream/no-ca"]}
+        no_ca.update(name="echo-system-store", routes=[route])
+        config["services"].append(no_ca)
+        try:
+            gateway.load_config(config)
+            headers = nonce()
+            answer = gateway.https("/upstream/no-ca", headers=headers)
+            assert (answer.status, answer.json()) == (502, {"message": MESSAGE_UNVERIFIED})
+            assert "reason=SERVICE_NO_CA_STORE" in gateway.error_log()
+        finally:
+            gateway.restore()
+        assert not gateway.seen_upstream(headers["X-Test-Nonce"])
+
     def test_4e_kong_reuses_a_pooled_upstream_connection_across_tls_settings(self, gateway: Gateway) -> None:
         """What Kong does NOT guarantee (docs/upstream-identity.md): with the same client
         certificate entity as `echo`, the untrusted-ca Service shares echo's connection pool

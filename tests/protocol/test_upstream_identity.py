@@ -18,6 +18,7 @@ HOST = "upstream.test"
 SPIFFE = "spiffe://example.org/ns/backend/sa/api"
 MARK = shared_mark(UPSTREAM_IDENTITY)
 SET_VERIFY = "kong.service.set_tls_verify"
+GET_SERVICE = "kong.router.get_service"  # the Service's own TLS settings are checked
 
 
 @pytest.fixture(scope="module")
@@ -65,13 +66,14 @@ def logged(outcome, text: str) -> bool:
     return any(text in message for _, message in outcome.logs)
 
 
-def assert_refused(outcome, reason: str) -> None:
+def assert_refused(outcome, reason: str, *, enforced: bool = True) -> None:
     assert outcome.exit is not None and outcome.exit.status == 502, outcome.logs
     assert outcome.exit.body == {"message": MESSAGE_UNVERIFIED}
     assert outcome.exit.source == UPSTREAM_IDENTITY
     assert logged(outcome, f"reason={reason}"), outcome.logs
     assert MARK not in outcome.ctx_shared
-    assert outcome.service_tls == {"verify": True}   # verification enforced even on a refusal
+    if enforced:
+        assert outcome.service_tls == {"verify": True}   # verification enforced even on a refusal
 
 
 # -- allowed ----------------------------------------------------------------------------------------
@@ -87,14 +89,14 @@ def test_matching_identity_is_allowed_and_cached(kong, plugin, upstream, pki, fi
     assert mark["target"] == f"127.0.0.1:{upstream.port}" and mark["reason"] == "IDENTITY_OK"
     assert mark["subject"] == f"CN={HOST}"
     # Cold cache: the request waited for the probe (after a log line, its first PDK call but one).
-    assert first.pdk_calls == [SET_VERIFY, "kong.log.info", "kong.ctx.shared.set"]
+    assert first.pdk_calls == [SET_VERIFY, GET_SERVICE, "kong.log.info", "kong.ctx.shared.set"]
     assert upstream.connection_count == before + 1
     probed = upstream.wait_for(before + 1)[-1]
     assert probed.accepted and probed.client_cert.subject.rfc4514_string() == "CN=kong-gateway"
 
     second = kong.run(Request(), [(plugin, conf)], guard=[UPSTREAM_IDENTITY])
     assert second.proxied and second.ctx_shared[MARK] == mark
-    assert second.pdk_calls == [SET_VERIFY, "kong.ctx.shared.set"]
+    assert second.pdk_calls == [SET_VERIFY, GET_SERVICE, "kong.ctx.shared.set"]
     assert upstream.connection_count == before + 1, "the second request within the TTL did not probe again"
 
 
@@ -107,14 +109,14 @@ def test_verify_depth_is_enforced_too(kong, plugin, upstream, pki, files):
 def test_target_from_the_service(kong, plugin, upstream, pki, files):
     conf = config(pki, files, upstream.port)
     del conf["host"], conf["port"]
-    service = {"id": "00000000-0000-4000-8000-00000000b009", "name": "backend", "host": "127.0.0.1",
-               "port": upstream.port, "protocol": "https"}
+    service = {**Request().service, "id": "00000000-0000-4000-8000-00000000b009", "name": "backend",
+               "host": "127.0.0.1", "port": upstream.port}
     outcome = kong.run(Request(service=service), [(plugin, conf)])
     assert outcome.proxied, outcome.logs
     assert outcome.ctx_shared[MARK]["target"] == f"127.0.0.1:{upstream.port}"
     assert outcome.pdk_calls.count("kong.router.get_service") == 1
     again = kong.run(Request(service=service), [(plugin, conf)])
-    assert again.pdk_calls == [SET_VERIFY, "kong.router.get_service", "kong.ctx.shared.set"]
+    assert again.pdk_calls == [SET_VERIFY, GET_SERVICE, "kong.ctx.shared.set"]
 
 
 def test_expiring_upstream_cert_is_logged_once(kong, plugin, certs, pki, files):
@@ -165,7 +167,7 @@ def test_client_cert_refused_by_upstream_and_failure_cached(kong, plugin, upstre
     assert_refused(second, "CLIENT_CERT_REJECTED")
     assert upstream.connection_count == before + 1, "failure_ttl: the refusal was cached"
     assert "certificate" in upstream.wait_for(before + 1)[-1].error.lower()
-    assert second.pdk_calls == [SET_VERIFY, "kong.log.warn", "kong.response.exit"]
+    assert second.pdk_calls == [SET_VERIFY, GET_SERVICE, "kong.log.warn", "kong.response.exit"]
 
 
 def test_service_without_tls_is_refused(kong, plugin, pki, files, upstream):
@@ -174,6 +176,25 @@ def test_service_without_tls_is_refused(kong, plugin, pki, files, upstream):
     service = {"id": "00000000-0000-4000-8000-00000000b00a", "name": "plain", "host": "127.0.0.1",
                "port": upstream.port, "protocol": "http"}
     assert_refused(kong.run(Request(service=service), [(plugin, conf)]), "UPSTREAM_NOT_TLS")
+
+
+@pytest.mark.parametrize(("change", "reason"), [
+    ({"tls_verify": None}, "SERVICE_UNVERIFIED"),
+    ({"ca_certificates": None}, "SERVICE_NO_CA_STORE"),
+])
+def test_a_service_kong_would_not_verify_with_its_own_cas_is_refused(kong, plugin, pki, files, upstream,
+                                                                    change, reason):
+    """The probe checks what it sees; only Kong's handshake protects the connection Kong proxies over.
+    With enforce_tls_verify off the Service must set tls_verify; it must always name its own CAs."""
+    conf = {**config(pki, files, upstream.port), "enforce_tls_verify": False}
+    service = {**Request().service, **change}
+    outcome = kong.run(Request(service=service), [(plugin, conf)])
+    assert_refused(outcome, reason, enforced=False)
+    # turning enforcement off is logged at error, on the instance's first request
+    assert any(level == "err" and "reason=TLS_VERIFY_NOT_ENFORCED" in m for level, m in outcome.logs)
+    if reason == "SERVICE_NO_CA_STORE":  # also when the plugin forces tls_verify
+        forced = kong.run(Request(service=service), [(plugin, {**conf, "enforce_tls_verify": True})])
+        assert_refused(forced, reason)
 
 
 def test_config_without_trust_answers_500_naming_the_field(kong, plugin):

@@ -17,10 +17,15 @@ HOST = "upstream.test"
 MARK = shared_mark(UPSTREAM_IDENTITY)
 
 
+#: What `kong.router.get_service()` gives for a Service that verifies its upstream with its own CAs.
+VERIFYING_SERVICE = {"name": "svc", "host": HOST, "port": 443, "protocol": "https", "tls_verify": True,
+                     "ca_certificates": ["00000000-0000-4000-8000-00000000c001"]}
+
+
 class FakeKong:
     """Just the PDK calls the plugin makes, recorded."""
 
-    def __init__(self, service: dict | None = None) -> None:
+    def __init__(self, service: dict | None = VERIFYING_SERVICE) -> None:
         self.calls: list[tuple] = []
         self.shared: dict = {}
         self.exit: tuple | None = None
@@ -101,7 +106,8 @@ def test_refresh_ahead_serves_from_cache_and_probes_in_background(conf, upstream
     clock.t = 60 * REFRESH_FRACTION + 1          # past the refresh point, within the TTL
     warm = FakeKong()
     plugin.access(warm)
-    assert warm.exit is None and warm.names() == ["service.set_tls_verify", "ctx.shared.set"]
+    assert warm.exit is None and warm.names() == ["service.set_tls_verify", "router.get_service",
+                                                  "ctx.shared.set"]
     assert plugin._inflight, "a background refresh is running"
     wait_idle(plugin)
     assert upstream.connection_count == start + 2

@@ -87,6 +87,8 @@ class Reason(str, Enum):
     PROBE_ERROR = "PROBE_ERROR"                        # the probe itself failed unexpectedly
     UPSTREAM_NOT_TLS = "UPSTREAM_NOT_TLS"              # the Service does not speak TLS to its upstream
     NO_TARGET = "NO_TARGET"                            # no host/port to probe
+    SERVICE_UNVERIFIED = "SERVICE_UNVERIFIED"          # Kong's own handshake would not verify the upstream
+    SERVICE_NO_CA_STORE = "SERVICE_NO_CA_STORE"        # ... or only against the system trust store
 
 
 class Notice(str, Enum):
@@ -780,6 +782,25 @@ class _Entry:
     verdict: Verdict
     stored_at: float
     announced: bool = False
+
+
+def service_tls_problem(service: object, target: Target, *, tls_verify_forced: bool) -> Verdict | None:
+    """Why Kong's own connection to the Service's upstream would not be verified against a CA store
+    of the Service's own, or None. The probe checks what it sees; only Kong's handshake protects the
+    connection Kong proxies over, so the plugin refuses a Service that leaves it unverified
+    (`tls_verify` off, unless the plugin forces it) or verified against the system trust store (no
+    `ca_certificates`, where any public CA would do)."""
+    if not isinstance(service, Mapping):
+        return Verdict.failure(target, Reason.SERVICE_UNVERIFIED, "no Service for this request")
+    name = service.get("name") or service.get("id")
+    if not tls_verify_forced and service.get("tls_verify") is not True:
+        return Verdict.failure(target, Reason.SERVICE_UNVERIFIED,
+                               f"service {name} does not verify its upstream (tls_verify is not true)")
+    if not service.get("ca_certificates"):
+        return Verdict.failure(target, Reason.SERVICE_NO_CA_STORE,
+                               f"service {name} has no ca_certificates: Kong would verify the upstream "
+                               "against its system trust store")
+    return None
 
 
 class VerdictCache:

@@ -203,7 +203,7 @@ class Plugin:
     def __init__(self, config: Mapping[str, Any]) -> None:
         compiled = compile_config(config)
         self.authenticator = compiled.authenticator
-        self.start_notices = compiled.warnings  # logged through Kong on the first request
+        self.start_notices = tuple(("warn", w) for w in compiled.warnings)  # through Kong, first request
         for warning in compiled.warnings:
             _log.warning(warning)
 

@@ -28,9 +28,9 @@ REASON_INVALID_CONFIG = "INVALID_CONFIG"
 
 #: Set on a plugin instance whose config was refused (see `kong_mtls.kong.server`).
 CONFIG_ERROR_ATTRIBUTE = "config_error"
-#: A plugin instance may hold log lines from its start here (an expiring trust anchor, say). Kong
-#: logs a plugin server's own output at `info`, hidden at its default level `notice`, so the
-#: wrapper writes them through the PDK, at `warn`, on the instance's first request.
+#: A plugin instance may hold `(level, line)` pairs from its start here (an expiring trust anchor,
+#: say). Kong logs a plugin server's own output at `info`, hidden at its default level `notice`, so
+#: the wrapper writes them through the PDK, at their level, on the instance's first request.
 START_NOTICES_ATTRIBUTE = "start_notices"
 
 _stderr_log = logging.getLogger("kong_mtls")
@@ -96,8 +96,8 @@ def phase(plugin: str) -> Callable[[Callable[[Any, Any], PhaseResult]], Callable
                 notices = getattr(self, START_NOTICES_ATTRIBUTE, ())
                 if notices:
                     setattr(self, START_NOTICES_ATTRIBUTE, ())  # once, even with concurrent events
-                    for line in notices:
-                        pdk_log(kong, plugin, "warn", line)
+                    for level, line in notices:
+                        pdk_log(kong, plugin, level, line)
                 config_error = getattr(self, CONFIG_ERROR_ATTRIBUTE, None)
                 if config_error is not None:
                     refuse(kong, plugin, Refusal(500, MESSAGE_UNEXPECTED, REASON_INVALID_CONFIG,

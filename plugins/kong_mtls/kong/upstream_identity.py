@@ -39,6 +39,7 @@ from kong_mtls.core.upstream import (
     VerdictCache,
     check,
     check_server_name,
+    service_tls_problem,
 )
 from kong_mtls.kong.runtime import Refusal, log_line, pdk_log, phase
 from kong_mtls.kong.server import serve
@@ -96,6 +97,11 @@ class Plugin:
         self.port: int | None = conf["port"]
         self.sni: str | None = conf["sni"]
         self.enforce_tls_verify: bool = conf["enforce_tls_verify"]
+        if not self.enforce_tls_verify:  # then the Service's own tls_verify must be on
+            self.start_notices = (("err", log_line(
+                UPSTREAM_IDENTITY, "instance", reason="TLS_VERIFY_NOT_ENFORCED",
+                detail="enforce_tls_verify is false: requests are refused unless the Service sets "
+                       "tls_verify itself")),)
         self.tls_verify_depth: int | None = conf["tls_verify_depth"]
         self.wait_timeout = conf["probe_timeout"] + WAIT_MARGIN
         self.cache = VerdictCache(conf["cache_ttl"], conf["failure_ttl"])
@@ -107,9 +113,13 @@ class Plugin:
             kong.service.set_tls_verify(True)
             if self.tls_verify_depth is not None:
                 kong.service.set_tls_verify_depth(self.tls_verify_depth)
-        target = self.fixed_target or self._service_target(kong)
+        service = kong.router.get_service()
+        target = self.fixed_target or self._service_target(service)
         if isinstance(target, Verdict):
             return _refusal(target)
+        problem = service_tls_problem(service, target, tls_verify_forced=self.enforce_tls_verify)
+        if problem is not None:
+            return _refusal(problem)
         verdict = self._verdict(kong, target)
         if self.cache.first_use(target):
             for notice in verdict.notices:
@@ -121,8 +131,7 @@ class Plugin:
         kong.ctx.shared.set(MARK, verdict.mark())
         return None
 
-    def _service_target(self, kong: Any) -> Target | Verdict:
-        service = kong.router.get_service()
+    def _service_target(self, service: Any) -> Target | Verdict:
         placeholder = Target("service", self.port or DEFAULT_PORT)
         if not isinstance(service, Mapping) or not service.get("host"):
             return Verdict.failure(placeholder, Reason.NO_TARGET,
