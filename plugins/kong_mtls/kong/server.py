@@ -70,7 +70,8 @@ class SafePluginServer(PluginServer):
     def __init__(self, *args: Any, abandon_after: float = DEFAULT_ABANDON_AFTER, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.abandon_after = abandon_after
-        self._waiting_since: dict[int, float] = {}  # event id -> when we last handed Kong a PDK call
+        #: event id -> when we handed Kong a PDK call it has not answered yet
+        self._waiting_since: dict[int, float] = {}
 
     def start_instance(self, cfg: dict) -> dict:
         name = cfg["Name"]
@@ -92,6 +93,9 @@ class SafePluginServer(PluginServer):
 
     def _step(self, data: dict, is_error: bool) -> dict:
         channel = self.events.get(data.get("EventId"))
+        # Kong answered: from now until our next answer the event is ours, not waiting for Kong (a
+        # handler that takes long, waiting on a probe, is never taken for abandoned).
+        self._waiting_since.pop(data.get("EventId"), None)
         answer = super()._step(data, is_error)
         if _is_exit(answer):
             self._finish_exited(channel)
