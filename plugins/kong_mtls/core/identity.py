@@ -121,6 +121,7 @@ def infer_name_kind(text: str) -> NameKind:
 
 
 _URI_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+_CN_OID = NameOID.COMMON_NAME.dotted_string
 
 
 class IdentityError(ValueError):
@@ -234,13 +235,12 @@ def extract_identity(cert: x509.Certificate) -> CertIdentity:
                     values.append(name.value)
                     san.append(name.value)
         spiffe_ids = [s for s in (parse_spiffe_id(u) for u in uris) if s is not None]
-        cn_oid = NameOID.COMMON_NAME.dotted_string
         return CertIdentity(
             subject=cert.subject.rfc4514_string(),
             issuer=cert.issuer.rfc4514_string(),
             serial=format(cert.serial_number, "x"),
             attributes=attributes,
-            common_names=tuple(v for k, v in attributes if k == cn_oid),
+            common_names=tuple(v for k, v in attributes if k == _CN_OID),
             uris=tuple(uris), dns=tuple(dns), emails=tuple(emails), ips=tuple(ips), san=tuple(san),
             spiffe=spiffe_ids[0] if len(spiffe_ids) == 1 else None,
             spki_sha256=spki_sha256(cert),
@@ -323,7 +323,6 @@ _ATTRIBUTE_OIDS = {
     "PSEUDONYM": NameOID.PSEUDONYM, "DNQUALIFIER": NameOID.DN_QUALIFIER,
 }
 _DOTTED = re.compile(r"^[0-2](\.(0|[1-9][0-9]*))+$")
-_CN_OID = NameOID.COMMON_NAME.dotted_string
 
 
 @dataclass(frozen=True)

@@ -175,18 +175,41 @@ def _connect(host: str, port: int, timeout: float | None, allow_private: bool) -
 
 
 class _GuardedHTTPConnection(http.client.HTTPConnection):
-    allow_private = False
+    def __init__(self, *args: Any, allow_private: bool, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.allow_private = allow_private
 
     def connect(self) -> None:
         self.sock = _connect(self.host, self.port, self.timeout, self.allow_private)
 
 
 class _GuardedHTTPSConnection(http.client.HTTPSConnection):
-    allow_private = False
+    def __init__(self, *args: Any, allow_private: bool, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.allow_private = allow_private
 
     def connect(self) -> None:
         sock = _connect(self.host, self.port, self.timeout, self.allow_private)
         self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
+
+
+class _GuardedHTTPHandler(urllib.request.HTTPHandler):
+    def __init__(self, allow_private: bool) -> None:
+        super().__init__()
+        self.allow_private = allow_private
+
+    def http_open(self, req: urllib.request.Request) -> Any:
+        return self.do_open(_GuardedHTTPConnection, req, allow_private=self.allow_private)
+
+
+class _GuardedHTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, allow_private: bool) -> None:
+        super().__init__()
+        self.allow_private = allow_private
+
+    def https_open(self, req: urllib.request.Request) -> Any:
+        return self.do_open(_GuardedHTTPSConnection, req, context=self._context,
+                            allow_private=self.allow_private)
 
 
 class UrllibFetcher:
@@ -200,18 +223,8 @@ class UrllibFetcher:
     def __init__(self, max_bytes: int = MAX_CRL_BYTES, allow_private: bool = False) -> None:
         self.max_bytes = max_bytes
         self._opener = urllib.request.OpenerDirector()
-        http_connection = type("HTTP", (_GuardedHTTPConnection,), {"allow_private": allow_private})
-        https_connection = type("HTTPS", (_GuardedHTTPSConnection,), {"allow_private": allow_private})
-
-        class Plain(urllib.request.HTTPHandler):
-            def http_open(self, req: urllib.request.Request) -> Any:
-                return self.do_open(http_connection, req)
-
-        class Secure(urllib.request.HTTPSHandler):
-            def https_open(self, req: urllib.request.Request) -> Any:
-                return self.do_open(https_connection, req, context=self._context)
-
-        for handler in (Plain(), Secure(), _HttpOnlyRedirects(),
+        for handler in (_GuardedHTTPHandler(allow_private), _GuardedHTTPSHandler(allow_private),
+                        _HttpOnlyRedirects(),
                         urllib.request.HTTPDefaultErrorHandler(), urllib.request.HTTPErrorProcessor(),
                         urllib.request.UnknownHandler()):
             self._opener.add_handler(handler)

@@ -72,6 +72,7 @@ def parse_cidr_list(document: object, origin: str) -> CidrList:
         items = document.get(key, [])
         if not isinstance(items, list):
             raise PresetError(f"{origin}: {key!r} must be a list of CIDR strings")
+        networks = []
         for i, item in enumerate(items, start=1):
             try:
                 network = parse_network(item)
@@ -82,8 +83,8 @@ def parse_cidr_list(document: object, origin: str) -> CidrList:
             if network.prefixlen < WIDEST_PREFIX[version]:
                 raise PresetError(f"{origin}: {key}[{i}]: {item!r} is wider than /{WIDEST_PREFIX[version]}; "
                                   "refusing an implausible range")
-        covered = sum(n.num_addresses for n in ipaddress.collapse_addresses(
-            parse_network(item) for item in items))
+            networks.append(network)
+        covered = sum(n.num_addresses for n in ipaddress.collapse_addresses(networks))
         if covered > 2 ** ((32 if version == 4 else 128) - WIDEST_PREFIX[version]):
             raise PresetError(f"{origin}: {key} covers more addresses than one /{WIDEST_PREFIX[version]}; "
                               "refusing an implausible list")
