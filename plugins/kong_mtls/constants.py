@@ -16,6 +16,8 @@ IP_ALLOWLIST = "ip-allowlist"
 CLIENT_CERT_AUTH = "client-cert-auth"
 API_KEY_AUTH = "api-key-auth"
 UPSTREAM_IDENTITY = "upstream-identity"
+#: Client certificates an edge (Cloudflare, CloudFront, an ALB, Envoy) forwards in a header.
+HEADER_CERT_AUTH = "header-cert-auth"
 #: Global only: asks TLS clients for a certificate in the `certificate` phase (instead of nginx).
 CLIENT_CERT_REQUEST = "client-cert-request"
 
@@ -27,6 +29,7 @@ PLUGIN_MODULES: dict[str, str] = {
     API_KEY_AUTH: "kong_mtls.kong.api_key_auth",
     UPSTREAM_IDENTITY: "kong_mtls.kong.upstream_identity",
     CLIENT_CERT_REQUEST: "kong_mtls.kong.client_cert_request",
+    HEADER_CERT_AUTH: "kong_mtls.kong.header_cert_auth",
 }
 
 #: How each plugin spells `kong.log.<level>` over RPC: Kong resolves a PDK method by the word
@@ -42,6 +45,8 @@ PRIORITIES: dict[str, int] = {
     IP_ALLOWLIST: 1800,
     # Like Enterprise mtls-auth: before key auth, so api-key-auth can bind a key to the certificate.
     CLIENT_CERT_AUTH: 1600,
+    # Just after client-cert-auth, which it shares its core with (a route has one or the other).
+    HEADER_CERT_AUTH: 1590,
     # Just above Kong's key-auth (1250).
     API_KEY_AUTH: 1260,
     # After acl (950): only authorised requests reach the upstream check.

@@ -63,6 +63,8 @@ class Reason(str, Enum):
     REVOCATION_UNKNOWN = "REVOCATION_UNKNOWN"    # revocation status could not be established (STRICT)
     PIN_MISMATCH = "PIN_MISMATCH"                # a mapping for the name is pinned to another CA or key
     OUTSIDE_NAME_CONSTRAINTS = "OUTSIDE_NAME_CONSTRAINTS"  # a CN/DN used as identity breaks constraints
+    UNTRUSTED_EDGE = "UNTRUSTED_EDGE"            # header-cert-auth: the request did not come from the edge
+    EDGE_NOT_VERIFIED = "EDGE_NOT_VERIFIED"      # header-cert-auth: the edge's verdict header is not a pass
     NO_CONSUMER = "NO_CONSUMER"                  # verified, but no consumer matches (and no default)
     ANONYMOUS_NOT_FOUND = "ANONYMOUS_NOT_FOUND"  # the configured anonymous consumer does not exist (500)
     DEFAULT_CONSUMER_NOT_FOUND = "DEFAULT_CONSUMER_NOT_FOUND"  # same for default_consumer (500)

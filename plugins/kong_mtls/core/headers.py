@@ -12,8 +12,23 @@ from __future__ import annotations
 
 import functools
 import itertools
+import re
 from collections.abc import Mapping
 from typing import Any
+
+# RFC 9110 field-name token.
+_FIELD_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+#: A configured header name has 2**separators spellings: beyond this, it is no real header.
+MAX_NAME_SEPARATORS = 8
+
+
+def header_name_problem(name: str) -> str | None:
+    """Why `name` cannot be a configured header name (set or removed in every spelling), or None."""
+    if not _FIELD_NAME.fullmatch(name):
+        return f"{name!r} is not a valid HTTP header name"
+    if name.count("-") + name.count("_") > MAX_NAME_SEPARATORS:
+        return f"{name!r} has more than {MAX_NAME_SEPARATORS} '-' or '_'"
+    return None
 
 
 @functools.lru_cache(maxsize=256)

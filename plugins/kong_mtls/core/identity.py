@@ -704,6 +704,11 @@ class Authenticator:
             self._passes.put(chain.chain_sha256, (now + self.consumers.ttl, decision))
         return decision
 
+    def refuse(self, reason: Reason, detail: str, load_consumer: LoadConsumer) -> Decision:
+        """The outcome for a request whose certificate was never verified (header-cert-auth: not
+        from the edge, or an unusable header): refused, or let through as anonymous/report_only."""
+        return self._fail(reason, detail, None, None, load_consumer)
+
     def _identify(self, chain: VerifiedChain, facts: _Facts, chain_pem: object,
                   load_consumer: LoadConsumer) -> Decision:
         """Consumer resolution for a verified chain: mapping, consumer_by, default_consumer."""
@@ -791,7 +796,7 @@ class Authenticator:
                             mark=self._mark(facts, leaf, None), **common)
         if server_error:
             status, message = 500, MESSAGE_UNEXPECTED
-        elif reason is Reason.NO_CERTIFICATE:
+        elif reason in (Reason.NO_CERTIFICATE, Reason.UNTRUSTED_EDGE):  # a header not believed: none
             status, message = 401, MESSAGE_NO_CERTIFICATE
         else:
             status, message = 401, MESSAGE_FAILED_VERIFICATION

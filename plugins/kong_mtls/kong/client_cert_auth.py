@@ -48,6 +48,7 @@ from kong_mtls.core.identity import (
     FORWARD_FORMATS,
     Authenticator,
     AuthPolicy,
+    Decision,
     GroupSource,
     NameKind,
     Via,
@@ -58,8 +59,6 @@ from kong_mtls.kong.runtime import Refusal, log_line, pdk_log, phase
 from kong_mtls.kong.server import serve
 from kong_mtls.presets import CA_PRESET_NAMES, PresetError, load_ca_preset
 from kong_mtls.schema import ConfigError
-
-MARK = shared_mark(CLIENT_CERT_AUTH)
 
 _log = logging.getLogger("kong_mtls")
 
@@ -117,8 +116,14 @@ class Compiled:
 def compile_config(config: Mapping[str, Any] | None, *, clock: Callable[[], float] = time.time) -> Compiled:
     """Validate a client-cert-auth config and build its authenticator. Raises ConfigError naming the
     field. `clock` (epoch seconds) drives certificate validity (`kong-mtls check --at`)."""
-    conf = schema.validate(Schema, config)
-    anchors = _anchors(conf)
+    return compile_validated(schema.validate(Schema, config), clock=clock)
+
+
+def compile_validated(conf: Mapping[str, Any], *, clock: Callable[[], float] = time.time,
+                      plugin: str = CLIENT_CERT_AUTH) -> Compiled:
+    """`compile_config` for a config already validated against a schema holding `Schema`'s fields
+    (header-cert-auth's holds them all)."""
+    anchors = anchors_of(conf)
     try:
         eku = parse_eku(conf["required_eku"])
     except ValueError as exc:
@@ -153,20 +158,23 @@ def compile_config(config: Mapping[str, Any] | None, *, clock: Callable[[], floa
     warnings = []
     for cert, days in expiring_anchors(policy.anchors, clock()):
         state = f"expired {-days} days ago" if days < 0 else f"expires in {days} days"
-        warnings.append(log_line(CLIENT_CERT_AUTH, "anchor-expiring", anchor=describe(cert), state=state,
+        warnings.append(log_line(plugin, "anchor-expiring", anchor=describe(cert), state=state,
                                  not_after=cert.not_valid_after_utc.date().isoformat()))
     return Compiled(authenticator, policy.anchors, tuple(warnings))
 
 
-def _anchors(conf: Mapping[str, Any]) -> tuple[x509.Certificate, ...]:
+def anchors_of(conf: Mapping[str, Any], prefix: str = "", *,
+               required: bool = True) -> tuple[x509.Certificate, ...]:
+    """The trust anchors of the `<prefix>ca_certificates`, `<prefix>ca_certificate_files` and
+    `<prefix>ca_presets` fields; ConfigError names the field of a bad one."""
     anchors: list[x509.Certificate] = []
     sources: list[tuple[str, Callable[[], list[x509.Certificate]]]] = []
-    for i, text in enumerate(conf["ca_certificates"] or (), start=1):
-        sources.append((f"ca_certificates[{i}]", lambda text=text: parse_pem_certificates(text)))
-    for i, path in enumerate(conf["ca_certificate_files"] or (), start=1):
-        sources.append((f"ca_certificate_files[{i}]", lambda path=path: read_certificate_file(path)))
-    for i, name in enumerate(conf["ca_presets"] or (), start=1):
-        sources.append((f"ca_presets[{i}]", lambda name=name: load_ca_preset(name)))
+    for i, text in enumerate(conf[f"{prefix}ca_certificates"] or (), start=1):
+        sources.append((f"{prefix}ca_certificates[{i}]", lambda text=text: parse_pem_certificates(text)))
+    for i, path in enumerate(conf[f"{prefix}ca_certificate_files"] or (), start=1):
+        sources.append((f"{prefix}ca_certificate_files[{i}]", lambda path=path: read_certificate_file(path)))
+    for i, name in enumerate(conf[f"{prefix}ca_presets"] or (), start=1):
+        sources.append((f"{prefix}ca_presets[{i}]", lambda name=name: load_ca_preset(name)))
     for where, load in sources:
         try:
             certs = load()
@@ -175,9 +183,9 @@ def _anchors(conf: Mapping[str, Any]) -> tuple[x509.Certificate, ...]:
         except (ChainConfigError, PresetError) as exc:
             raise ConfigError(where, str(exc)) from None
         anchors.extend(certs)
-    if not anchors:
-        raise ConfigError("ca_certificates", "no trust anchor configured (set ca_certificates, "
-                                             "ca_certificate_files or ca_presets)")
+    if not anchors and required:
+        fields = f"{prefix}ca_certificates, {prefix}ca_certificate_files or {prefix}ca_presets"
+        raise ConfigError(f"{prefix}ca_certificates", f"no trust anchor configured (set {fields})")
     return tuple(anchors)
 
 
@@ -216,20 +224,27 @@ class Plugin:
         if not decision.allowed:
             reason = decision.reason.value if decision.reason else "UNKNOWN"
             return Refusal(decision.status, decision.message, reason, decision.detail)
-        if decision.via is Via.REPORT_ONLY and decision.reason is not None:
-            pdk_log(kong, CLIENT_CERT_AUTH, "warn", log_line(CLIENT_CERT_AUTH, "report-only",
-                                                             reason=decision.reason.value,
-                                                             detail=decision.detail))
-        if decision.consumer is not None:
-            kong.client.authenticate(dict(decision.consumer),
-                                     dict(decision.credential) if decision.credential else None)
-        if decision.groups:
-            kong.ctx.shared.set(SHARED_AUTHENTICATED_GROUPS, list(decision.groups))
-        kong.service.request.set_headers(with_every_spelling(decision.headers))
-        # Last: the guard proxies on this mark, and Kong goes on if the plugin server fails between
-        # two calls; set earlier, a failed set_headers would let client-sent identity headers through.
-        kong.ctx.shared.set(MARK, dict(decision.mark or {}))
+        publish(kong, CLIENT_CERT_AUTH, decision)
         return None
+
+
+def publish(kong: Any, plugin: str, decision: Decision, removed: Sequence[str] = ()) -> None:
+    """Publish a pass of `plugin` (client-cert-auth or header-cert-auth): report-only line, consumer,
+    groups, the upstream headers (with `removed` headers gone in every spelling) and, last, the mark."""
+    if decision.via is Via.REPORT_ONLY and decision.reason is not None:
+        pdk_log(kong, plugin, "warn", log_line(plugin, "report-only", reason=decision.reason.value,
+                                               detail=decision.detail))
+    if decision.consumer is not None:
+        kong.client.authenticate(dict(decision.consumer),
+                                 dict(decision.credential) if decision.credential else None)
+    if decision.groups:
+        kong.ctx.shared.set(SHARED_AUTHENTICATED_GROUPS, list(decision.groups))
+    headers: dict[str, Any] = {name: [] for name in removed}
+    headers.update(decision.headers)
+    kong.service.request.set_headers(with_every_spelling(headers))
+    # Last: the guard proxies on this mark, and Kong goes on if the plugin server fails between
+    # two calls; set earlier, a failed set_headers would let client-sent identity headers through.
+    kong.ctx.shared.set(shared_mark(plugin), dict(decision.mark or {}))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

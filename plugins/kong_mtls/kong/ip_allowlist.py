@@ -10,7 +10,6 @@ Semantics are documented in docs/ip-allowlist.md; the decision logic is kong_mtl
 
 from __future__ import annotations
 
-import re
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -26,7 +25,7 @@ from kong_mtls.core.addresses import (
     Source,
     parse_network,
 )
-from kong_mtls.core.headers import with_every_spelling
+from kong_mtls.core.headers import header_name_problem, with_every_spelling
 from kong_mtls.kong.runtime import Refusal, phase
 from kong_mtls.kong.server import serve
 from kong_mtls.presets import CIDR_PRESET_NAMES, PresetError, load_cidr_preset
@@ -35,9 +34,6 @@ from kong_mtls.schema import ConfigError
 #: The nginx variable holding the TCP peer before any real-IP rewrite.
 PEER_VARIABLE = "realip_remote_addr"
 MARK = shared_mark(IP_ALLOWLIST)
-
-# RFC 9110 field-name token.
-_HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 
 Schema = [
     schema.strings("allow"),
@@ -61,17 +57,18 @@ class Plugin:
     def __init__(self, config: Mapping[str, Any]) -> None:
         conf = schema.validate(Schema, config)
         for name in ("header_name", "client_ip_header"):
-            if conf[name] is not None and not _HEADER_NAME.fullmatch(conf[name]):
-                raise ConfigError(name, f"{conf[name]!r} is not a valid HTTP header name")
+            problem = header_name_problem(conf[name]) if conf[name] is not None else None
+            if problem:
+                raise ConfigError(name, problem)
         if (conf["header_name"] or "").lower() == "forwarded":
             raise ConfigError("header_name", "the RFC 7239 Forwarded header is not supported; "
                                              "use X-Forwarded-For")
-        presets = _Presets(conf["preset_files"] or {})
+        presets = Presets(conf["preset_files"] or {})
         self.policy = Policy(
             source=Source(conf["source"]),
-            allow=_address_set(conf, "allow", presets),
-            deny=_address_set(conf, "deny", presets),
-            trusted_proxies=_address_set(conf, "trusted_proxies", presets),
+            allow=address_set(conf, "allow", presets),
+            deny=address_set(conf, "deny", presets),
+            trusted_proxies=address_set(conf, "trusted_proxies", presets),
             header_name=conf["header_name"],
             forwarded_for_hops=conf["forwarded_for_hops"],
             require_trusted_peer=conf["require_trusted_peer"],
@@ -100,7 +97,7 @@ class Plugin:
         return None
 
 
-class _Presets:
+class Presets:
     """Preset CIDRs for one config, each read once; `preset_files` overrides the shipped lists."""
 
     def __init__(self, files: Mapping[str, str]) -> None:
@@ -123,7 +120,7 @@ class _Presets:
         return self.loaded[name]
 
 
-def _address_set(conf: Mapping[str, Any], field: str, presets: _Presets) -> AddressSet:
+def address_set(conf: Mapping[str, Any], field: str, presets: Presets) -> AddressSet:
     networks = _networks(field, conf[field] or ())
     for i, name in enumerate(conf[f"{field}_presets"] or (), start=1):
         networks.extend(_networks(f"{field}_presets[{i}]", presets.get(name, f"{field}_presets[{i}]")))
