@@ -68,7 +68,7 @@ class Gateway:
     def __init__(self, *, proxy_http: tuple[str, int], proxy_https: tuple[str, int],
                  admin: tuple[str, int], echo: tuple[str, int], pki: Path, pki_in_kong: str,
                  kong_version: tuple[int, int, int], plugins: list[str], config: dict,
-                 cloudflare_config: dict) -> None:
+                 examples: dict[str, dict]) -> None:
         self.proxy_http = proxy_http
         self.proxy_https = proxy_https
         self.admin = admin
@@ -78,7 +78,7 @@ class Gateway:
         self.kong_version = kong_version
         self.plugins = plugins
         self.config = config            # the declarative config Kong started with
-        self.cloudflare_config = cloudflare_config
+        self.examples = examples        # the other kong/*.yml by file name, as this Kong can load them
 
     # -- requests ----------------------------------------------------------------------------------
     def cert(self, name: str) -> tuple[Path, Path]:
@@ -267,7 +267,7 @@ class DockerGateway(Gateway):
             pki=pki, pki_in_kong="/pki", kong_version=parse_kong_version(version),
             plugins=list(PLUGIN_MODULES),  # the image build checks that every plugin server runs
             config=yaml.safe_load((pki / "config" / "kong.yml").read_text()),
-            cloudflare_config=yaml.safe_load((pki / "config" / "cloudflare-origin-lock.yml").read_text()),
+            examples={path.name: yaml.safe_load(path.read_text()) for path in (pki / "config").glob("*.yml")},
         )
         self.wait_ready()
 
@@ -460,7 +460,7 @@ class LocalGateway(Gateway):
             self, proxy_http=("127.0.0.1", ports["http"]), proxy_https=("127.0.0.1", ports["https"]),
             admin=admin, echo=echo, pki=pki, pki_in_kong=str(pki),
             kong_version=version, plugins=plugins, config=config,
-            cloudflare_config=adapted("cloudflare-origin-lock.yml"))
+            examples={path.name: adapted(path.name) for path in (pki / "config").glob("*.yml")})
         self.cluster = ("127.0.0.1", ports["cluster"])
         if self.database is not None:
             eventually(lambda: self.admin_request("GET", "/status").status == 200, START_TIMEOUT,

@@ -8,6 +8,7 @@ proves that a refused request never reached it.
 
 from __future__ import annotations
 
+import base64
 import copy
 import datetime as dt
 import json
@@ -16,6 +17,7 @@ import signal
 import ssl
 import uuid
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 from cryptography import x509
@@ -39,6 +41,7 @@ from tests.integration.support import (
     Response,
     adapt_config,
     cloudflare_test_config,
+    edge_test_config,
     find_route,
     refused,
     resumed_session_requests,
@@ -100,6 +103,11 @@ def tls_version(version: ssl.TLSVersion, context: ssl.SSLContext) -> ssl.SSLCont
     return context
 
 
+def _sf_binary(cert: x509.Certificate) -> str:
+    """RFC 9440's encoding, as Cloudflare's `cf.tls_client_auth.cert_rfc9440` gives it."""
+    return ":" + base64.b64encode(cert.public_bytes(serialization.Encoding.DER)).decode() + ":"
+
+
 def leaf_dns_names(der: bytes | None) -> list[str]:
     assert der is not None
     san = x509.load_der_x509_certificate(der).extensions.get_extension_for_class(x509.SubjectAlternativeName)
@@ -114,7 +122,7 @@ class Scenarios:
         host = "api.example.test"
         key = {"apikey": gateway.api_key("ak_alice_dev")}
         cloudflare = {"CF-Connecting-IP": VISITOR}
-        gateway.load_config(cloudflare_test_config(gateway.cloudflare_config,
+        gateway.load_config(cloudflare_test_config(gateway.examples["cloudflare-origin-lock.yml"],
                                                    aop_ca_file=f"{gateway.pki_in_kong}/aop/ca.pem"))
         try:
             def origin(path: str = "/orders", *, cert: str | None = "aop/client",
@@ -362,6 +370,73 @@ class Scenarios:
             assert answer.status == 200, (path, answer)
             passed = {k: v for k, v in answer.upstream_headers.items() if "forged" in str(v)}
             assert not passed, (path, passed)
+
+    def test_12_client_certificates_forwarded_by_an_edge(self, gateway: Gateway) -> None:
+        """The test client plays the edge: Cloudflare (its address in the stand-in ranges, the dev
+        AOP certificate on the connection, RFC 9440 headers) and an ALB (URL-encoded PEM chain)."""
+        requires(gateway, "header-cert-auth")
+        host = "api.example.test"
+        gateway.load_config(edge_test_config(gateway.examples["edge-client-certs.yml"],
+                                             aop_ca_file=f"{gateway.pki_in_kong}/aop/ca.pem"))
+        try:
+            def chain(name: str) -> list[x509.Certificate]:
+                return x509.load_pem_x509_certificates(gateway.cert(name)[0].read_bytes())
+
+            def cloudflare(certs: list[x509.Certificate], verified: str = "true") -> dict[str, str]:
+                return {"Client-Cert": _sf_binary(certs[0]),
+                        "Client-Cert-Chain": ", ".join(_sf_binary(c) for c in certs[1:]),
+                        "Cf-Client-Cert-Verified": verified}
+
+            def edge(path: str, headers: dict, cert: str | None = "aop/client") -> Response:
+                return gateway.https(path, server_name=host, cert=cert, headers=headers)
+
+            alice = chain("clients/alice")
+            eventually(lambda: edge("/cloudflare", cloudflare(alice)).status == 200, 30,
+                       "the edge config never took effect", gateway.error_log)
+            forged = {"X-Consumer-Username": "mallory", "Client_Cert": "forged",
+                      "Client-Cert_Chain": "forged"}
+            ok = edge("/cloudflare", {**cloudflare(alice), **forged})
+            assert ok.status == 200
+            upstream = ok.upstream_headers
+            assert upstream["x-consumer-username"] == "alice"      # her SPIFFE ID mapping, as with mTLS
+            assert "CN=alice" in upstream["x-client-cert-dn"]
+            sent = {name.replace("_", "-").lower() for name in upstream}
+            assert not sent & {"client-cert", "client-cert-chain", "cf-client-cert-verified"}, upstream
+            bob = edge("/cloudflare", cloudflare(chain("clients/bob")))
+            assert bob.upstream_headers["x-consumer-username"] == "bob"          # CN = username
+
+            stranger = chain("clients/stranger")
+            expired = chain(expired_client(gateway))
+            for path, headers, cert, message in (
+                # Not from a Cloudflare address; no AOP certificate; not the edge's certificate.
+                ("/cloudflare-real", cloudflare(alice), "aop/client", MESSAGE_NO_CERTIFICATE),
+                ("/cloudflare", cloudflare(alice), None, MESSAGE_NO_CERTIFICATE),
+                ("/cloudflare", cloudflare(alice), "clients/alice", MESSAGE_NO_CERTIFICATE),
+                ("/cloudflare", cloudflare(alice, "false"), "aop/client", MESSAGE_FAILED_VERIFICATION),
+                ("/cloudflare", cloudflare(stranger), "aop/client", MESSAGE_FAILED_VERIFICATION),
+                ("/cloudflare", cloudflare(expired), "aop/client", MESSAGE_FAILED_VERIFICATION),
+                ("/cloudflare", {**cloudflare(alice), "Client-Cert": "%%%"}, "aop/client",
+                 MESSAGE_FAILED_VERIFICATION),
+            ):
+                headers = {**headers, **nonce()}
+                answer = edge(path, headers, cert)
+                assert (answer.status, answer.json()) == (401, {"message": message}), (path, cert, answer)
+                assert not gateway.seen_upstream(headers["X-Test-Nonce"])
+            log = gateway.error_log()
+            for reason in ("UNTRUSTED_EDGE", "EDGE_NOT_VERIFIED", "UNKNOWN_CA", "EXPIRED", "MALFORMED_CHAIN"):
+                assert f"[header-cert-auth] [kong-mtls] header-cert-auth refused status=401 reason={reason}" \
+                    in log, reason
+
+            # AWS ALB passthrough: the whole chain as URL-encoded PEM, from the ALB's address.
+            alb = {"X-Amzn-Mtls-Clientcert": quote(gateway.cert("clients/bob")[0].read_text(), safe="+=/")}
+            answer = edge("/alb", alb, cert=None)
+            assert (answer.status, answer.upstream_headers["x-consumer-username"]) == (200, "bob")
+            headers = {"X-Amzn-Mtls-Clientcert": quote(gateway.cert("clients/stranger")[0].read_text()),
+                       **nonce()}
+            assert edge("/alb", headers, cert=None).status == 401
+            assert not gateway.seen_upstream(headers["X-Test-Nonce"])
+        finally:
+            gateway.restore()
 
     def test_5_plugin_enabled_and_changed_at_runtime(self, gateway: Gateway) -> None:
         requires(gateway, "api-key-auth")

@@ -21,6 +21,7 @@ from typing import Any
 from kong_mtls.constants import (
     CLIENT_CERT_AUTH,
     CLIENT_CERT_REQUEST,
+    HEADER_CERT_AUTH,
     IP_ALLOWLIST,
     PLUGIN_MODULES,
 )
@@ -222,6 +223,27 @@ def cloudflare_test_config(config: Mapping[str, Any], *, aop_ca_file: str) -> di
         cert_auth["ca_certificate_files"] = [aop_ca_file]
         cert_auth["revocation_check_mode"] = "SKIP"
     service["routes"] += [real, {"name": "public", "paths": ["/public"]}]
+    return out
+
+
+def edge_test_config(config: Mapping[str, Any], *, aop_ca_file: str) -> dict[str, Any]:
+    """Scenario 12's config: kong/edge-client-certs.yml with the test client standing in for the
+    edge (its addresses as Cloudflare's and the ALB's, the dev AOP CA as Cloudflare's), plus the
+    Cloudflare route with only the real Cloudflare ranges at /cloudflare-real, and an open /public
+    route to the same upstream."""
+    out = copy.deepcopy(dict(config))
+    route = find_route(out, "cloudflare-api-shield")
+    real = copy.deepcopy(route)
+    real.update(name="cloudflare-real", paths=["/cloudflare-real"])
+    for target in (route, real):
+        edge = route_plugin(target, HEADER_CERT_AUTH)["config"]
+        edge.pop("edge_ca_presets")
+        edge["edge_ca_certificate_files"] = [aop_ca_file]
+    route_plugin(route, HEADER_CERT_AUTH)["config"].update(trusted_proxies_presets=None,
+                                                            trusted_proxies=STAND_IN_CLOUDFLARE)
+    route_plugin(find_route(out, "alb-passthrough"), HEADER_CERT_AUTH)["config"]["trusted_proxies"] += \
+        STAND_IN_CLOUDFLARE
+    out["services"][0]["routes"] += [real, {"name": "public", "paths": ["/public"]}]
     return out
 
 
