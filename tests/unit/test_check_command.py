@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import types
+from urllib.parse import quote
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 
 from kong_mtls.cli import main
 from kong_mtls.core.chain import cert_sha256
@@ -159,3 +162,61 @@ def test_a_malformed_name_constraint_in_an_anchor_is_a_config_error(capsys, file
     config = files.write("nc.json", {"ca_certificates": [_anchor_with_raw_name_constraints(der)]})
     code, _, err = run(capsys, "--config", config, "--chain", files.alice)
     assert code == 2 and "ca_certificates[1]" in err and "Traceback" not in err
+
+
+# -- header values (what an edge forwards) -----------------------------------------------------------------
+def _sf(cert) -> str:
+    return ":" + base64.b64encode(cert.public_bytes(serialization.Encoding.DER)).decode() + ":"
+
+
+@pytest.mark.parametrize(("fmt", "encode"), [
+    ("rfc9440", lambda p: _sf(p.alice.cert)),
+    ("url_encoded_pem", lambda p: quote(p.alice.chain_pem, safe="+=/")),
+    ("xfcc", lambda p: f"Hash=00;Cert={quote(p.alice.cert_pem, safe='')};"
+                       f"Chain={quote(p.alice.chain_pem, safe='')}"),
+    ("base64_der", lambda p: ",".join(base64.b64encode(c.public_bytes(serialization.Encoding.DER)).decode()
+                                      for c in (p.alice.cert, *p.alice.intermediates))),
+])
+def test_a_header_value_in_each_format(capsys, files, pki, fmt, encode):
+    """The leaf-only RFC 9440 value is completed by the intermediate given as a chain header."""
+    value = files.write("value.txt", encode(pki) + "\n")
+    chain = files.write("chain.txt", _sf(pki.intermediate.cert))
+    extra = ["--chain-header-value", chain] if fmt == "rfc9440" else []
+    code, out, _ = run(capsys, "--config", files.config, "--header-value", value, "--format", fmt,
+                       "--consumers", files.consumers, *extra)
+    assert (code, "ALLOWED via mapping" in out) == (0, True), out
+    # A damaged value is refused with the reason the plugin would log.
+    broken = files.write("broken.txt", encode(pki)[:-7] + "%G")
+    code, out, _ = run(capsys, "--config", files.config, "--header-value", broken, "--format", fmt)
+    assert code == 1 and "reason:      MALFORMED_CHAIN" in out, out
+
+
+def test_a_header_cert_auth_config_brings_its_own_format(capsys, files, pki):
+    config = {"ca_certificates": [pki.root.cert_pem], "revocation_check_mode": "SKIP",
+              "certificate_header": "Client-Cert", "certificate_header_format": "rfc9440",
+              "chain_header": "Client-Cert-Chain", "trusted_proxies_presets": ["cloudflare"],
+              "consumer_mappings": [{"subject_name": "alice", "name_type": "cn", "consumer": "alice"}]}
+    entity = files.write("edge.json", {"name": "header-cert-auth", "config": config})
+    value = files.write("value.txt", _sf(pki.alice.cert))
+    chain = files.write("chain.txt", _sf(pki.intermediate.cert))
+    code, out, _ = run(capsys, "--config", entity, "--header-value", value, "--chain-header-value", chain,
+                       "--consumers", files.consumers)
+    assert code == 0 and "consumer:    alice" in out
+    bare = files.write("bare.json", config)
+    code, out, _ = run(capsys, "--config", bare, "--plugin", "header-cert-auth", "--header-value", value)
+    assert code == 1 and "reason:      UNKNOWN_CA" in out      # no chain header value: no path
+    for args in (["--format", "xfcc"], ["--plugin", "client-cert-auth"]):
+        assert run(capsys, "--config", entity, "--header-value", value, *args)[0] == 2, args
+
+
+@pytest.mark.parametrize("args", [
+    ["--header-value", "VALUE"],                                  # client-cert-auth: needs --format
+    ["--chain", "ALICE", "--format", "rfc9440"],                  # --format without a header value
+    ["--header-value", "MULTI", "--format", "rfc9440"],           # two lines
+    ["--header-value", "VALUE", "--format", "xfcc", "--chain-header-value", "VALUE"],
+])
+def test_header_value_argument_errors(capsys, files, pki, args):
+    paths = {"VALUE": files.write("v.txt", _sf(pki.alice.cert)), "ALICE": files.alice,
+             "MULTI": files.write("m.txt", _sf(pki.alice.cert) + "\n" + _sf(pki.alice.cert) + "\n")}
+    code, _, err = run(capsys, "--config", files.config, *[paths.get(a, a) for a in args])
+    assert code == 2 and "--" in err, err

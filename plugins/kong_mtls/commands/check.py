@@ -1,9 +1,12 @@
-"""`kong-mtls check`: decide offline what client-cert-auth would do with a certificate chain.
+"""`kong-mtls check`: decide offline what client-cert-auth or header-cert-auth would do with a
+certificate chain, given as PEM or as the header value an edge forwards.
 
-The plugin config is compiled exactly as the plugin server compiles it
-(`kong_mtls.kong.client_cert_auth.compile_config`) and the chain goes through the same
-`Authenticator`; Kong's consumers are taken from a JSON file instead of Kong's database (looked up
-like `kong.client.load_consumer(ref, true)`: by id, then by username).
+The plugin config is compiled exactly as the plugin server compiles it (`compile_config` of
+`kong_mtls.kong.client_cert_auth` or `kong_mtls.kong.header_cert_auth`) and the chain goes through
+the same `Authenticator`; a header value is decoded by the same `ForwardedSource`, in the config's
+format (header-cert-auth) or the one `--format` names. What proves the edge (its address, its
+certificate) is not checked offline. Kong's consumers are taken from a JSON file instead of Kong's
+database (looked up like `kong.client.load_consumer(ref, true)`: by id, then by username).
 
 Exit codes: 0 the request would reach the upstream (including anonymous and report_only passes);
 1 it would be refused; 2 bad arguments or an invalid config.
@@ -20,8 +23,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from kong_mtls.cli import CommandError
-from kong_mtls.constants import CLIENT_CERT_AUTH
+from kong_mtls.constants import CLIENT_CERT_AUTH, HEADER_CERT_AUTH
 from kong_mtls.core.chain import describe
+from kong_mtls.core.forwarded import FORWARDED_FORMATS, ForwardedFormat, ForwardedSource
 from kong_mtls.core.identity import Decision, Via
 from kong_mtls.files import FileReadError, read_limited
 from kong_mtls.schema import ConfigError
@@ -33,18 +37,33 @@ MAX_FILE_BYTES = 16 * 1024 * 1024
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        COMMAND, help="check a client certificate chain against a client-cert-auth config, offline",
-        description="Verify a client certificate (or chain) against a client-cert-auth plugin config "
-                    "as the plugin would, and print the decision, the reason code, the consumer and "
-                    "groups it maps to and the headers sent upstream.",
+        COMMAND, help="check a client certificate chain against a client-cert-auth or header-cert-auth "
+                      "config, offline",
+        description="Verify a client certificate (or chain), as PEM or as the header value an edge "
+                    "forwards, against a client-cert-auth or header-cert-auth plugin config as the "
+                    "plugin would, and print the decision, the reason code, the consumer and groups "
+                    "it maps to and the headers sent upstream. The edge itself (its address or "
+                    "certificate, header-cert-auth) is not checked offline.",
         epilog="exit codes: 0 the request would pass (also anonymous and report_only passes); "
                f"{EXIT_REFUSED} it would be refused; 2 bad arguments or an invalid config")
     parser.add_argument("--config", required=True, metavar="FILE",
                         help="plugin config as JSON: the config object, or a plugin entity "
                              '{"name": "client-cert-auth", "config": {...}} as the Admin API returns it')
-    parser.add_argument("--chain", required=True, metavar="FILE",
+    parser.add_argument("--plugin", choices=(CLIENT_CERT_AUTH, HEADER_CERT_AUTH),
+                        help="which plugin a bare config object is for (a plugin entity names its own; "
+                             f"default {CLIENT_CERT_AUTH})")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--chain", metavar="FILE",
                         help="PEM file: the client certificate, then the intermediates it sends "
                              "('-' = stdin)")
+    source.add_argument("--header-value", metavar="FILE",
+                        help="file holding the certificate header's value as the edge sends it (one "
+                             "line; '-' = stdin), decoded in the header-cert-auth config's format or "
+                             "--format")
+    parser.add_argument("--chain-header-value", metavar="FILE",
+                        help="with --header-value in the rfc9440 format: the Client-Cert-Chain value")
+    parser.add_argument("--format", choices=FORWARDED_FORMATS,
+                        help="the --header-value format (required with a client-cert-auth config)")
     parser.add_argument("--consumers", metavar="FILE",
                         help='JSON list of Kong consumers [{"id", "username", "custom_id"}] (or '
                              '{"consumers": [...]}); without it no consumer exists')
@@ -55,20 +74,35 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    # The plugin's own config compiler (imported here: it loads kong-pdk, which other commands skip).
-    from kong_mtls.kong.client_cert_auth import compile_config
+    # The plugins' own config compilers (imported here: they load kong-pdk, which other commands skip).
+    from kong_mtls.kong import client_cert_auth, header_cert_auth
 
     moment = _parse_time(args.at) if args.at else None
-    config = _plugin_config(_read_json(args.config, "--config"))
+    plugin, config = _plugin_config(_read_json(args.config, "--config"), args.plugin)
     consumers = _consumers(_read_json(args.consumers, "--consumers")) if args.consumers else []
-    chain = _read(args.chain, "--chain")
+    clock = {"clock": lambda: moment} if moment is not None else {}
     try:
-        compiled = compile_config(config, **({"clock": lambda: moment} if moment is not None else {}))
+        if plugin == HEADER_CERT_AUTH:
+            forwarded = header_cert_auth.compile_config(config, **clock)
+            authenticator, source, warnings = (forwarded.authenticator.authenticator,
+                                               forwarded.authenticator.source, forwarded.warnings)
+        else:
+            direct = client_cert_auth.compile_config(config, **clock)
+            authenticator, source, warnings = direct.authenticator, None, direct.warnings
     except ConfigError as exc:
         raise CommandError(f"{args.config}: {exc}") from None
-    for warning in compiled.warnings:
+    for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    decision = compiled.authenticator.authenticate(chain, _Lookup(consumers))
+    lookup = _Lookup(consumers)
+    if args.header_value is None:
+        if args.chain_header_value or args.format:
+            raise CommandError("--chain-header-value and --format go with --header-value")
+        decision = authenticator.authenticate(_read(args.chain, "--chain"), lookup)
+    else:
+        source = _forwarded_source(source, args)
+        read = source.read(_header_lines(args, source))
+        decision = (authenticator.authenticate(read.pem, lookup) if read.reason is None
+                    else authenticator.refuse(read.reason, read.detail, lookup))
     if args.json:
         print(json.dumps(_as_json(decision), indent=2))
     else:
@@ -98,15 +132,52 @@ def _read_json(path: str, option: str) -> Any:
                            "to JSON first") from None
 
 
-def _plugin_config(document: Any) -> Mapping[str, Any]:
+def _plugin_config(document: Any, plugin: str | None) -> tuple[str, Mapping[str, Any]]:
+    """(plugin name, config) of a config object or plugin entity."""
     if not isinstance(document, Mapping):
         raise CommandError("--config: expected a JSON object")
     if "config" in document and isinstance(document.get("config"), Mapping):
-        name = document.get("name", CLIENT_CERT_AUTH)
-        if name != CLIENT_CERT_AUTH:
-            raise CommandError(f"--config: this is a {name!r} plugin, not {CLIENT_CERT_AUTH}")
-        return document["config"]
-    return document
+        name = document.get("name", plugin or CLIENT_CERT_AUTH)
+        if name not in (CLIENT_CERT_AUTH, HEADER_CERT_AUTH) or (plugin and name != plugin):
+            raise CommandError(f"--config: this is a {name!r} plugin, not {plugin or CLIENT_CERT_AUTH}")
+        return name, document["config"]
+    return plugin or CLIENT_CERT_AUTH, document
+
+
+def _forwarded_source(configured: ForwardedSource | None, args: argparse.Namespace) -> ForwardedSource:
+    """The config's source (header-cert-auth), or one in the --format given; never a guess."""
+    if configured is None:
+        if args.format is None:
+            raise CommandError(f"--header-value with a {CLIENT_CERT_AUTH} config needs --format")
+        configured = ForwardedSource(header="certificate", format=ForwardedFormat(args.format))
+    elif args.format is not None and args.format != configured.format.value:
+        raise CommandError(f"--format {args.format}: the config's certificate_header_format is "
+                           f"{configured.format.value}")
+    if args.chain_header_value is not None:
+        if configured.format is not ForwardedFormat.RFC9440:
+            raise CommandError("--chain-header-value: only the rfc9440 format has a chain header")
+        return ForwardedSource(header=configured.header, format=configured.format,
+                               chain_header=configured.chain_header or "chain")
+    return configured
+
+
+def _header_lines(args: argparse.Namespace, source: ForwardedSource) -> dict[str, str]:
+    """The header values as `get_headers` would give them: one line each, final newline dropped."""
+    values = [("--header-value", source.header, args.header_value),
+              ("--chain-header-value", source.chain_header, args.chain_header_value)]
+    out = {}
+    for option, header, path in values:
+        if path is None or header is None:
+            continue
+        try:
+            text = _read(path, option).decode("ascii")
+        except UnicodeDecodeError:
+            raise CommandError(f"{option} {path}: not ASCII (header values are)") from None
+        text = text.removesuffix("\n").removesuffix("\r")
+        if "\n" in text or "\r" in text:
+            raise CommandError(f"{option} {path}: more than one line")
+        out[header.lower()] = text
+    return out
 
 
 def _consumers(document: Any) -> list[dict[str, Any]]:
