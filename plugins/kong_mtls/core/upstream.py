@@ -873,15 +873,32 @@ class _Entry:
     announced: bool = False
 
 
+#: Service protocols for which Kong talks TLS to the upstream.
+TLS_PROTOCOLS = frozenset({"https", "grpcs", "tls", "wss"})
+#: Service protocols whose pooled upstream connections Kong keys by the Service's client certificate
+#: too (`ip|port|SNI|client certificate id`, Kong 3.x's balancer); others by `ip|port` only.
+CERTIFICATE_POOLED_PROTOCOLS = frozenset({"https"})
+
+
 def service_tls_problem(service: object, target: Target, *, tls_verify_forced: bool) -> Verdict | None:
-    """Why Kong's own connection to the Service's upstream would not be verified against a CA store
-    of the Service's own, or None. The probe checks what it sees; only Kong's handshake protects the
-    connection Kong proxies over, so the plugin refuses a Service that leaves it unverified
-    (`tls_verify` off, unless the plugin forces it) or verified against the system trust store (no
-    `ca_certificates`, where any public CA would do)."""
+    """Why Kong's own connection to the Service's upstream may not be one verified with the Service's
+    own settings, or None.
+
+    The probe only sees its own connection; what protects the connection Kong proxies over is Kong's
+    handshake. So the Service must speak TLS, verify (`tls_verify`, unless the plugin forces it),
+    against CAs of its own (`ca_certificates`: without them any CA of the system trust store would
+    do), and Kong must not hand it a pooled connection that a less strict Service opened: Kong keys
+    pools by address, port, SNI and the Service's `client_certificate` id, never by the verification
+    settings, so the Service needs a `client_certificate` (which no other Service may use: that part
+    the plugin cannot see; `kong-mtls lint` checks the declarative config)."""
     if not isinstance(service, Mapping):
         return Verdict.failure(target, Reason.SERVICE_UNVERIFIED, "no Service for this request")
     name = service.get("name") or service.get("id")
+    protocol = str(service.get("protocol") or "")
+    if protocol not in TLS_PROTOCOLS:
+        return Verdict.failure(target, Reason.UPSTREAM_NOT_TLS,
+                               f"service {name} uses {protocol or 'no'} protocol; Kong would not use TLS "
+                               "to reach it")
     if not tls_verify_forced and service.get("tls_verify") is not True:
         return Verdict.failure(target, Reason.SERVICE_UNVERIFIED,
                                f"service {name} does not verify its upstream (tls_verify is not true)")
@@ -889,6 +906,15 @@ def service_tls_problem(service: object, target: Target, *, tls_verify_forced: b
         return Verdict.failure(target, Reason.SERVICE_NO_CA_STORE,
                                f"service {name} has no ca_certificates: Kong would verify the upstream "
                                "against its system trust store")
+    if protocol not in CERTIFICATE_POOLED_PROTOCOLS:
+        return Verdict.failure(target, Reason.SERVICE_POOL_SHARED,
+                               f"service {name} uses {protocol}: Kong pools its upstream connections by "
+                               "address and port only, shared with any other Service")
+    if not service.get("client_certificate"):
+        return Verdict.failure(target, Reason.SERVICE_POOL_SHARED,
+                               f"service {name} has no client_certificate: Kong would reuse upstream "
+                               "connections opened (and verified) for any Service with the same address, "
+                               "port and SNI")
     return None
 
 
