@@ -14,6 +14,7 @@ import json
 import re
 import signal
 import ssl
+import urllib.parse
 import uuid
 from pathlib import Path
 
@@ -98,6 +99,12 @@ def adapt_to(gateway: Gateway, config: dict) -> dict:
 def tls_version(version: ssl.TLSVersion, context: ssl.SSLContext) -> ssl.SSLContext:
     context.minimum_version = context.maximum_version = version
     return context
+
+
+def log_lines(gateway: Gateway, text: str, level: str = "error", since: int = 0) -> list[str]:
+    """Lines of Kong's error log at `level` that contain `text`, from character `since` on."""
+    lines = gateway.error_log()[since:].splitlines()
+    return [line for line in lines if f"[{level}]" in line and text in line]
 
 
 def leaf_dns_names(der: bytes | None) -> list[str]:
@@ -236,7 +243,7 @@ class Scenarios:
         assert answer.status == 200
         assert answer.json()["client_cert"]["subject"] == "CN=kong-gateway"
 
-        ca = gateway.pki / "ca" / "root.pem"
+        ca = gateway.pki / "ca" / "echo-upstream.pem"                                  # echo's own CA
         assert refused(gateway.echo, tls_context(ca))                                   # no certificate
         assert refused(gateway.echo, tls_context(ca, gateway.cert("clients/stranger")))  # another CA
         kong_cert = tls_context(ca, gateway.cert("kong/upstream-client"))
@@ -256,7 +263,8 @@ class Scenarios:
         assert (ok.status, ok.json()["server"]) == (200, "echo")
         impostor = gateway.https("/upstream/impostor")
         assert (impostor.status, impostor.json()) == (502, {"message": MESSAGE_UNVERIFIED})
-        assert "URI_SAN_MISMATCH" in gateway.error_log()
+        # The probe saw a certificate that echo's CA did not issue: an alarm, at error level.
+        assert log_lines(gateway, "upstream-identity alarm reason=UNTRUSTED_UPSTREAM")
 
     def test_4d2_upstream_identity_refuses_a_service_without_its_own_ca_store(self, gateway: Gateway) -> None:
         """Kong verifies the upstream against the Service's ca_certificates, or else its system
@@ -278,6 +286,73 @@ class Scenarios:
         finally:
             gateway.restore()
         assert not gateway.seen_upstream(headers["X-Test-Nonce"])
+
+    def test_4d3_a_look_alike_upstream_is_never_reached_even_when_the_probe_sees_echo(
+            self, gateway: Gateway) -> None:
+        """The recipe holds on Kong's own connection, not on the probe's word. `impostor` (kong.yml)
+        expects echo's identity at the look-alike's address and trusts only echo's CA. Here its probe
+        is pointed at the real echo (as when the probe and Kong reach different servers) and passes;
+        a lax Service has just opened a pooled connection to the look-alike. Kong still opens a
+        connection of its own (own client certificate entity) and its handshake refuses: 502, the
+        look-alike never sees the request. Without a client certificate entity the plugin refuses
+        (SERVICE_POOL_SHARED); sharing the lax Service's entity — which the plugin cannot see — puts
+        the request on the lax connection (what the docs list as not guaranteed)."""
+        requires(gateway, "upstream-identity")
+        base = copy.deepcopy(gateway.config)
+        services = {s["name"]: s for s in base["services"]}
+        echo_url = urllib.parse.urlsplit(services["echo"]["url"])
+        lax_cert = {**next(c for c in base["certificates"]
+                           if c["id"] == services["echo"]["client_certificate"]), "id": str(uuid.uuid4())}
+        base["certificates"].append(lax_cert)
+        # A lax Service to the look-alike's address: no verification, a client certificate entity
+        # of its own. It also lets the test ask the look-alike which nonces it served.
+        base["services"].append({"name": "lax-look-alike", "url": services["impostor"]["url"],
+                                 "client_certificate": lax_cert["id"], "tls_verify": False,
+                                 "routes": [{"name": "lax-look-alike", "paths": ["/lax-look-alike"]}]})
+        split = copy.deepcopy(find_route(base, "upstream-impostor"))
+        identity = route_plugin(split, "upstream-identity")
+        identity["config"].update(host=echo_url.hostname, port=echo_url.port, sni=echo_url.hostname)
+        split.update(name="upstream-split", paths=["/upstream/split"])
+
+        def with_strict(**changes: object) -> dict:
+            config = copy.deepcopy(base)
+            strict = {**copy.deepcopy(services["impostor"]), "name": "strict", "routes": [split]}
+            strict.update(changes)
+            config["services"].append({k: v for k, v in strict.items() if v is not None})
+            return config
+
+        def reached(headers: dict[str, str]) -> bool:
+            return bool(gateway.https(f"/lax-look-alike/__seen/{headers['X-Test-Nonce']}").json()["seen"])
+
+        try:
+            since = len(gateway.error_log())
+            gateway.load_config(with_strict())
+            lax = gateway.https("/lax-look-alike")                 # opens (and pools) a connection
+            assert (lax.status, lax.json()["server"]) == (200, "impostor")
+            headers = nonce()
+            answer = gateway.https("/upstream/split", headers=headers)
+            # Kong's own answer (its handshake refused the look-alike), not the plugin's
+            assert answer.status == 502 and b"invalid response was received from the upstream" in answer.body
+            assert not reached(headers)
+            assert not log_lines(gateway, "alarm", since=since)   # the probe saw echo: no alarm
+
+            gateway.load_config(with_strict(client_certificate=None))
+            assert gateway.https("/lax-look-alike").status == 200
+            headers = nonce()
+            answer = gateway.https("/upstream/split", headers=headers)
+            assert (answer.status, answer.json()) == (502, {"message": MESSAGE_UNVERIFIED})
+            assert log_lines(gateway, "refused status=502 reason=SERVICE_POOL_SHARED", "warn", since)
+            assert not reached(headers)
+
+            gateway.load_config(with_strict(client_certificate=lax_cert["id"]))
+            assert gateway.https("/lax-look-alike").status == 200
+            headers = nonce()
+            shared = gateway.https("/upstream/split", headers=headers)
+            assert (shared.status, shared.json()["server"]) == (200, "impostor"), \
+                "Kong no longer reuses a pooled connection across TLS settings"
+            assert reached(headers)
+        finally:
+            gateway.restore()
 
     def test_4e_kong_reuses_a_pooled_upstream_connection_across_tls_settings(self, gateway: Gateway) -> None:
         """What Kong does NOT guarantee (docs/upstream-identity.md): with the same client
