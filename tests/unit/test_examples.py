@@ -259,7 +259,7 @@ def test_upstream_identity_services_follow_the_recipe(rendered: dict, template: 
                     continue
                 as_kong_gives_it = {**service, "protocol": service["url"].split("://", 1)[0],
                                     "client_certificate": {"id": service["client_certificate"]}}
-                assert service_tls_problem(as_kong_gives_it, Target("x", 1), tls_verify_forced=False) is None
+                assert service_tls_problem(as_kong_gives_it, Target("x", 1)) is None
                 assert owners[service["client_certificate"]] == [service["name"]]
                 probe_cas = [c for path in plugin["config"]["trusted_ca_files"]
                              for c in load_certificates(Path(path).read_bytes())]

@@ -92,7 +92,7 @@ class Reason(str, Enum):
     PROBE_ERROR = "PROBE_ERROR"                        # the probe itself failed unexpectedly
     UPSTREAM_NOT_TLS = "UPSTREAM_NOT_TLS"              # the Service does not speak TLS to its upstream
     NO_TARGET = "NO_TARGET"                            # no host/port to probe
-    SERVICE_UNVERIFIED = "SERVICE_UNVERIFIED"          # Kong's own handshake would not verify the upstream
+    SERVICE_UNVERIFIED = "SERVICE_UNVERIFIED"          # the Service does not verify its upstream itself
     SERVICE_NO_CA_STORE = "SERVICE_NO_CA_STORE"        # ... or only against the system trust store
     SERVICE_POOL_SHARED = "SERVICE_POOL_SHARED"        # Kong may reuse another Service's connections
 
@@ -880,17 +880,18 @@ TLS_PROTOCOLS = frozenset({"https", "grpcs", "tls", "wss"})
 CERTIFICATE_POOLED_PROTOCOLS = frozenset({"https"})
 
 
-def service_tls_problem(service: object, target: Target, *, tls_verify_forced: bool) -> Verdict | None:
+def service_tls_problem(service: object, target: Target) -> Verdict | None:
     """Why Kong's own connection to the Service's upstream may not be one verified with the Service's
     own settings, or None.
 
     The probe only sees its own connection; what protects the connection Kong proxies over is Kong's
-    handshake. So the Service must speak TLS, verify (`tls_verify`, unless the plugin forces it),
-    against CAs of its own (`ca_certificates`: without them any CA of the system trust store would
-    do), and Kong must not hand it a pooled connection that a less strict Service opened: Kong keys
-    pools by address, port, SNI and the Service's `client_certificate` id, never by the verification
-    settings, so the Service needs a `client_certificate` (which no other Service may use: that part
-    the plugin cannot see; `kong-mtls lint` checks the declarative config)."""
+    handshake. So the Service must speak TLS, verify against CAs of its own (`tls_verify`,
+    `ca_certificates`: without them any CA of the system trust store would do), and Kong must not hand
+    it a pooled connection opened without those settings. Kong keys pools by address, port, SNI and
+    the Service's `client_certificate` id, never by the verification settings: so the Service needs a
+    `client_certificate` (which no other Service may use: that the plugin cannot see), and its own
+    `tls_verify` even though the plugin forces it per request, since its routes without the plugin
+    share its pool."""
     if not isinstance(service, Mapping):
         return Verdict.failure(target, Reason.SERVICE_UNVERIFIED, "no Service for this request")
     name = service.get("name") or service.get("id")
@@ -899,9 +900,10 @@ def service_tls_problem(service: object, target: Target, *, tls_verify_forced: b
         return Verdict.failure(target, Reason.UPSTREAM_NOT_TLS,
                                f"service {name} uses {protocol or 'no'} protocol; Kong would not use TLS "
                                "to reach it")
-    if not tls_verify_forced and service.get("tls_verify") is not True:
+    if service.get("tls_verify") is not True:
         return Verdict.failure(target, Reason.SERVICE_UNVERIFIED,
-                               f"service {name} does not verify its upstream (tls_verify is not true)")
+                               f"service {name} does not verify its upstream (tls_verify is not true): its "
+                               "routes without this plugin would pool unverified connections")
     if not service.get("ca_certificates"):
         return Verdict.failure(target, Reason.SERVICE_NO_CA_STORE,
                                f"service {name} has no ca_certificates: Kong would verify the upstream "

@@ -101,11 +101,11 @@ class Plugin:
         self.port: int | None = conf["port"]
         self.sni: str | None = conf["sni"]
         self.enforce_tls_verify: bool = conf["enforce_tls_verify"]
-        if not self.enforce_tls_verify:  # then the Service's own tls_verify must be on
+        if not self.enforce_tls_verify:
             self.start_notices = (("err", log_line(
                 UPSTREAM_IDENTITY, "instance", reason="TLS_VERIFY_NOT_ENFORCED",
-                detail="enforce_tls_verify is false: requests are refused unless the Service sets "
-                       "tls_verify itself")),)
+                detail="enforce_tls_verify is false: tls_verify is not set per request; requests are "
+                       "refused unless the Service sets tls_verify itself")),)
         self.tls_verify_depth: int | None = conf["tls_verify_depth"]
         self.wait_timeout = conf["probe_timeout"] + WAIT_MARGIN
         self.cache = VerdictCache(conf["cache_ttl"], conf["failure_ttl"])
@@ -123,7 +123,7 @@ class Plugin:
         target = self.fixed_target or self._service_target(service)
         if isinstance(target, Verdict):
             return _refusal(target)
-        problem = service_tls_problem(service, target, tls_verify_forced=self.enforce_tls_verify)
+        problem = service_tls_problem(service, target)
         if problem is not None:
             return _refusal(problem)
         verdict = self._verdict(kong, target)
