@@ -651,8 +651,8 @@ def webpki_problem(chain: Sequence[x509.Certificate], anchors: Sequence[x509.Cer
     `server_name`, or None when it accepts it.
 
     It is stricter than OpenSSL: a CA certificate as the leaf, a leaf without subjectAltName (OpenSSL
-    falls back to the CN), missing key identifiers, a wildcard SAN reaching into a name constraint's
-    excluded subtree, weak keys or signatures are refused. `server_name` None (host-name check off):
+    falls back to the CN), a missing authority key identifier, a wildcard SAN reaching into a name
+    constraint's excluded subtree are refused. `server_name` None (host-name check off):
     the name checked is the leaf's own first DNS (else IP) SAN, so only the name match is skipped."""
     leaf = chain[0]
     if server_name is None:
