@@ -35,6 +35,7 @@ from kong_mtls.core.headers import other_spellings
 from kong_mtls.core.upstream import MESSAGE_UNVERIFIED
 from kong_mtls.devpki import Authority, Issued
 from kong_mtls.guard import lua_guard
+from tests.harness.tls_servers import TLSUpstream
 from tests.integration.runners import Gateway, eventually
 from tests.integration.support import (
     Response,
@@ -62,17 +63,16 @@ def nonce() -> dict[str, str]:
     return {"X-Test-Nonce": uuid.uuid4().hex}
 
 
+def dev_ca(pki: Path, stem: str, parent: Authority | None = None) -> Authority:
+    """A CA of the dev PKI (`ca/<stem>.pem` and `.key`), to issue test certificates under it."""
+    cert = x509.load_pem_x509_certificate((pki / "ca" / f"{stem}.pem").read_bytes())
+    key = serialization.load_pem_private_key((pki / "ca" / f"{stem}.key").read_bytes(), None)
+    return Authority(subject=cert.subject, key=key, cert=cert, parent=parent)
+
+
 def dev_issuing_ca(pki: Path) -> Authority:
     """The dev PKI's issuing CA, to issue test certificates that chain to the dev root."""
-    def load(stem: str) -> tuple[x509.Certificate, object]:
-        cert = x509.load_pem_x509_certificate((pki / f"{stem}.pem").read_bytes())
-        key = serialization.load_pem_private_key((pki / f"{stem}.key").read_bytes(), None)
-        return cert, key
-
-    root_cert, root_key = load("ca/root")
-    cert, key = load("ca/intermediate")
-    root = Authority(subject=root_cert.subject, key=root_key, cert=root_cert)
-    return Authority(subject=cert.subject, key=key, cert=cert, parent=root)
+    return dev_ca(pki, "intermediate", parent=dev_ca(pki, "root"))
 
 
 def add_test_cert(gateway: Gateway, name: str, issued: Issued) -> str:
@@ -353,6 +353,61 @@ class Scenarios:
             assert reached(headers)
         finally:
             gateway.restore()
+
+    def test_4d4_a_certificate_the_services_own_ca_misissued_is_caught_by_the_probe_only(
+            self, gateway: Gateway) -> None:
+        """What only the probe checks. An upstream with a valid certificate from echo's own CA (the
+        only CA the Service trusts), echo's host names, and another SPIFFE ID: Kong's handshake
+        accepts it. With the probe reaching that server, the plugin refuses (URI_SAN_MISMATCH, an
+        alarm at error) and the upstream never sees the request, also after a lax Service pooled a
+        connection to it. With the probe reaching another server (here: the real echo), Kong proxies
+        to it — the docs' first "what remains"."""
+        requires(gateway, "upstream-identity")
+        if gateway.kind != "local":
+            pytest.skip("the misissued upstream runs in the test process, on loopback")
+        pki = gateway.pki
+        misissued = dev_ca(pki, "echo-upstream").server(["upstream", "echo", "localhost"], ips=["127.0.0.1"],
+                                   sans_uris=["spiffe://dev.kong-mtls/upstream/impostor"])
+        base = copy.deepcopy(gateway.config)
+        services = {s["name"]: s for s in base["services"]}
+        echo_url = urllib.parse.urlsplit(services["echo"]["url"])
+        template = next(c for c in base["certificates"] if c["id"] == services["echo"]["client_certificate"])
+        own, lax = ({**template, "id": str(uuid.uuid4())} for _ in range(2))
+        base["certificates"] += [own, lax]
+        checked = copy.deepcopy(find_route(base, "upstream"))
+        checked.update(name="upstream-misissued", paths=["/upstream/misissued"])
+        probe_elsewhere = copy.deepcopy(checked)
+        probe_elsewhere.update(name="upstream-misissued-split", paths=["/upstream/misissued-split"])
+        route_plugin(probe_elsewhere, "upstream-identity")["config"].update(
+            host=echo_url.hostname, port=echo_url.port, sni=echo_url.hostname)
+
+        with TLSUpstream(misissued, client_cas=[(pki / "ca/root.pem").read_text()]) as server:
+            url = f"https://localhost:{server.port}"
+            strict = {**copy.deepcopy(services["echo"]), "name": "misissued", "url": url,
+                      "client_certificate": own["id"], "routes": [checked, probe_elsewhere]}
+            base["services"] += [strict, {
+                "name": "lax-misissued", "url": url, "client_certificate": lax["id"], "tls_verify": False,
+                "routes": [{"name": "lax-misissued", "paths": ["/lax-misissued"]}]}]
+
+            def reached(headers: dict[str, str]) -> bool:
+                return any(r.header("X-Test-Nonce") == headers["X-Test-Nonce"]
+                           for c in server.connections for r in c.requests)
+
+            try:
+                since = len(gateway.error_log())
+                gateway.load_config(base)
+                assert gateway.https("/lax-misissued").status == 200       # a pooled connection to it
+                headers = nonce()
+                answer = gateway.https("/upstream/misissued", headers=headers)
+                assert (answer.status, answer.json()) == (502, {"message": MESSAGE_UNVERIFIED})
+                assert log_lines(gateway, "upstream-identity alarm reason=URI_SAN_MISMATCH", since=since)
+                assert not reached(headers)
+
+                headers = nonce()
+                answer = gateway.https("/upstream/misissued-split", headers=headers)
+                assert answer.status == 200 and reached(headers), "Kong's handshake checks no SPIFFE ID"
+            finally:
+                gateway.restore()
 
     def test_4e_kong_reuses_a_pooled_upstream_connection_across_tls_settings(self, gateway: Gateway) -> None:
         """What Kong does NOT guarantee (docs/upstream-identity.md): with the same client
