@@ -295,3 +295,14 @@ def test_webpki_problem_without_a_host_name_check(odd_certs, pki):
     ip_leaf = pki.intermediate.server([], ips=["127.0.0.1"])
     assert webpki_problem([ip_leaf.cert, *ip_leaf.intermediates], [pki.root.cert], "127.0.0.1") is None
     assert webpki_problem([ip_leaf.cert, *ip_leaf.intermediates], [pki.root.cert], "127.0.0.2") is not None
+
+
+def test_a_python_that_cannot_return_the_chain_fails_closed():
+    """Python < 3.10 has no get_unverified_chain: no web-PKI verdict, so no pass."""
+    from types import SimpleNamespace
+
+    from kong_mtls.core import upstream as core
+
+    with pytest.raises(core._Failed) as failed:
+        core._presented_chain(SimpleNamespace(_sslobj=object()))
+    assert failed.value.reason is Reason.PROBE_ERROR and "3.10" in failed.value.detail
