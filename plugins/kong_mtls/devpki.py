@@ -263,6 +263,7 @@ DEV_PKI_LAYOUT = {
     "client_bob": "clients/bob.pem",
     "client_stranger": "clients/stranger.pem",
     "stranger_ca": "ca/stranger-root.pem",
+    "echo_upstream_ca": "ca/echo-upstream.pem",
     "aop_ca": "aop/ca.pem",
     "aop_client": "aop/client.pem",
     "upstream_server": "upstream/server.pem",
@@ -288,6 +289,10 @@ def write_dev_pki(out_dir: str, *, kong_hosts: Sequence[str] = ("localhost", "ko
     # Same shape as Cloudflare's Authenticated Origin Pulls CA (a self-signed root that issues the
     # client certificate Cloudflare presents), so the recipe can be tried without Cloudflare.
     aop = Authority.root("origin-pull.cloudflare.net (dev stand-in)", organization="CloudFlare, Inc. (dev)")
+    # "One issuing CA per upstream identity": this CA issues the echo upstream's certificate and
+    # nothing else, so a Service that trusts only it is verified by Kong's own handshake to reach echo,
+    # not merely some server with a certificate from the dev CA (such as the impostor).
+    echo_ca = Authority.root("kong-mtls dev echo upstream CA")
     issued: dict[str, Issued] = {
         "kong_server": issuing.server(list(kong_hosts), ips=["127.0.0.1"]),
         "kong_server_b": issuing.server(list(kong_hosts_b)),
@@ -300,12 +305,13 @@ def write_dev_pki(out_dir: str, *, kong_hosts: Sequence[str] = ("localhost", "ko
         "client_bob": issuing.client("bob", emails=["bob@example.org"], organizational_units=["support"]),
         "client_stranger": stranger.client("stranger", dns=["stranger.example"]),
         "aop_client": aop.client("Cloudflare (dev stand-in)"),
-        "upstream_server": issuing.server(list(upstream_hosts), ips=["127.0.0.1"],
+        "upstream_server": echo_ca.server(list(upstream_hosts), ips=["127.0.0.1"],
                                           sans_uris=["spiffe://dev.kong-mtls/upstream/echo"]),
         "upstream_impostor": issuing.server(list(upstream_hosts), ips=["127.0.0.1"],
                                             sans_uris=["spiffe://dev.kong-mtls/upstream/impostor"]),
     }
-    cas = {"root_ca": root, "issuing_ca": issuing, "stranger_ca": stranger, "aop_ca": aop}
+    cas = {"root_ca": root, "issuing_ca": issuing, "stranger_ca": stranger, "aop_ca": aop,
+           "echo_upstream_ca": echo_ca}
     for name, ca in cas.items():
         _write(paths[name], ca.cert_pem, 0o644)
         _write(paths[name][:-4] + ".key", key_pem(ca.key), 0o600)

@@ -299,7 +299,8 @@ class Request:
     service: Mapping[str, Any] = field(default_factory=lambda: {
         "id": "00000000-0000-4000-8000-00000000b001", "name": "test-service", "host": "upstream.test",
         "port": 443, "protocol": "https", "tls_verify": True,
-        "ca_certificates": ["00000000-0000-4000-8000-00000000c001"]})
+        "ca_certificates": ["00000000-0000-4000-8000-00000000c001"],
+        "client_certificate": {"id": "00000000-0000-4000-8000-00000000d001"}})
 
 
 @dataclass

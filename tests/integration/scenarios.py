@@ -15,6 +15,7 @@ import json
 import re
 import signal
 import ssl
+import urllib.parse
 import uuid
 from pathlib import Path
 from urllib.parse import quote
@@ -36,6 +37,7 @@ from kong_mtls.core.headers import other_spellings
 from kong_mtls.core.upstream import MESSAGE_UNVERIFIED
 from kong_mtls.devpki import Authority, Issued
 from kong_mtls.guard import lua_guard
+from tests.harness.tls_servers import TLSUpstream
 from tests.integration.runners import Gateway, eventually
 from tests.integration.support import (
     Response,
@@ -64,17 +66,16 @@ def nonce() -> dict[str, str]:
     return {"X-Test-Nonce": uuid.uuid4().hex}
 
 
+def dev_ca(pki: Path, stem: str, parent: Authority | None = None) -> Authority:
+    """A CA of the dev PKI (`ca/<stem>.pem` and `.key`), to issue test certificates under it."""
+    cert = x509.load_pem_x509_certificate((pki / "ca" / f"{stem}.pem").read_bytes())
+    key = serialization.load_pem_private_key((pki / "ca" / f"{stem}.key").read_bytes(), None)
+    return Authority(subject=cert.subject, key=key, cert=cert, parent=parent)
+
+
 def dev_issuing_ca(pki: Path) -> Authority:
     """The dev PKI's issuing CA, to issue test certificates that chain to the dev root."""
-    def load(stem: str) -> tuple[x509.Certificate, object]:
-        cert = x509.load_pem_x509_certificate((pki / f"{stem}.pem").read_bytes())
-        key = serialization.load_pem_private_key((pki / f"{stem}.key").read_bytes(), None)
-        return cert, key
-
-    root_cert, root_key = load("ca/root")
-    cert, key = load("ca/intermediate")
-    root = Authority(subject=root_cert.subject, key=root_key, cert=root_cert)
-    return Authority(subject=cert.subject, key=key, cert=cert, parent=root)
+    return dev_ca(pki, "intermediate", parent=dev_ca(pki, "root"))
 
 
 def add_test_cert(gateway: Gateway, name: str, issued: Issued) -> str:
@@ -106,6 +107,12 @@ def tls_version(version: ssl.TLSVersion, context: ssl.SSLContext) -> ssl.SSLCont
 def _sf_binary(cert: x509.Certificate) -> str:
     """RFC 9440's encoding, as Cloudflare's `cf.tls_client_auth.cert_rfc9440` gives it."""
     return ":" + base64.b64encode(cert.public_bytes(serialization.Encoding.DER)).decode() + ":"
+
+
+def log_lines(gateway: Gateway, text: str, level: str = "error", since: int = 0) -> list[str]:
+    """Lines of Kong's error log at `level` that contain `text`, from character `since` on."""
+    lines = gateway.error_log()[since:].splitlines()
+    return [line for line in lines if f"[{level}]" in line and text in line]
 
 
 def leaf_dns_names(der: bytes | None) -> list[str]:
@@ -244,7 +251,7 @@ class Scenarios:
         assert answer.status == 200
         assert answer.json()["client_cert"]["subject"] == "CN=kong-gateway"
 
-        ca = gateway.pki / "ca" / "root.pem"
+        ca = gateway.pki / "ca" / "echo-upstream.pem"                                  # echo's own CA
         assert refused(gateway.echo, tls_context(ca))                                   # no certificate
         assert refused(gateway.echo, tls_context(ca, gateway.cert("clients/stranger")))  # another CA
         kong_cert = tls_context(ca, gateway.cert("kong/upstream-client"))
@@ -264,7 +271,8 @@ class Scenarios:
         assert (ok.status, ok.json()["server"]) == (200, "echo")
         impostor = gateway.https("/upstream/impostor")
         assert (impostor.status, impostor.json()) == (502, {"message": MESSAGE_UNVERIFIED})
-        assert "URI_SAN_MISMATCH" in gateway.error_log()
+        # The probe saw a certificate that echo's CA did not issue: an alarm, at error level.
+        assert log_lines(gateway, "upstream-identity alarm reason=UNTRUSTED_UPSTREAM")
 
     def test_4d2_upstream_identity_refuses_a_service_without_its_own_ca_store(self, gateway: Gateway) -> None:
         """Kong verifies the upstream against the Service's ca_certificates, or else its system
@@ -286,6 +294,128 @@ class Scenarios:
         finally:
             gateway.restore()
         assert not gateway.seen_upstream(headers["X-Test-Nonce"])
+
+    def test_4d3_a_look_alike_upstream_is_never_reached_even_when_the_probe_sees_echo(
+            self, gateway: Gateway) -> None:
+        """The recipe holds on Kong's own connection, not on the probe's word. `impostor` (kong.yml)
+        expects echo's identity at the look-alike's address and trusts only echo's CA. Here its probe
+        is pointed at the real echo (as when the probe and Kong reach different servers) and passes;
+        a lax Service has just opened a pooled connection to the look-alike. Kong still opens a
+        connection of its own (own client certificate entity) and its handshake refuses: 502, the
+        look-alike never sees the request. Without a client certificate entity the plugin refuses
+        (SERVICE_POOL_SHARED); sharing the lax Service's entity — which the plugin cannot see — puts
+        the request on the lax connection (what the docs list as not guaranteed)."""
+        requires(gateway, "upstream-identity")
+        base = copy.deepcopy(gateway.config)
+        services = {s["name"]: s for s in base["services"]}
+        echo_url = urllib.parse.urlsplit(services["echo"]["url"])
+        lax_cert = {**next(c for c in base["certificates"]
+                           if c["id"] == services["echo"]["client_certificate"]), "id": str(uuid.uuid4())}
+        base["certificates"].append(lax_cert)
+        # A lax Service to the look-alike's address: no verification, a client certificate entity
+        # of its own. It also lets the test ask the look-alike which nonces it served.
+        base["services"].append({"name": "lax-look-alike", "url": services["impostor"]["url"],
+                                 "client_certificate": lax_cert["id"], "tls_verify": False,
+                                 "routes": [{"name": "lax-look-alike", "paths": ["/lax-look-alike"]}]})
+        split = copy.deepcopy(find_route(base, "upstream-impostor"))
+        identity = route_plugin(split, "upstream-identity")
+        identity["config"].update(host=echo_url.hostname, port=echo_url.port, sni=echo_url.hostname)
+        split.update(name="upstream-split", paths=["/upstream/split"])
+
+        def with_strict(**changes: object) -> dict:
+            config = copy.deepcopy(base)
+            strict = {**copy.deepcopy(services["impostor"]), "name": "strict", "routes": [split]}
+            strict.update(changes)
+            config["services"].append({k: v for k, v in strict.items() if v is not None})
+            return config
+
+        def reached(headers: dict[str, str]) -> bool:
+            return bool(gateway.https(f"/lax-look-alike/__seen/{headers['X-Test-Nonce']}").json()["seen"])
+
+        try:
+            since = len(gateway.error_log())
+            gateway.load_config(with_strict())
+            lax = gateway.https("/lax-look-alike")                 # opens (and pools) a connection
+            assert (lax.status, lax.json()["server"]) == (200, "impostor")
+            headers = nonce()
+            answer = gateway.https("/upstream/split", headers=headers)
+            # Kong's own answer (its handshake refused the look-alike), not the plugin's
+            assert answer.status == 502 and b"invalid response was received from the upstream" in answer.body
+            assert not reached(headers)
+            assert not log_lines(gateway, "alarm", since=since)   # the probe saw echo: no alarm
+
+            gateway.load_config(with_strict(client_certificate=None))
+            assert gateway.https("/lax-look-alike").status == 200
+            headers = nonce()
+            answer = gateway.https("/upstream/split", headers=headers)
+            assert (answer.status, answer.json()) == (502, {"message": MESSAGE_UNVERIFIED})
+            assert log_lines(gateway, "refused status=502 reason=SERVICE_POOL_SHARED", "warn", since)
+            assert not reached(headers)
+
+            gateway.load_config(with_strict(client_certificate=lax_cert["id"]))
+            assert gateway.https("/lax-look-alike").status == 200
+            headers = nonce()
+            shared = gateway.https("/upstream/split", headers=headers)
+            assert (shared.status, shared.json()["server"]) == (200, "impostor"), \
+                "Kong no longer reuses a pooled connection across TLS settings"
+            assert reached(headers)
+        finally:
+            gateway.restore()
+
+    def test_4d4_a_certificate_the_services_own_ca_misissued_is_caught_by_the_probe_only(
+            self, gateway: Gateway) -> None:
+        """What only the probe checks. An upstream with a valid certificate from echo's own CA (the
+        only CA the Service trusts), echo's host names, and another SPIFFE ID: Kong's handshake
+        accepts it. With the probe reaching that server, the plugin refuses (URI_SAN_MISMATCH, an
+        alarm at error) and the upstream never sees the request, also after a lax Service pooled a
+        connection to it. With the probe reaching another server (here: the real echo), Kong proxies
+        to it — the docs' first "what remains"."""
+        requires(gateway, "upstream-identity")
+        if gateway.kind != "local":
+            pytest.skip("the misissued upstream runs in the test process, on loopback")
+        pki = gateway.pki
+        misissued = dev_ca(pki, "echo-upstream").server(["upstream", "echo", "localhost"], ips=["127.0.0.1"],
+                                   sans_uris=["spiffe://dev.kong-mtls/upstream/impostor"])
+        base = copy.deepcopy(gateway.config)
+        services = {s["name"]: s for s in base["services"]}
+        echo_url = urllib.parse.urlsplit(services["echo"]["url"])
+        template = next(c for c in base["certificates"] if c["id"] == services["echo"]["client_certificate"])
+        own, lax = ({**template, "id": str(uuid.uuid4())} for _ in range(2))
+        base["certificates"] += [own, lax]
+        checked = copy.deepcopy(find_route(base, "upstream"))
+        checked.update(name="upstream-misissued", paths=["/upstream/misissued"])
+        probe_elsewhere = copy.deepcopy(checked)
+        probe_elsewhere.update(name="upstream-misissued-split", paths=["/upstream/misissued-split"])
+        route_plugin(probe_elsewhere, "upstream-identity")["config"].update(
+            host=echo_url.hostname, port=echo_url.port, sni=echo_url.hostname)
+
+        with TLSUpstream(misissued, client_cas=[(pki / "ca/root.pem").read_text()]) as server:
+            url = f"https://localhost:{server.port}"
+            strict = {**copy.deepcopy(services["echo"]), "name": "misissued", "url": url,
+                      "client_certificate": own["id"], "routes": [checked, probe_elsewhere]}
+            base["services"] += [strict, {
+                "name": "lax-misissued", "url": url, "client_certificate": lax["id"], "tls_verify": False,
+                "routes": [{"name": "lax-misissued", "paths": ["/lax-misissued"]}]}]
+
+            def reached(headers: dict[str, str]) -> bool:
+                return any(r.header("X-Test-Nonce") == headers["X-Test-Nonce"]
+                           for c in server.connections for r in c.requests)
+
+            try:
+                since = len(gateway.error_log())
+                gateway.load_config(base)
+                assert gateway.https("/lax-misissued").status == 200       # a pooled connection to it
+                headers = nonce()
+                answer = gateway.https("/upstream/misissued", headers=headers)
+                assert (answer.status, answer.json()) == (502, {"message": MESSAGE_UNVERIFIED})
+                assert log_lines(gateway, "upstream-identity alarm reason=URI_SAN_MISMATCH", since=since)
+                assert not reached(headers)
+
+                headers = nonce()
+                answer = gateway.https("/upstream/misissued-split", headers=headers)
+                assert answer.status == 200 and reached(headers), "Kong's handshake checks no SPIFFE ID"
+            finally:
+                gateway.restore()
 
     def test_4e_kong_reuses_a_pooled_upstream_connection_across_tls_settings(self, gateway: Gateway) -> None:
         """What Kong does NOT guarantee (docs/upstream-identity.md): with the same client

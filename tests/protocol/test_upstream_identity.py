@@ -181,20 +181,23 @@ def test_service_without_tls_is_refused(kong, plugin, pki, files, upstream):
 @pytest.mark.parametrize(("change", "reason"), [
     ({"tls_verify": None}, "SERVICE_UNVERIFIED"),
     ({"ca_certificates": None}, "SERVICE_NO_CA_STORE"),
+    ({"client_certificate": None}, "SERVICE_POOL_SHARED"),   # pooled with any Service to the address
+    ({"protocol": "grpcs"}, "SERVICE_POOL_SHARED"),          # Kong pools grpcs by ip|port only
 ])
 def test_a_service_kong_would_not_verify_with_its_own_cas_is_refused(kong, plugin, pki, files, upstream,
                                                                     change, reason):
     """The probe checks what it sees; only Kong's handshake protects the connection Kong proxies over.
-    With enforce_tls_verify off the Service must set tls_verify; it must always name its own CAs."""
+    The Service must set tls_verify itself (its routes without the plugin share its connections),
+    name its own CAs and have connections of its own (a client certificate entity, which Kong's pool
+    key includes) — whether or not the plugin also forces tls_verify per request."""
     conf = {**config(pki, files, upstream.port), "enforce_tls_verify": False}
     service = {**Request().service, **change}
     outcome = kong.run(Request(service=service), [(plugin, conf)])
     assert_refused(outcome, reason, enforced=False)
     # turning enforcement off is logged at error, on the instance's first request
     assert any(level == "err" and "reason=TLS_VERIFY_NOT_ENFORCED" in m for level, m in outcome.logs)
-    if reason == "SERVICE_NO_CA_STORE":  # also when the plugin forces tls_verify
-        forced = kong.run(Request(service=service), [(plugin, {**conf, "enforce_tls_verify": True})])
-        assert_refused(forced, reason)
+    forced = kong.run(Request(service=service), [(plugin, {**conf, "enforce_tls_verify": True})])
+    assert_refused(forced, reason)
 
 
 def test_config_without_trust_answers_500_naming_the_field(kong, plugin):

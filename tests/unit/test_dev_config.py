@@ -96,8 +96,8 @@ def echo(pki: Path):
 
 
 def test_echo_answers_kong_with_headers_and_its_certificate_and_remembers_nonces(pki: Path, echo) -> None:
-    kong = tls_context(pki / "ca" / "root.pem", (pki / "kong" / "upstream-client.pem",
-                                                 pki / "kong" / "upstream-client.key"))
+    kong = tls_context(pki / "ca" / "echo-upstream.pem", (pki / "kong" / "upstream-client.pem",
+                                                          pki / "kong" / "upstream-client.key"))
     answer = request(echo, "/x?y=1", tls=kong, headers={"X-Test-Nonce": "n-1", "X-Other": "v"})
     body = answer.json()
     assert (answer.status, body["server"], body["path"]) == (200, "echo-test", "/x?y=1")
@@ -112,7 +112,7 @@ def test_echo_answers_kong_with_headers_and_its_certificate_and_remembers_nonces
 
 
 def test_echo_refuses_clients_without_a_dev_ca_certificate(pki: Path, echo) -> None:
-    ca = pki / "ca" / "root.pem"
+    ca = pki / "ca" / "echo-upstream.pem"  # echo's own CA issued its certificate
     assert refused(echo, tls_context(ca))
     stranger = (pki / "clients" / "stranger.pem", pki / "clients" / "stranger.key")
     assert refused(echo, tls_context(ca, stranger))

@@ -232,3 +232,37 @@ def test_ip_routes_and_the_cloudflare_lock(rendered: dict) -> None:
     assert not origin.decide("127.0.0.1", header="198.51.100.23").allowed
     from_cloudflare = origin.decide("173.245.48.1", header="198.51.100.23")
     assert (from_cloudflare.allowed, from_cloudflare.client_ip) == (True, "198.51.100.23")
+
+
+@pytest.mark.parametrize("template", TEMPLATES, ids=lambda path: path.name)
+def test_upstream_identity_services_follow_the_recipe(rendered: dict, template: Path) -> None:
+    """Every Service with an upstream-identity route is one the plugin accepts (tls_verify, CAs and a
+    client certificate entity of its own), its entity is used by no other Service (Kong's pool key),
+    and the plugin's probe trusts exactly the Service's CAs ("one issuing CA per upstream identity")."""
+    from cryptography import x509
+
+    from kong_mtls.core.upstream import Target, load_certificates, service_tls_problem
+
+    config = rendered["configs"][template.name]
+    services = config.get("services") or []
+    owners: dict[str, list[str]] = {}
+    for service in services:
+        if service.get("client_certificate"):
+            owners.setdefault(service["client_certificate"], []).append(service["name"])
+    cas = {ca["id"]: x509.load_pem_x509_certificate(ca["cert"].encode())
+           for ca in config.get("ca_certificates") or ()}
+    checked = 0
+    for service in services:
+        for route in service.get("routes") or ():
+            for plugin in route.get("plugins") or ():
+                if plugin["name"] != "upstream-identity":
+                    continue
+                as_kong_gives_it = {**service, "protocol": service["url"].split("://", 1)[0],
+                                    "client_certificate": {"id": service["client_certificate"]}}
+                assert service_tls_problem(as_kong_gives_it, Target("x", 1)) is None
+                assert owners[service["client_certificate"]] == [service["name"]]
+                probe_cas = [c for path in plugin["config"]["trusted_ca_files"]
+                             for c in load_certificates(Path(path).read_bytes())]
+                assert probe_cas == [cas[i] for i in service["ca_certificates"]]
+                checked += 1
+    assert checked or "upstream-identity" not in rendered["texts"][template.name]

@@ -11,15 +11,17 @@ from kong_mtls.core.upstream import MESSAGE_UNVERIFIED, REFRESH_FRACTION, CertSu
 from kong_mtls.devpki import SERVER_AUTH, SubjectAltNames, name
 from kong_mtls.kong.upstream_identity import Plugin
 from kong_mtls.schema import ConfigError
-from tests.harness.tls_servers import TLSUpstream, write_pem_files
+from tests.harness.tls_servers import TLSUpstream, closed_port, write_pem_files
 
 HOST = "upstream.test"
 MARK = shared_mark(UPSTREAM_IDENTITY)
 
 
-#: What `kong.router.get_service()` gives for a Service that verifies its upstream with its own CAs.
+#: What `kong.router.get_service()` gives for a Service that verifies its upstream with its own CAs,
+#: on connections of its own (its own client certificate entity).
 VERIFYING_SERVICE = {"name": "svc", "host": HOST, "port": 443, "protocol": "https", "tls_verify": True,
-                     "ca_certificates": ["00000000-0000-4000-8000-00000000c001"]}
+                     "ca_certificates": ["00000000-0000-4000-8000-00000000c001"],
+                     "client_certificate": {"id": "00000000-0000-4000-8000-00000000d001"}}
 
 
 class FakeKong:
@@ -160,6 +162,42 @@ def test_refusal_goes_through_the_phase_wrapper(conf):
     assert MARK not in kong.shared
     warn = next(c for c in kong.calls if c[0] == "log.warn")
     assert "reason=SAN_MISMATCH" in warn[1]
+
+
+def test_a_probe_that_sees_another_identity_alarms_once_per_verdict(conf):
+    """Monitoring: each probe that saw another identity is counted and logged once at err; every
+    request meanwhile is refused (warn). A probe that could not judge the upstream is no alarm."""
+    plugin, clock = plugin_with_clock(dict(conf, expected_dns_names=["someone-else.test"], failure_ttl=5))
+
+    def errors(kong: FakeKong) -> list[str]:
+        return [c[1] for c in kong.calls if c[0] == "log.err"]
+
+    first, second = FakeKong(), FakeKong()
+    plugin.access(first)
+    plugin.access(second)                                  # the same cached verdict
+    assert first.exit[0] == second.exit[0] == 502
+    assert len(errors(first)) == 1 and not errors(second)
+    assert "upstream-identity alarm reason=SAN_MISMATCH alarms=1 " in errors(first)[0]
+    assert "reason=SAN_MISMATCH" in next(c for c in second.calls if c[0] == "log.warn")[1]
+    clock.t += 5                                          # the refusal expires: probed again
+    third = FakeKong()
+    plugin.access(third)
+    assert plugin.alarms == 2 and "alarms=2" in errors(third)[0]
+
+    down = Plugin(dict(conf, port=closed_port()))
+    unreachable = FakeKong()
+    down.access(unreachable)
+    assert unreachable.exit[0] == 502 and not errors(unreachable) and down.alarms == 0
+
+
+def test_a_service_without_a_pool_of_its_own_is_refused_before_any_probe(conf, upstream):
+    start = upstream.connection_count
+    for change in ({"client_certificate": None}, {"protocol": "grpcs"}):
+        kong = FakeKong(service={**VERIFYING_SERVICE, **change})
+        Plugin(conf).access(kong)
+        assert kong.exit[0] == 502 and MARK not in kong.shared
+        assert "reason=SERVICE_POOL_SHARED" in next(c for c in kong.calls if c[0] == "log.warn")[1]
+    assert upstream.connection_count == start
 
 
 def test_enforce_tls_verify_can_be_turned_off(conf):

@@ -70,11 +70,13 @@ def test_mismatch_exits_1_with_reason(capsys, upstream, paths, extra, reason):
     assert code == 1
     assert f"verdict:      REFUSED ({reason})" in out
     assert f"CN={HOST}" in out  # what it saw is still shown
+    assert "alarm:        the upstream presented another identity" in out
 
 
 def test_without_client_cert_the_upstream_refuses(capsys, upstream, paths):
     code, out, _ = run(capsys, upstream.address, "--sni", HOST, "--ca", paths["ca"])
     assert code == 1 and "REFUSED (CLIENT_CERT_REJECTED)" in out and "client cert: none presented" in out
+    assert "alarm:" not in out  # the upstream refused us: nothing says it is someone else
 
 
 def test_unreachable_exits_1(capsys, paths):
@@ -86,6 +88,7 @@ def test_json_output(capsys, upstream, paths):
     code, out, _ = run(capsys, *base(upstream, paths, "--json", "--expect-san", HOST))
     result = json.loads(out)
     assert code == 0 and result["ok"] is True and result["reason"] == "IDENTITY_OK"
+    assert result["alarm"] is False
     assert result["certificate"]["dns_names"] == [HOST] and result["chain_verified"] is True
     assert result["client_certificate"]["subject"] == "CN=kong-gateway"
     assert result["server_name"] == HOST

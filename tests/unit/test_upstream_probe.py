@@ -8,14 +8,17 @@ import ssl
 import threading
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 
-from kong_mtls.core.upstream import CertSummary, Notice, Reason, Target, UpstreamPolicy, check
-from kong_mtls.devpki import SERVER_AUTH, SubjectAltNames, name
+from kong_mtls.core.upstream import CertSummary, Notice, Reason, Target, UpstreamPolicy, check, webpki_problem
+from kong_mtls.devpki import SERVER_AUTH, Authority, Issued, SubjectAltNames, name, new_key
 from tests.harness.pki import DAY, now
 from tests.harness.tls_servers import SilentServer, TLSUpstream, closed_port, https_get, write_pem_files
 
 HOST = "upstream.test"
 SPIFFE = "spiffe://example.org/ns/backend/sa/api"
+WILDCARD_HOST = "api.example.test"
 
 
 @pytest.fixture(scope="module")
@@ -212,3 +215,94 @@ def test_files_are_read_at_each_probe(upstream, certs, pki, tmp_path):
     verdict = check(target(upstream), policy)
     assert verdict.reason is Reason.TRUST_STORE_UNUSABLE
     assert "PRIVATE KEY" not in verdict.describe()
+
+
+# -- web-PKI policy on what OpenSSL accepted ---------------------------------------------------------
+
+def _server_cert(issuer: Authority, sans: list[x509.GeneralName] | None, *, ca: bool = False,
+                 aki: bool = True) -> Issued:
+    """A server certificate built by hand, to leave out or add what devpki always gets right."""
+    key = new_key()
+    start = now() - DAY
+    builder = (x509.CertificateBuilder().subject_name(name(HOST)).issuer_name(issuer.subject)
+               .public_key(key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(start).not_valid_after(start + 30 * DAY)
+               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+               .add_extension(x509.ExtendedKeyUsage([SERVER_AUTH]), critical=False)
+               .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False))
+    if aki:
+        builder = builder.add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.key.public_key()), critical=False)
+    if sans is not None:
+        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    return Issued(builder.sign(issuer.key, hashes.SHA256()), key, issuer.chain)
+
+
+@pytest.fixture(scope="module")
+def odd_certs(pki):
+    excluding = pki.root.intermediate("excludes api", name_constraints=x509.NameConstraints(
+        permitted_subtrees=None, excluded_subtrees=[x509.DNSName(WILDCARD_HOST)]))
+    return {
+        "control": _server_cert(pki.intermediate, [x509.DNSName(HOST)]),
+        "ca_as_leaf": _server_cert(pki.intermediate, [x509.DNSName(HOST)], ca=True),
+        "no_aki": _server_cert(pki.intermediate, [x509.DNSName(HOST)], aki=False),
+        "cn_only": _server_cert(pki.intermediate, None),
+        # *.example.test covers api.example.test, which its CA may not name (CVE-2025-61727's shape)
+        "wildcard_into_excluded": _server_cert(excluding, [x509.DNSName("*.example.test")]),
+    }
+
+
+@pytest.mark.parametrize("case, words", [
+    ("ca_as_leaf", "basicConstraints.cA"),
+    ("no_aki", "2.5.29.35"),                  # authorityKeyIdentifier
+    ("cn_only", "subjectAltName"),
+    ("wildcard_into_excluded", "excluded name constraint"),
+])
+def test_webpki_refuses_what_openssl_accepts(odd_certs, pki, files, case, words):
+    with TLSUpstream(odd_certs["control"], client_cas=[pki.root]) as server:
+        control = check(target(server), build(pki, files))
+        assert control.ok, control.detail
+    with TLSUpstream(odd_certs[case], client_cas=[pki.root]) as server:
+        verdict = check(target(server, WILDCARD_HOST if case.startswith("wildcard") else HOST),
+                        build(pki, files))
+    # OpenSSL verified chain and name (else UNTRUSTED_UPSTREAM / HOSTNAME_MISMATCH); the policy did not.
+    assert verdict.reason is Reason.WEBPKI_REFUSED, verdict.detail
+    assert words in verdict.detail and "<Certificate" not in verdict.detail
+    assert verdict.observation.certificate.subject == f"CN={HOST}"
+    assert not verdict.observation.chain_verified
+    assert verdict.alarm
+
+
+def test_webpki_policy_sees_the_intermediates_the_upstream_sent(pki, files):
+    """The chain comes from the probe's own connection: without the intermediate it sent, the leaf
+    could not be tied to the root at all."""
+    leaf = pki.intermediate.server([HOST])
+    with TLSUpstream(leaf, client_cas=[pki.root]) as server:
+        assert check(target(server), build(pki, files)).ok
+    lone = Issued(leaf.cert, leaf.key)                      # the same leaf, sent without the intermediate
+    with TLSUpstream(lone, client_cas=[pki.root]) as server:
+        assert check(target(server), build(pki, files)).reason is Reason.UNTRUSTED_UPSTREAM
+
+
+def test_webpki_problem_without_a_host_name_check(odd_certs, pki):
+    chain = [odd_certs["control"].cert, *odd_certs["control"].intermediates]
+    assert webpki_problem(chain, [pki.root.cert], HOST) is None
+    assert webpki_problem(chain, [pki.root.cert], None) is None          # checks against its own SAN
+    assert webpki_problem(chain, [pki.root.cert], "other.test") is not None
+    assert webpki_problem(chain, [pki.other_root.cert], HOST) is not None
+    cn_only = [odd_certs["cn_only"].cert, *odd_certs["cn_only"].intermediates]
+    assert webpki_problem(cn_only, [pki.root.cert], None) == "the certificate has no DNS or IP subjectAltName"
+    ip_leaf = pki.intermediate.server([], ips=["127.0.0.1"])
+    assert webpki_problem([ip_leaf.cert, *ip_leaf.intermediates], [pki.root.cert], "127.0.0.1") is None
+    assert webpki_problem([ip_leaf.cert, *ip_leaf.intermediates], [pki.root.cert], "127.0.0.2") is not None
+
+
+def test_a_python_that_cannot_return_the_chain_fails_closed():
+    """Python < 3.10 has no get_unverified_chain: no web-PKI verdict, so no pass."""
+    from types import SimpleNamespace
+
+    from kong_mtls.core import upstream as core
+
+    with pytest.raises(core._Failed) as failed:
+        core._presented_chain(SimpleNamespace(_sslobj=object()))
+    assert failed.value.reason is Reason.PROBE_ERROR and "3.10" in failed.value.detail

@@ -150,6 +150,9 @@ def _print(args: argparse.Namespace, observation: Observation, verdict: Verdict 
         outcome = "OK" if verdict.ok else "REFUSED"
         rows.append(("verdict", f"{outcome} ({verdict.reason.value})"
                      + (f": {verdict.detail}" if verdict.detail else "")))
+        if verdict.alarm:
+            rows.append(("alarm", "the upstream presented another identity than the expected one "
+                                  "(the plugin logs this at err and counts it)"))
     width = max(len(label) for label, _ in rows) + 1
     for label, value in rows:
         print(f"{label + ':':<{width}} {value}")
@@ -157,7 +160,7 @@ def _print(args: argparse.Namespace, observation: Observation, verdict: Verdict 
 
 def _chain_status(args: argparse.Namespace, observation: Observation) -> str:
     if observation.chain_verified:
-        return "verified against the trusted CAs"
+        return "verified against the trusted CAs (OpenSSL and the web-PKI policy)"
     if args.insecure:
         return "NOT verified (--insecure)"
     if not args.ca:
@@ -196,6 +199,6 @@ def _as_json(observation: Observation, verdict: Verdict | None) -> dict[str, Any
         out.update(ok=False, reason="NOT_VERIFIED",
                    detail=f"{observation.failure.value}: {observation.detail}" if observation.failure else "")
     else:
-        out.update(ok=verdict.ok, reason=verdict.reason.value, detail=verdict.detail,
+        out.update(ok=verdict.ok, reason=verdict.reason.value, detail=verdict.detail, alarm=verdict.alarm,
                    warnings=[{"code": n.notice.value, "message": n.describe()} for n in verdict.notices])
     return out

@@ -12,7 +12,9 @@ This module does that by connecting to the upstream the way Kong does, and judgi
   verification nginx runs for `proxy_ssl_verify`), bounded by one deadline, never raising. In TLS 1.3
   a server judges the client certificate after the handshake has completed on the client side, so the
   probe then waits (at most `post_handshake_wait`) for the server's verdict: an alert means our
-  certificate was refused; a session ticket or data means it was accepted.
+  certificate was refused; a session ticket or data means it was accepted. A chain OpenSSL accepted
+  is verified once more, as presented on that connection, with `cryptography`'s web-PKI server
+  verifier (`webpki_problem`): stricter than OpenSSL on what a server certificate may be.
 * `evaluate(observation, policy)` → `Verdict` with a stable `Reason`, plus `ExpiryNotice`s for the
   upstream's certificate and Kong's own client certificate when they expire within the warning window.
 * `VerdictCache`: verdicts per target with a TTL (shorter for failures) and a refresh-ahead point, so
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import ipaddress
 import re
 import selectors
 import socket
@@ -36,6 +39,7 @@ from typing import Any, Callable
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.x509 import verification
 
 from kong_mtls.core.chain import normalize_sha256, spki_sha256
 from kong_mtls.files import FileReadError, read_limited
@@ -78,6 +82,7 @@ class Reason(str, Enum):
     UPSTREAM_CERT_EXPIRED = "UPSTREAM_CERT_EXPIRED"    # the leaf (or a chain certificate) has expired
     UPSTREAM_CERT_NOT_YET_VALID = "UPSTREAM_CERT_NOT_YET_VALID"
     UNTRUSTED_UPSTREAM = "UNTRUSTED_UPSTREAM"          # the chain does not lead to a trusted CA
+    WEBPKI_REFUSED = "WEBPKI_REFUSED"                  # OpenSSL accepted the chain, the web-PKI policy not
     CLIENT_CERT_REJECTED = "CLIENT_CERT_REJECTED"      # the upstream refused Kong's client cert (or none)
     CLIENT_CERT_UNUSABLE = "CLIENT_CERT_UNUSABLE"      # Kong's client cert/key files cannot be loaded
     TRUST_STORE_UNUSABLE = "TRUST_STORE_UNUSABLE"      # the CA files cannot be loaded
@@ -87,8 +92,15 @@ class Reason(str, Enum):
     PROBE_ERROR = "PROBE_ERROR"                        # the probe itself failed unexpectedly
     UPSTREAM_NOT_TLS = "UPSTREAM_NOT_TLS"              # the Service does not speak TLS to its upstream
     NO_TARGET = "NO_TARGET"                            # no host/port to probe
-    SERVICE_UNVERIFIED = "SERVICE_UNVERIFIED"          # Kong's own handshake would not verify the upstream
+    SERVICE_UNVERIFIED = "SERVICE_UNVERIFIED"          # the Service does not verify its upstream itself
     SERVICE_NO_CA_STORE = "SERVICE_NO_CA_STORE"        # ... or only against the system trust store
+    SERVICE_POOL_SHARED = "SERVICE_POOL_SHARED"        # Kong may reuse another Service's connections
+
+
+#: Verdicts that say the upstream presented something other than the configured identity (as opposed
+#: to an upstream that could not be reached or judged): the probe's alarms, logged at `err` and counted.
+IDENTITY_ALARMS = frozenset({Reason.SAN_MISMATCH, Reason.URI_SAN_MISMATCH, Reason.SPKI_MISMATCH,
+                             Reason.HOSTNAME_MISMATCH, Reason.UNTRUSTED_UPSTREAM, Reason.WEBPKI_REFUSED})
 
 
 class Notice(str, Enum):
@@ -453,16 +465,27 @@ def _no_password() -> bytes:
     return b""
 
 
-def _context(settings: ProbeSettings, verify: bool) -> ssl.SSLContext:
+def _trust_anchors(settings: ProbeSettings) -> list[x509.Certificate]:
+    """The trusted CA certificates, read now (files may have been rotated)."""
+    pem = settings.ca_pem
+    try:
+        for path in settings.ca_files:
+            pem += "\n" + _read(path).decode("ascii", "replace")
+        return load_certificates(pem.encode())
+    except (OSError, ValueError) as exc:
+        raise _Failed(Reason.TRUST_STORE_UNUSABLE, f"cannot load the trusted CAs: {_os_error(exc)}") \
+            from None
+
+
+def _context(settings: ProbeSettings, anchors: Sequence[x509.Certificate] | None) -> ssl.SSLContext:
+    """A client context verifying against `anchors` (None: verify nothing)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = MIN_TLS_VERSION
-    if verify:
-        pem = settings.ca_pem
+    if anchors is not None:
         try:
-            for path in settings.ca_files:
-                pem += "\n" + _read(path).decode("ascii", "replace")
-            ctx.load_verify_locations(cadata=pem)
-        except (OSError, ValueError, ssl.SSLError) as exc:
+            ctx.load_verify_locations(cadata="".join(
+                c.public_bytes(serialization.Encoding.PEM).decode() for c in anchors))
+        except (ValueError, ssl.SSLError) as exc:
             raise _Failed(Reason.TRUST_STORE_UNUSABLE, f"cannot load the trusted CAs: {_os_error(exc)}") \
                 from None
         ctx.check_hostname = settings.verify_hostname
@@ -602,6 +625,60 @@ def _peer_certificate(tls: ssl.SSLSocket) -> CertSummary | None:
     return CertSummary.of(x509.load_der_x509_certificate(der)) if der else None
 
 
+def _presented_chain(tls: ssl.SSLSocket) -> list[x509.Certificate]:
+    """The certificates the upstream sent on this connection, leaf first, as OpenSSL received them.
+
+    Python 3.13+ has `SSLSocket.get_unverified_chain()` (DER bytes); 3.10-3.12 have the same
+    OpenSSL call (`SSL_get_peer_cert_chain`) on the socket's `_sslobj` (certificate objects).
+    Older Pythons cannot return it: the probe then fails closed."""
+    get = getattr(tls, "get_unverified_chain", None) or getattr(tls._sslobj, "get_unverified_chain", None)
+    if get is None:
+        raise _Failed(Reason.PROBE_ERROR, "this Python cannot return the upstream's certificate chain "
+                                          "(Python 3.10 or later is needed)")
+    chain = [x509.load_der_x509_certificate(c) if isinstance(c, bytes)
+             else x509.load_pem_x509_certificate(c.public_bytes().encode()) for c in get() or ()]
+    if not chain:
+        raise _Failed(Reason.HANDSHAKE_FAILED, "the upstream presented no certificate")
+    return chain
+
+
+_ENCOUNTERED = re.compile(r"\s*\(encountered processing <Certificate.*$", re.DOTALL)
+
+
+def webpki_problem(chain: Sequence[x509.Certificate], anchors: Sequence[x509.Certificate],
+                   server_name: str | None, now: dt.datetime | None = None) -> str | None:
+    """Why `cryptography`'s web-PKI server verifier refuses the presented `chain` (leaf first) for
+    `server_name`, or None when it accepts it.
+
+    It is stricter than OpenSSL: a CA certificate as the leaf, a leaf without subjectAltName (OpenSSL
+    falls back to the CN), a missing authority key identifier, a wildcard SAN reaching into a name
+    constraint's excluded subtree are refused. `server_name` None (host-name check off):
+    the name checked is the leaf's own first DNS (else IP) SAN, so only the name match is skipped."""
+    leaf = chain[0]
+    if server_name is None:
+        summary = CertSummary.of(leaf)
+        server_name = (summary.dns_names or summary.ips or (None,))[0]
+        if server_name is None:
+            return "the certificate has no DNS or IP subjectAltName"
+    try:
+        subject: verification.DNSName | verification.IPAddress = \
+            verification.IPAddress(ipaddress.ip_address(server_name))
+    except ValueError:
+        try:
+            subject = verification.DNSName(server_name)
+        except ValueError:
+            return f"{server_name!r} is not a name the web-PKI policy can check"
+    try:
+        verifier = (verification.PolicyBuilder().store(verification.Store(list(anchors)))
+                    .time(now or _now()).build_server_verifier(subject))
+        verifier.verify(leaf, list(chain[1:]))
+    except verification.VerificationError as exc:
+        return "web-PKI policy: " + _ENCOUNTERED.sub("", str(exc))
+    except ValueError as exc:  # e.g. an empty store
+        return f"web-PKI policy: {exc}"
+    return None
+
+
 def _client_summary(settings: ProbeSettings) -> CertSummary | None:
     if not (settings.client_cert_file and settings.client_key_file):
         return None
@@ -617,9 +694,9 @@ def probe(target: Target, settings: ProbeSettings) -> Observation:
     try:
         client = _client_summary(settings)
         deadline = _Deadline(settings.timeout)
-        ctx = _context(settings, verify=settings.has_trust)
+        anchors = _trust_anchors(settings) if settings.has_trust else None
         try:
-            tls = _handshake(ctx, target, deadline)
+            tls = _handshake(_context(settings, anchors), target, deadline)
         except _Failed as failed:
             if failed.reason not in (Reason.UNTRUSTED_UPSTREAM, Reason.HOSTNAME_MISMATCH,
                                      Reason.UPSTREAM_CERT_EXPIRED, Reason.UPSTREAM_CERT_NOT_YET_VALID):
@@ -630,9 +707,16 @@ def probe(target: Target, settings: ProbeSettings) -> Observation:
         try:
             _await_client_cert_verdict(tls, settings, deadline)
             cipher = tls.cipher()
-            return Observation(target, None, "", certificate=_peer_certificate(tls),
-                               chain_verified=settings.has_trust, tls_version=tls.version(),
-                               cipher=cipher[0] if cipher else None, client_certificate=client)
+            seen = dict(tls_version=tls.version(), cipher=cipher[0] if cipher else None,
+                        client_certificate=client)
+            chain = _presented_chain(tls)
+            problem = None if anchors is None else webpki_problem(
+                chain, anchors, target.name if settings.verify_hostname else None)
+            if problem is not None:
+                return Observation(target, Reason.WEBPKI_REFUSED, _short(problem),
+                                   certificate=CertSummary.of(chain[0]), **seen)
+            return Observation(target, None, "", certificate=CertSummary.of(chain[0]),
+                               chain_verified=anchors is not None, **seen)
         finally:
             tls.close()
     except _Failed as failed:
@@ -646,7 +730,7 @@ def _capture_unverified(target: Target, settings: ProbeSettings, deadline: _Dead
     """After a failed verification, connect again without verifying, only to report what the
     upstream presents."""
     try:
-        tls = _handshake(_context(settings, verify=False), target, deadline)
+        tls = _handshake(_context(settings, None), target, deadline)
     except _Failed:
         return None
     try:
@@ -686,6 +770,11 @@ class Verdict:
     @property
     def ok(self) -> bool:
         return self.reason is Reason.IDENTITY_OK
+
+    @property
+    def alarm(self) -> bool:
+        """The upstream presented something other than the configured identity (IDENTITY_ALARMS)."""
+        return self.reason in IDENTITY_ALARMS
 
     @property
     def target(self) -> Target:
@@ -784,22 +873,50 @@ class _Entry:
     announced: bool = False
 
 
-def service_tls_problem(service: object, target: Target, *, tls_verify_forced: bool) -> Verdict | None:
-    """Why Kong's own connection to the Service's upstream would not be verified against a CA store
-    of the Service's own, or None. The probe checks what it sees; only Kong's handshake protects the
-    connection Kong proxies over, so the plugin refuses a Service that leaves it unverified
-    (`tls_verify` off, unless the plugin forces it) or verified against the system trust store (no
-    `ca_certificates`, where any public CA would do)."""
+#: Service protocols for which Kong talks TLS to the upstream.
+TLS_PROTOCOLS = frozenset({"https", "grpcs", "tls", "wss"})
+#: Service protocols whose pooled upstream connections Kong keys by the Service's client certificate
+#: too (`ip|port|SNI|client certificate id`, Kong 3.x's balancer); others by `ip|port` only.
+CERTIFICATE_POOLED_PROTOCOLS = frozenset({"https"})
+
+
+def service_tls_problem(service: object, target: Target) -> Verdict | None:
+    """Why Kong's own connection to the Service's upstream may not be one verified with the Service's
+    own settings, or None.
+
+    The probe only sees its own connection; what protects the connection Kong proxies over is Kong's
+    handshake. So the Service must speak TLS, verify against CAs of its own (`tls_verify`,
+    `ca_certificates`: without them any CA of the system trust store would do), and Kong must not hand
+    it a pooled connection opened without those settings. Kong keys pools by address, port, SNI and
+    the Service's `client_certificate` id, never by the verification settings: so the Service needs a
+    `client_certificate` (which no other Service may use: that the plugin cannot see), and its own
+    `tls_verify` even though the plugin forces it per request, since its routes without the plugin
+    share its pool."""
     if not isinstance(service, Mapping):
         return Verdict.failure(target, Reason.SERVICE_UNVERIFIED, "no Service for this request")
     name = service.get("name") or service.get("id")
-    if not tls_verify_forced and service.get("tls_verify") is not True:
+    protocol = str(service.get("protocol") or "")
+    if protocol not in TLS_PROTOCOLS:
+        return Verdict.failure(target, Reason.UPSTREAM_NOT_TLS,
+                               f"service {name} uses {protocol or 'no'} protocol; Kong would not use TLS "
+                               "to reach it")
+    if service.get("tls_verify") is not True:
         return Verdict.failure(target, Reason.SERVICE_UNVERIFIED,
-                               f"service {name} does not verify its upstream (tls_verify is not true)")
+                               f"service {name} does not verify its upstream (tls_verify is not true): its "
+                               "routes without this plugin would pool unverified connections")
     if not service.get("ca_certificates"):
         return Verdict.failure(target, Reason.SERVICE_NO_CA_STORE,
                                f"service {name} has no ca_certificates: Kong would verify the upstream "
                                "against its system trust store")
+    if protocol not in CERTIFICATE_POOLED_PROTOCOLS:
+        return Verdict.failure(target, Reason.SERVICE_POOL_SHARED,
+                               f"service {name} uses {protocol}: Kong pools its upstream connections by "
+                               "address and port only, shared with any other Service")
+    if not service.get("client_certificate"):
+        return Verdict.failure(target, Reason.SERVICE_POOL_SHARED,
+                               f"service {name} has no client_certificate: Kong would reuse upstream "
+                               "connections opened (and verified) for any Service with the same address, "
+                               "port and SNI")
     return None
 
 

@@ -2,19 +2,25 @@
 
 Per request (access phase):
 1. `kong.service.set_tls_verify(true)` (and `set_tls_verify_depth(n)` when configured), so Kong
-   verifies the upstream's chain and name on the real connection even if the Service says otherwise;
-2. the probe target is the configured `host`/`port`, else the Service's (`kong.router.get_service()`,
-   one call; a Service that does not speak TLS is refused);
+   verifies the upstream's chain and name on a connection it opens for the request even if the
+   Service says otherwise;
+2. `kong.router.get_service()` (one call): the Service must be one whose connections only Kong's own
+   verification against its own CAs protects (`core.upstream.service_tls_problem`: TLS, `tls_verify`,
+   `ca_certificates`, a `client_certificate` that gives it its own connection pool); the probe target
+   is the configured `host`/`port`, else the Service's;
 3. the verdict for that target comes from the instance's cache. The probe itself (connect, TLS
    handshake: blocking network I/O) runs in gevent's thread pool — the plugin server runs gevent
    without monkey-patching, so a blocking socket in a greenlet would stall every request. A fresh
    verdict is served at once; past half its TTL it is still served and refreshed in the background;
-   with no usable verdict the request waits cooperatively for the probe, at most the probe timeout;
+   with no usable verdict the request waits cooperatively for the probe, at most the probe timeout.
+   The probe monitors: a verdict that saw another identity is counted (`alarms`) and logged once at
+   err; every verdict but IDENTITY_OK refuses (fail closed), yet a pass vouches only for what the
+   probe saw, not for Kong's connection;
 4. pass: one `kong.ctx.shared.set` of the mark the fail-closed guard requires; refusal: 502 with the
    reason code in the log.
 
-A pass with a cached verdict costs 2 PDK calls (3 with `tls_verify_depth`, +1 when the target comes
-from the Service). The identity logic is kong_mtls.core.upstream; docs/upstream-identity.md.
+A pass with a cached verdict costs 3 PDK calls (4 with `tls_verify_depth`). The identity logic is
+kong_mtls.core.upstream; docs/upstream-identity.md.
 """
 
 from __future__ import annotations
@@ -46,8 +52,6 @@ from kong_mtls.kong.server import serve
 from kong_mtls.schema import ConfigError
 
 MARK = shared_mark(UPSTREAM_IDENTITY)
-#: Service protocols for which Kong talks TLS to the upstream.
-TLS_PROTOCOLS = frozenset({"https", "grpcs", "tls", "wss"})
 DEFAULT_PORT = 443
 #: Extra time a waiting request allows beyond the probe timeout (thread hand-off, scheduling).
 WAIT_MARGIN = 0.5
@@ -97,15 +101,17 @@ class Plugin:
         self.port: int | None = conf["port"]
         self.sni: str | None = conf["sni"]
         self.enforce_tls_verify: bool = conf["enforce_tls_verify"]
-        if not self.enforce_tls_verify:  # then the Service's own tls_verify must be on
+        if not self.enforce_tls_verify:
             self.start_notices = (("err", log_line(
                 UPSTREAM_IDENTITY, "instance", reason="TLS_VERIFY_NOT_ENFORCED",
-                detail="enforce_tls_verify is false: requests are refused unless the Service sets "
-                       "tls_verify itself")),)
+                detail="enforce_tls_verify is false: tls_verify is not set per request; requests are "
+                       "refused unless the Service sets tls_verify itself")),)
         self.tls_verify_depth: int | None = conf["tls_verify_depth"]
         self.wait_timeout = conf["probe_timeout"] + WAIT_MARGIN
         self.cache = VerdictCache(conf["cache_ttl"], conf["failure_ttl"])
         self._inflight: dict[Target, AsyncResult] = {}
+        #: Probes of this instance that saw another identity than the configured one (IDENTITY_ALARMS).
+        self.alarms = 0
 
     @phase(UPSTREAM_IDENTITY)
     def access(self, kong: Any) -> Refusal | None:
@@ -117,30 +123,34 @@ class Plugin:
         target = self.fixed_target or self._service_target(service)
         if isinstance(target, Verdict):
             return _refusal(target)
-        problem = service_tls_problem(service, target, tls_verify_forced=self.enforce_tls_verify)
+        problem = service_tls_problem(service, target)
         if problem is not None:
             return _refusal(problem)
         verdict = self._verdict(kong, target)
         if self.cache.first_use(target):
-            for notice in verdict.notices:
-                pdk_log(kong, UPSTREAM_IDENTITY, "warn",
-                        log_line(UPSTREAM_IDENTITY, "warning", reason=notice.notice.value,
-                                 target=str(target), detail=notice.describe()))
+            self._announce(kong, verdict)
         if not verdict.ok:
             return _refusal(verdict)
         kong.ctx.shared.set(MARK, verdict.mark())
         return None
+
+    def _announce(self, kong: Any, verdict: Verdict) -> None:
+        """Once per verdict: its expiry warnings, and an alarm at err when the probe saw another
+        identity than the configured one (with the instance's count of such probes)."""
+        for notice in verdict.notices:
+            pdk_log(kong, UPSTREAM_IDENTITY, "warn",
+                    log_line(UPSTREAM_IDENTITY, "warning", reason=notice.notice.value,
+                             target=str(verdict.target), detail=notice.describe()))
+        if verdict.alarm:
+            pdk_log(kong, UPSTREAM_IDENTITY, "err",
+                    log_line(UPSTREAM_IDENTITY, "alarm", reason=verdict.reason.value,
+                             alarms=self.alarms, detail=verdict.describe()))
 
     def _service_target(self, service: Any) -> Target | Verdict:
         placeholder = Target("service", self.port or DEFAULT_PORT)
         if not isinstance(service, Mapping) or not service.get("host"):
             return Verdict.failure(placeholder, Reason.NO_TARGET,
                                    "no Service for this request; set the plugin's host")
-        protocol = str(service.get("protocol") or "")
-        if protocol not in TLS_PROTOCOLS:
-            return Verdict.failure(placeholder, Reason.UPSTREAM_NOT_TLS,
-                                   f"service {service.get('name') or service.get('id')} uses "
-                                   f"{protocol or 'no'} protocol; Kong would not use TLS to reach it")
         port = self.port or service.get("port") or DEFAULT_PORT
         try:
             return Target(str(service["host"]), int(port), self.sni)
@@ -178,6 +188,8 @@ class Plugin:
             verdict = gevent.get_hub().threadpool.apply(check, (target, self.policy))
         except Exception as exc:  # check() does not raise; the thread pool itself might
             verdict = Verdict.failure(target, Reason.PROBE_ERROR, f"{type(exc).__name__}: {exc}")
+        if verdict.alarm:
+            self.alarms += 1
         self.cache.store(target, verdict)
         self._inflight.pop(target, None)
         job.set(verdict)
