@@ -226,19 +226,15 @@ def cloudflare_test_config(config: Mapping[str, Any], *, aop_ca_file: str) -> di
     return out
 
 
-def edge_test_config(config: Mapping[str, Any], *, aop_ca_file: str) -> dict[str, Any]:
+def edge_test_config(config: Mapping[str, Any]) -> dict[str, Any]:
     """Scenario 12's config: kong/edge-client-certs.yml with the test client standing in for the
-    edge (its addresses as Cloudflare's and the ALB's, the dev AOP CA as Cloudflare's), plus the
+    edge (its addresses as Cloudflare's and the ALB's; the example's AOP CA is the dev one), plus the
     Cloudflare route with only the real Cloudflare ranges at /cloudflare-real, and an open /public
     route to the same upstream."""
     out = copy.deepcopy(dict(config))
     route = find_route(out, "cloudflare-api-shield")
     real = copy.deepcopy(route)
     real.update(name="cloudflare-real", paths=["/cloudflare-real"])
-    for target in (route, real):
-        edge = route_plugin(target, HEADER_CERT_AUTH)["config"]
-        edge.pop("edge_ca_presets")
-        edge["edge_ca_certificate_files"] = [aop_ca_file]
     route_plugin(route, HEADER_CERT_AUTH)["config"].update(trusted_proxies_presets=None,
                                                             trusted_proxies=STAND_IN_CLOUDFLARE)
     route_plugin(find_route(out, "alb-passthrough"), HEADER_CERT_AUTH)["config"]["trusted_proxies"] += \

@@ -19,7 +19,7 @@ ALICE = Consumer(id="7b0c1d2e-3f40-4a5b-8c6d-7e8f90a1b2c1", username="alice")
 MARK = shared_mark(HEADER_CERT_AUTH)
 EDGE = "173.245.48.10"  # inside Cloudflare's 173.245.48.0/20
 STRANGER = "198.51.100.23"
-FORWARDED = ("Client-Cert", "Client-Cert-Chain", "Cf-Client-Cert-Verified")
+FORWARDED = ("Client-Cert", "Client-Cert-Chain", "Client-Cert-Verified")
 
 
 @pytest.fixture(scope="module")
@@ -33,15 +33,15 @@ def sf(cert) -> str:
 
 @pytest.fixture(scope="module")
 def cloudflare(pki) -> dict:
-    """The Cloudflare API Shield recipe: RFC 9440 headers from a Transform Rule, the verdict
-    header, Cloudflare's ranges as the trusted peers."""
+    """RFC 9440 headers from a Cloudflare Transform Rule, the verdict header, and the edge's
+    addresses as trusted peers (see test_an_edge_proven_by_authenticated_origin_pulls for AOP)."""
     return {
         "ca_certificates": [pki.root.cert_pem],
         "certificate_header": "Client-Cert",
         "certificate_header_format": "rfc9440",
         "chain_header": "Client-Cert-Chain",
-        "trusted_proxies_presets": ["cloudflare"],
-        "edge_verdict_header": "Cf-Client-Cert-Verified",
+        "trusted_proxies": ["173.245.48.0/20"],
+        "edge_verdict_header": "Client-Cert-Verified",
         "consumer_mappings": [
             {"subject_name": "spiffe://example.org/ns/payments/sa/alice", "consumer": "alice"}
         ],
@@ -52,7 +52,7 @@ def forwarded(issued) -> dict[str, str]:
     return {
         "Client-Cert": sf(issued.cert),
         "Client-Cert-Chain": ", ".join(sf(c) for c in issued.intermediates),
-        "Cf-Client-Cert-Verified": "true",
+        "Client-Cert-Verified": "true",
     }
 
 
@@ -96,6 +96,47 @@ def test_the_same_header_from_a_stranger_is_refused_and_never_forwarded(kong, se
     assert any("reason=UNTRUSTED_EDGE" in line for _, line in outcome.logs)
     assert MARK not in outcome.ctx_shared and not outcome.authenticated
 
+    assert "kong.request.get_headers" not in outcome.pdk_calls  # a stranger's headers are not even read
+
+
+def test_other_edge_headers_are_removed_and_a_forwarded_leaf_replaces_the_edges(
+    kong, server, cloudflare, pki
+):
+    """`remove_headers` (CloudFront's sibling headers, say) go in every spelling; with
+    forward_client_cert the verified leaf is sent in the header the edge used, whatever its case."""
+    conf = {
+        **cloudflare,
+        "certificate_header": "client-cert",
+        "forward_client_cert": ["rfc9440"],
+        "remove_headers": ["CloudFront-Viewer-Cert-Subject"],
+    }
+    headers = [
+        *forwarded(pki.alice).items(),
+        ("CloudFront-Viewer-Cert-Subject", "CN=admin"),
+        ("CloudFront_Viewer_Cert_Subject", "CN=admin"),
+    ]
+    outcome = kong.run(
+        Request(realip_remote_addr=EDGE, headers=headers),
+        [(server, conf)],
+        consumers=[ALICE],
+        guard=[HEADER_CERT_AUTH],
+    )
+    assert outcome.proxied
+    assert outcome.upstream_headers["client-cert"] == [sf(pki.alice.cert)]
+    assert not [name for name in outcome.upstream_headers if "viewer" in name]
+
+
+def test_edge_proofs_every_cloudflare_zone_shares_are_logged_at_err(kong, server, cloudflare, pki):
+    shared = {**cloudflare, "trusted_proxies": None, "trusted_proxies_presets": ["cloudflare"]}
+    outcome = kong.run(
+        Request(realip_remote_addr=EDGE, headers=forwarded(pki.alice)),
+        [(server, shared)],
+        consumers=[ALICE],
+        guard=[HEADER_CERT_AUTH],
+    )
+    assert outcome.proxied
+    assert any(level == "err" and "reason=EDGE_PROOF_SHARED" in line for level, line in outcome.logs)
+
 
 def test_a_forwarded_chain_that_fails_verification_is_refused(kong, server, cloudflare, pki):
     for issued, reason in ((pki.unknown_ca_client(), "UNKNOWN_CA"), (pki.expired(), "EXPIRED")):
@@ -110,7 +151,7 @@ def test_a_forwarded_chain_that_fails_verification_is_refused(kong, server, clou
 
 
 def test_the_edges_verdict_is_required_when_configured(kong, server, cloudflare, pki):
-    headers = {**forwarded(pki.alice), "Cf-Client-Cert-Verified": "false"}
+    headers = {**forwarded(pki.alice), "Client-Cert-Verified": "false"}
     outcome = kong.run(
         Request(realip_remote_addr=EDGE, headers=headers),
         [(server, cloudflare)],

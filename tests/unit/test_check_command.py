@@ -9,7 +9,7 @@ import types
 from urllib.parse import quote
 
 import pytest
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 
 from kong_mtls.cli import main
 from kong_mtls.core.chain import cert_sha256
@@ -172,7 +172,8 @@ def _sf(cert) -> str:
 @pytest.mark.parametrize(("fmt", "encode"), [
     ("rfc9440", lambda p: _sf(p.alice.cert)),
     ("url_encoded_pem", lambda p: quote(p.alice.chain_pem, safe="+=/")),
-    ("xfcc", lambda p: f"Hash=00;Cert={quote(p.alice.cert_pem, safe='')};"
+    ("xfcc", lambda p: f"Hash={p.alice.cert.fingerprint(hashes.SHA256()).hex()};"
+                       f"Cert={quote(p.alice.cert_pem, safe='')};"
                        f"Chain={quote(p.alice.chain_pem, safe='')}"),
     ("base64_der", lambda p: ",".join(base64.b64encode(c.public_bytes(serialization.Encoding.DER)).decode()
                                       for c in (p.alice.cert, *p.alice.intermediates))),

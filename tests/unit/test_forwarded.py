@@ -10,6 +10,7 @@ import time
 from urllib.parse import quote
 
 import pytest
+from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
 from kong_mtls.core.addresses import MAX_HEADER_LINES
@@ -103,7 +104,7 @@ def consumers(ref: str):
 
 def decide(conf: dict, headers: dict, *, peer: str = EDGE, edge_chain: str | None = None):
     auth = compile_config(conf).authenticator
-    return auth.authenticate(peer, edge_chain, headers, consumers)
+    return auth.authenticate(peer, edge_chain, lambda: headers, consumers)
 
 
 FORMATS = [
@@ -216,15 +217,15 @@ def test_an_edge_proven_by_its_client_certificate(pki):
 
 
 def test_the_edges_verdict_header_when_required(pki):
-    conf = config(pki, "rfc9440", "Client-Cert", edge_verdict_header="Cf-Client-Cert-Verified")
+    conf = config(pki, "rfc9440", "Client-Cert", edge_verdict_header="Client-Cert-Verified")
     cert = {
         "client-cert": rfc9440(pki.alice.cert),
         "client-cert-chain": rfc9440_chain(pki.alice.intermediates),
     }
     conf["chain_header"] = "Client-Cert-Chain"
-    assert decide(conf, {**cert, "cf-client-cert-verified": "true"}).allowed
+    assert decide(conf, {**cert, "client-cert-verified": "true"}).allowed
     for verdict in (None, "false", "TRUE", "", ["true", "true"], ["false", "true"]):
-        headers = {**cert, **({"cf-client-cert-verified": verdict} if verdict is not None else {})}
+        headers = {**cert, **({"client-cert-verified": verdict} if verdict is not None else {})}
         assert decide(conf, headers).reason is Reason.EDGE_NOT_VERIFIED, verdict
 
 
@@ -347,22 +348,75 @@ def test_a_header_map_cut_at_kongs_line_limit_is_refused(pki):
 
 
 # -- XFCC --------------------------------------------------------------------------------------------------
-def test_xfcc_takes_the_element_the_edge_added(pki):
-    """Envoy appends one element per proxy: the client's element is counted from the end, so
-    elements a client sent itself (before the edge's) are never taken."""
+def test_xfcc_counts_its_elements_exactly_and_reads_the_first(pki):
+    """The first proxy sets the element (Envoy SANITIZE_SET), each one after it appends its own:
+    a client's own element, or one its certificate's names inject, changes the count."""
     forged = xfcc(pki.client("mallory", uris=["spiffe://example.org/ns/payments/sa/alice"]))
     conf = config(pki, "xfcc", "X-Forwarded-Client-Cert")
-    ok = decide(conf, {"x-forwarded-client-cert": [forged, xfcc(pki.alice)]})
+    ok = decide(conf, {"x-forwarded-client-cert": xfcc(pki.alice)})
     assert ok.allowed and ok.consumer == ALICE
-    ok = decide(conf, {"x-forwarded-client-cert": forged + "," + xfcc(pki.alice)})
-    assert ok.allowed and ok.consumer == ALICE
-    # Two proxies: the client's element is the second from the end.
-    two = {**conf, "xfcc_element": 2}
+    for value in ([forged, xfcc(pki.alice)], forged + "," + xfcc(pki.alice), xfcc(pki.alice) + "," + forged):
+        assert decide(conf, {"x-forwarded-client-cert": value}).reason is Reason.MALFORMED_CHAIN
+    # Two proxies: the client's element first, the second proxy's after it.
+    two = {**conf, "xfcc_elements": 2}
     proxy_element = "By=spiffe://edge;Hash=00;URI=spiffe://example.org/edge"
     assert decide(two, {"x-forwarded-client-cert": xfcc(pki.alice) + "," + proxy_element}).consumer == ALICE
     assert decide(two, {"x-forwarded-client-cert": xfcc(pki.alice)}).reason is Reason.MALFORMED_CHAIN
     # An element without Cert or Chain: no certificate.
     assert decide(conf, {"x-forwarded-client-cert": proxy_element}).reason is Reason.NO_CERTIFICATE
+
+
+def _envoy_element(issued, *, cert: bool = True, chain: bool = False) -> str:
+    """What Envoy writes: Hash, Cert/Chain quoted, Subject quoted, URI= and DNS= values unescaped."""
+    parts = [f"Hash={issued.cert.fingerprint(hashes.SHA256()).hex()}"]
+    if cert:
+        parts.append(f'Cert="{quote(issued.cert_pem, safe="")}"')
+    if chain:
+        parts.append(f'Chain="{quote(issued.chain_pem, safe="")}"')
+    parts.append('Subject="CN=mallory"')
+    san = issued.cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    parts += [f"URI={u}" for u in san.get_values_for_type(x509.UniformResourceIdentifier)]
+    parts += [f"DNS={d}" for d in san.get_values_for_type(x509.DNSName)]
+    return ";".join(parts)
+
+
+@pytest.mark.parametrize(
+    ("make_name", "cert", "chain"),
+    [
+        (lambda a: {"uris": [f"https://m.example/x,Cert={quote(a.cert_pem, safe='')}"]}, True, False),
+        (
+            lambda a: {
+                "uris": [
+                    f"https://m.example/x,Hash={a.cert.fingerprint(hashes.SHA256()).hex()};"
+                    f'Cert="{quote(a.cert_pem, safe="")}"'
+                ]
+            },
+            True,
+            False,
+        ),
+        (lambda a: {"uris": [f"https://m.example/x,Chain={quote(a.chain_pem, safe='')}"]}, True, True),
+        (lambda a: {"dns": [f"m.example,Cert={quote(a.cert_pem, safe='')}"]}, True, False),
+        (lambda a: {"uris": [f"https://m.example/x;Chain={quote(a.chain_pem, safe='')}"]}, True, False),
+        (lambda a: {"uris": [f"https://m.example/x;Cert={quote(a.cert_pem, safe='')}"]}, False, False),
+    ],
+)
+def test_names_envoy_writes_unescaped_cannot_inject_a_certificate(pki, make_name, cert, chain):
+    """A certificate Envoy trusts (not Kong's CA at all) whose URI or DNS name carries `,` or `;`
+    and alice's public certificate: never alice (review finding, Envoy writes these unescaped)."""
+    mallory = Authority.root("a CA only Envoy trusts").client("mallory", **make_name(pki.alice))
+    value = _envoy_element(mallory, cert=cert, chain=chain)
+    decision = decide(config(pki, "xfcc", "X-Forwarded-Client-Cert"), {"x-forwarded-client-cert": value})
+    assert (decision.allowed, decision.reason) == (False, Reason.MALFORMED_CHAIN), value[:200]
+
+
+def test_the_xfcc_hash_must_be_the_certificates(pki):
+    conf = config(
+        pki, "xfcc", "X-Forwarded-Client-Cert", ca_certificates=[pki.root.cert_pem, pki.intermediate.cert_pem]
+    )
+    good = xfcc(pki.alice, chain=False)
+    assert decide(conf, {"x-forwarded-client-cert": good}).allowed
+    for value in (good.split(";", 1)[1], good.replace("Hash=", "Hash=00", 1), good + ";Hash=00"):
+        assert decide(conf, {"x-forwarded-client-cert": value}).reason is Reason.MALFORMED_CHAIN
 
 
 @pytest.mark.parametrize(
@@ -422,7 +476,17 @@ def test_forwarded_source_is_typed():
         ({"certificate_header": "Client Cert"}, "certificate_header"),
         ({"certificate_header": "a-b-c-d-e-f-g-h-i-j"}, "certificate_header"),
         ({"chain_header": "Client-Cert-Chain", "certificate_header_format": "xfcc"}, "chain_header"),
-        ({"xfcc_element": 2}, "xfcc_element"),
+        ({"xfcc_elements": 2}, "xfcc_elements"),
+        ({"trusted_proxies": ["0.0.0.0/0"]}, "trusted_proxies[1]"),
+        ({"trusted_proxies": ["::ffff:0:0/96"]}, "trusted_proxies[1]"),
+        ({"certificate_header": "X_Amzn_Mtls_Clientcert"}, "certificate_header"),
+        ({"chain_header": "client-cert"}, "chain_header"),
+        ({"edge_verdict_header": "Client-Cert"}, "edge_verdict_header"),
+        ({"certificate_header": "X-Consumer-Username"}, "certificate_header"),
+        ({"certificate_header": "Host"}, "certificate_header"),
+        ({"edge_verdict_header": "V", "edge_verdict_values": [""]}, "edge_verdict_values[1]"),
+        ({"edge_spki_sha256": ["00" * 32]}, "edge_spki_sha256"),
+        ({"remove_headers": ["Bad Header"]}, "remove_headers[1]"),
         ({"trusted_proxies": ["not-a-cidr"]}, "trusted_proxies[1]"),
         ({"edge_ca_certificates": ["not a pem"]}, "edge_ca_certificates[1]"),
         ({"edge_verdict_header": "Bad Header"}, "edge_verdict_header"),

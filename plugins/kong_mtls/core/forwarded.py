@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import re
 import textwrap
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 
@@ -129,13 +130,13 @@ def _split_list(text: str) -> list[str]:
 @dataclass(frozen=True)
 class ForwardedSource:
     """Where and how the certificate is forwarded: one header (and, for RFC 9440, an optional
-    chain header), one format, and for XFCC which element counts (1 = the last, the one the
-    nearest proxy added)."""
+    chain header), one format, and for XFCC how many elements the header holds (exactly; the
+    client's is the first, which the first proxy wrote, each proxy after it appending its own)."""
 
     header: str
     format: ForwardedFormat
     chain_header: str | None = None
-    xfcc_element: int = 1
+    xfcc_elements: int = 1
 
     def read(self, headers: object) -> Forwarded:
         """Decode the forwarded certificate from Kong's `get_headers` map; never raises."""
@@ -207,24 +208,38 @@ class ForwardedSource:
         elements = parse_xfcc(value)
         if elements is None:
             return _malformed(f"{self.header} is not a valid X-Forwarded-Client-Cert value")
-        if len(elements) < self.xfcc_element:
-            return _malformed(f"{self.header} has {len(elements)} element(s); element {self.xfcc_element} "
-                              "from the end is the edge's")
-        pairs = elements[-self.xfcc_element]
-        found = {key: [v for k, v in pairs if k == key] for key in ("cert", "chain")}
+        # Envoy writes URI=, DNS= and Subject= values unescaped: a name holding `,` starts an element
+        # of the certificate holder's making, `;` a pair. An exact count refuses the first; the
+        # element's Hash (the SHA-256 of the leaf Envoy saw, always sent) refuses the second.
+        if len(elements) != self.xfcc_elements:
+            return _malformed(f"{self.header} has {len(elements)} element(s), expected {self.xfcc_elements}")
+        pairs = elements[0]
+        found = {key: [v for k, v in pairs if k == key] for key in ("hash", "cert", "chain")}
         if any(len(values) > 1 for values in found.values()):
-            return _malformed(f"{self.header}: Cert or Chain given twice in one element")
+            return _malformed(f"{self.header}: Hash, Cert or Chain given twice in one element")
         cert = self._url_encoded_pem(found["cert"][0], f"{self.header} Cert") if found["cert"] else None
         chain = self._url_encoded_pem(found["chain"][0], f"{self.header} Chain") if found["chain"] else None
         for part in (cert, chain):
             if part is not None and part.reason is not None:
                 return part
-        if chain is not None:
+        if chain is not None and cert is not None and _first_block(chain.pem) != _first_block(cert.pem):
             # Envoy's Chain includes the leaf: it must be the element's Cert when both are sent.
-            if cert is not None and _first_block(chain.pem) != _first_block(cert.pem):
-                return _malformed(f"{self.header}: Chain does not start with the element's Cert")
-            return chain
-        return cert or NOTHING_FORWARDED
+            return _malformed(f"{self.header}: Chain does not start with the element's Cert")
+        forwarded = chain or cert
+        if forwarded is None:
+            return NOTHING_FORWARDED
+        leaf_hash = _leaf_sha256(forwarded.pem)
+        if not found["hash"] or leaf_hash is None or found["hash"][0].lower() != leaf_hash:
+            return _malformed(f"{self.header}: the element's Hash is not the SHA-256 of its certificate")
+        return forwarded
+
+
+def _leaf_sha256(pem: str | None) -> str | None:
+    """Hex SHA-256 of the DER of the first PEM block, or None when it is not base64."""
+    parts = _first_block(pem).split("-----")  # whitespace gone: ["", "BEGINCERTIFICATE", body]
+    body = parts[2] if len(parts) == 3 and parts[:2] == ["", "BEGINCERTIFICATE"] else ""
+    der = _base64_der(body) if body else None
+    return hashlib.sha256(der).hexdigest() if der else None
 
 
 def _first_block(pem: str | None) -> str:
@@ -290,10 +305,12 @@ def parse_xfcc(value: str) -> list[list[tuple[str, str]]] | None:
 class EdgePolicy:
     """Which requests come from the edge. Each configured condition must hold: the TCP peer in
     `trusted_proxies` (when not empty), a client certificate of the connection that `edge_verifier`
-    accepts (when set), and `verdict_header` carrying one of `verdict_values` (when set)."""
+    accepts (when set) with its key among `edge_spki_sha256` (when not empty), and `verdict_header`
+    carrying one of `verdict_values` (when set)."""
 
     trusted_proxies: AddressSet
     edge_verifier: ChainVerifier | None = None
+    edge_spki_sha256: frozenset[str] = frozenset()
     verdict_header: str | None = None
     verdict_values: frozenset[str] = frozenset()
 
@@ -309,8 +326,8 @@ class EdgePolicy:
     def needs_edge_certificate(self) -> bool:
         return self.edge_verifier is not None
 
-    def check(self, peer: object, edge_chain_pem: object, headers: object) -> tuple[Reason, str] | None:
-        """None when the request provably came from the edge, else (reason, detail)."""
+    def check_connection(self, peer: object, edge_chain_pem: object) -> tuple[Reason, str] | None:
+        """None when the connection is the edge's (peer, certificate), else (reason, detail)."""
         if self.trusted_proxies:
             address = parse_ip(peer)
             if address is None or address not in self.trusted_proxies:
@@ -321,6 +338,13 @@ class EdgePolicy:
             if not verdict.ok:
                 reason = verdict.reason.value if verdict.reason else "INVALID_CERTIFICATE"
                 return Reason.UNTRUSTED_EDGE, f"no edge client certificate: {reason} {verdict.detail}".strip()
+            spki = verdict.chain.spki_sha256 if verdict.chain else ""
+            if self.edge_spki_sha256 and spki not in self.edge_spki_sha256:
+                return Reason.UNTRUSTED_EDGE, f"edge certificate key {spki[:16]}... not in edge_spki_sha256"
+        return None
+
+    def check_verdict(self, headers: object) -> tuple[Reason, str] | None:
+        """None when no verdict is required or the edge's says verified, else (reason, detail)."""
         if self.verdict_header is not None:
             lines = header_lines(headers, self.verdict_header)
             if lines is None or len(lines) != 1 or lines[0].strip(_OWS) not in self.verdict_values:
@@ -329,27 +353,35 @@ class EdgePolicy:
         return None
 
 
-def forwarded_headers(source: ForwardedSource, edge: EdgePolicy) -> tuple[str, ...]:
-    """The headers the edge writes for this source: removed before proxying, whatever the outcome."""
-    names: Sequence[str | None] = (source.header, source.chain_header, edge.verdict_header)
-    return tuple(name for name in names if name)
+def forwarded_headers(source: ForwardedSource, edge: EdgePolicy,
+                      others: Sequence[str] = ()) -> tuple[str, ...]:
+    """The headers the edge writes (and `others` it adds about the certificate): removed before
+    proxying on every pass."""
+    names: Sequence[str | None] = (source.header, source.chain_header, edge.verdict_header, *others)
+    return tuple(dict.fromkeys(name for name in names if name))
 
 
 class ForwardedAuthenticator:
     """header-cert-auth's decision for one request: the edge first, then the header, then exactly
     client-cert-auth's verification, revocation, identity and consumer mapping."""
 
-    def __init__(self, authenticator: Authenticator, edge: EdgePolicy, source: ForwardedSource) -> None:
+    def __init__(self, authenticator: Authenticator, edge: EdgePolicy, source: ForwardedSource,
+                 remove_headers: Sequence[str] = ()) -> None:
         self.authenticator = authenticator
         self.edge = edge
         self.source = source
-        self.removed_headers = forwarded_headers(source, edge)
+        self.removed_headers = forwarded_headers(source, edge, remove_headers)
 
-    def authenticate(self, peer: object, edge_chain_pem: object, headers: object,
+    def authenticate(self, peer: object, edge_chain_pem: object, load_headers: Callable[[], object],
                      load_consumer: LoadConsumer) -> Decision:
-        untrusted = self.edge.check(peer, edge_chain_pem, headers)
+        """`load_headers()` (Kong's `get_headers`) is called only once the connection is the edge's."""
+        untrusted = self.edge.check_connection(peer, edge_chain_pem)
         if untrusted is not None:
             return self.authenticator.refuse(*untrusted, load_consumer)
+        headers = load_headers()
+        unverified = self.edge.check_verdict(headers)
+        if unverified is not None:
+            return self.authenticator.refuse(*unverified, load_consumer)
         forwarded = self.source.read(headers)
         if forwarded.reason is not None:
             return self.authenticator.refuse(forwarded.reason, forwarded.detail, load_consumer)

@@ -239,7 +239,9 @@ def publish(kong: Any, plugin: str, decision: Decision, removed: Sequence[str] =
                                  dict(decision.credential) if decision.credential else None)
     if decision.groups:
         kong.ctx.shared.set(SHARED_AUTHENTICATED_GROUPS, list(decision.groups))
-    headers: dict[str, Any] = {name: [] for name in removed}
+    # A removed header that is also set (in another case) is set: one table entry per header name.
+    setting = {name.lower() for name in decision.headers}
+    headers: dict[str, Any] = {name: [] for name in removed if name.lower() not in setting}
     headers.update(decision.headers)
     kong.service.request.set_headers(with_every_spelling(headers))
     # Last: the guard proxies on this mark, and Kong goes on if the plugin server fails between

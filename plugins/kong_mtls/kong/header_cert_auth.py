@@ -26,20 +26,22 @@ from dataclasses import dataclass
 from typing import Any
 
 from kong_mtls import schema
-from kong_mtls.constants import HEADER_CERT_AUTH
+from kong_mtls.constants import CONSUMER_HEADERS, GROUP_HEADERS, HEADER_CERT_AUTH
 from kong_mtls.core.addresses import MAX_HEADER_LINES
-from kong_mtls.core.chain import ChainPolicy, ChainVerifier
+from kong_mtls.core.chain import ChainPolicy, ChainVerifier, cert_sha256, describe, normalize_sha256
 from kong_mtls.core.forwarded import (
     FORWARDED_FORMATS,
+    MAX_XFCC_ELEMENTS,
     EdgePolicy,
     ForwardedAuthenticator,
     ForwardedFormat,
     ForwardedSource,
 )
 from kong_mtls.core.headers import header_name_problem
+from kong_mtls.core.identity import HEADER_CLIENT_CERT_DN, HEADER_CLIENT_CERT_SAN
 from kong_mtls.kong import client_cert_auth
 from kong_mtls.kong.ip_allowlist import Presets, address_set
-from kong_mtls.kong.runtime import Refusal, phase
+from kong_mtls.kong.runtime import Refusal, log_line, phase
 from kong_mtls.kong.server import serve
 from kong_mtls.presets import CA_PRESET_NAMES, CIDR_PRESET_NAMES
 from kong_mtls.schema import ConfigError
@@ -52,13 +54,17 @@ Schema = [
     schema.string("certificate_header", required=True, len_min=1),
     schema.string("certificate_header_format", required=True, one_of=FORWARDED_FORMATS),
     schema.string("chain_header", len_min=1),
-    schema.integer("xfcc_element", default=1, between=(1, 32)),
+    schema.integer("xfcc_elements", default=1, between=(1, MAX_XFCC_ELEMENTS)),
+    # Other headers the edge adds about the client certificate (removed on every pass).
+    schema.strings("remove_headers"),
     # How a request is proven to come from the edge (at least one of the first two).
     schema.strings("trusted_proxies"),
     schema.strings("trusted_proxies_presets", one_of=CIDR_PRESET_NAMES),
+    schema.string_map("preset_files"),
     schema.strings("edge_ca_certificates"),
     schema.strings("edge_ca_certificate_files"),
     schema.strings("edge_ca_presets", one_of=CA_PRESET_NAMES),
+    schema.strings("edge_spki_sha256"),
     schema.string("edge_verdict_header", len_min=1),
     schema.strings("edge_verdict_values", default=["true"], len_min=1),
     # Everything client-cert-auth has: trust anchors, revocation, mapping, headers upstream.
@@ -66,45 +72,105 @@ Schema = [
 ]
 
 
+#: Headers a certificate header may not be: HTTP framing and routing, and the identity headers we
+#: set (the certificate headers we may forward, `Client-Cert` ..., are what edges write too).
+RESERVED_HEADERS = frozenset(name.lower() for name in (
+    "Host", "Content-Length", "Content-Type", "Transfer-Encoding", "Connection", "Upgrade", "TE",
+    "Trailer", "Keep-Alive", "Proxy-Connection", "Authorization", "Cookie", "X-Forwarded-For",
+    "X-Forwarded-Proto", "X-Forwarded-Host", "X-Forwarded-Port", "X-Real-IP", "Forwarded",
+    *CONSUMER_HEADERS, *GROUP_HEADERS, HEADER_CLIENT_CERT_DN, HEADER_CLIENT_CERT_SAN))
+
+#: Logged at err on the first request when every edge proof is one all Cloudflare zones share.
+REASON_SHARED_EDGE_PROOF = "EDGE_PROOF_SHARED"
+
+
 @dataclass(frozen=True)
 class Compiled:
     authenticator: ForwardedAuthenticator
     warnings: tuple[str, ...]
+    errors: tuple[str, ...] = ()
 
 
 def compile_config(config: Mapping[str, Any] | None, *, clock: Callable[[], float] = time.time) -> Compiled:
     """Validate a header-cert-auth config and build its authenticator; ConfigError names the field."""
     conf = schema.validate(Schema, config)
-    for name in ("certificate_header", "chain_header", "edge_verdict_header"):
-        problem = header_name_problem(conf[name]) if conf[name] is not None else None
-        if problem:
-            raise ConfigError(name, problem)
+    _check_header_names(conf)
     fmt = ForwardedFormat(conf["certificate_header_format"])
     if conf["chain_header"] is not None and fmt is not ForwardedFormat.RFC9440:
         raise ConfigError("chain_header", f"only the rfc9440 format has a separate chain header; {fmt.value} "
                                           "carries the chain in certificate_header")
-    if conf["xfcc_element"] != 1 and fmt is not ForwardedFormat.XFCC:
-        raise ConfigError("xfcc_element", "only used with the xfcc format")
+    if conf["xfcc_elements"] != 1 and fmt is not ForwardedFormat.XFCC:
+        raise ConfigError("xfcc_elements", "only used with the xfcc format")
+    for i, value in enumerate(conf["edge_verdict_values"], start=1):
+        if not value.strip():
+            raise ConfigError(f"edge_verdict_values[{i}]", "an empty verdict would match an empty header")
     core = client_cert_auth.compile_validated(conf, clock=clock, plugin=HEADER_CERT_AUTH)
     edge_anchors = client_cert_auth.anchors_of(conf, "edge_", required=False)
+    client_anchors = {cert_sha256(cert) for cert in client_cert_auth.anchors_of(conf)}
+    for cert in edge_anchors:
+        if cert_sha256(cert) in client_anchors:
+            raise ConfigError("edge_ca_certificates", f"{describe(cert)} is also a client CA "
+                                                      "(ca_certificates): any client would pass as the edge")
     edge_verifier = ChainVerifier(ChainPolicy(anchors=edge_anchors), clock=clock) if edge_anchors else None
-    proxies = address_set(conf, "trusted_proxies", Presets({}))
+    pins = []
+    for i, text in enumerate(conf["edge_spki_sha256"] or (), start=1):
+        try:
+            pins.append(normalize_sha256(text))
+        except ValueError as exc:
+            raise ConfigError(f"edge_spki_sha256[{i}]", str(exc)) from None
+    if pins and edge_verifier is None:
+        raise ConfigError("edge_spki_sha256", "pins the edge's certificate: set its CA in edge_ca_* too")
+    proxies = address_set(conf, "trusted_proxies", Presets(conf["preset_files"] or {}))
     if not proxies and edge_verifier is None:
         raise ConfigError("trusted_proxies", "the edge must be proven: set trusted_proxies (or "
                                              "trusted_proxies_presets), edge CAs (edge_ca_*), or both")
-    edge = EdgePolicy(trusted_proxies=proxies, edge_verifier=edge_verifier,
+    edge = EdgePolicy(trusted_proxies=proxies, edge_verifier=edge_verifier, edge_spki_sha256=frozenset(pins),
                       verdict_header=conf["edge_verdict_header"],
                       verdict_values=frozenset(conf["edge_verdict_values"]))
     source = ForwardedSource(header=conf["certificate_header"], format=fmt, chain_header=conf["chain_header"],
-                             xfcc_element=conf["xfcc_element"])
-    return Compiled(ForwardedAuthenticator(core.authenticator, edge, source), core.warnings)
+                             xfcc_elements=conf["xfcc_elements"])
+    errors = ()
+    if not (conf["trusted_proxies"] or conf["edge_ca_certificates"] or conf["edge_ca_certificate_files"]):
+        # Only presets: Cloudflare's ranges and its global AOP certificate serve every zone alike.
+        errors = (log_line(HEADER_CERT_AUTH, "shared-edge-proof", reason=REASON_SHARED_EDGE_PROOF,
+                           detail="every proof configured is shared by all Cloudflare zones: any zone "
+                                  "pointed at this origin can forge the header; set your zone's AOP CA "
+                                  "in edge_ca_certificates"),)
+    authenticator = ForwardedAuthenticator(core.authenticator, edge, source, conf["remove_headers"] or ())
+    return Compiled(authenticator, core.warnings, errors)
+
+
+def _check_header_names(conf: Mapping[str, Any]) -> None:
+    """Header names: valid, written with `-` (an edge never writes `_`: only a client could send
+    such a header, and the edge would never overwrite it), distinct, and none of HTTP's or ours."""
+    seen: dict[str, str] = {}
+    for name in ("certificate_header", "chain_header", "edge_verdict_header"):
+        value = conf[name]
+        if value is None:
+            continue
+        problem = header_name_problem(value)
+        if problem is None and "_" in value:
+            problem = f"{value!r}: edges write '-', a header with '_' could only come from a client"
+        if problem is None and value.lower() in RESERVED_HEADERS:
+            problem = f"{value!r} is a header HTTP, Kong or kong-mtls uses for something else"
+        if problem is None and value.lower() in seen:
+            problem = f"{value!r} is also {seen[value.lower()]}"
+        if problem:
+            raise ConfigError(name, problem)
+        seen[value.lower()] = name
+    for i, value in enumerate(conf["remove_headers"] or (), start=1):
+        problem = header_name_problem(value)
+        if problem:
+            raise ConfigError(f"remove_headers[{i}]", problem)
 
 
 class Plugin:
     def __init__(self, config: Mapping[str, Any]) -> None:
         compiled = compile_config(config)
         self.authenticator = compiled.authenticator
-        self.start_notices = tuple(("warn", w) for w in compiled.warnings)  # through Kong, first request
+        # Through Kong, on the first request.
+        self.start_notices = (*(("err", line) for line in compiled.errors),
+                              *(("warn", line) for line in compiled.warnings))
 
     @phase(HEADER_CERT_AUTH)
     def access(self, kong: Any) -> Refusal | None:
@@ -112,8 +178,7 @@ class Plugin:
         peer = kong.nginx.get_var(PEER_VARIABLE) if auth.edge.needs_peer else None
         edge_chain = kong.client.tls.get_full_client_certificate_chain() if auth.edge.needs_edge_certificate \
             else None
-        headers = kong.request.get_headers(MAX_HEADER_LINES)
-        decision = auth.authenticate(peer, edge_chain, headers,
+        decision = auth.authenticate(peer, edge_chain, lambda: kong.request.get_headers(MAX_HEADER_LINES),
                                      lambda ref: kong.client.load_consumer(ref, True))
         if not decision.allowed:
             reason = decision.reason.value if decision.reason else "UNKNOWN"
