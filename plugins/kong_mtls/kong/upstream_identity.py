@@ -31,6 +31,7 @@ from kong_mtls.constants import UPSTREAM_IDENTITY, shared_mark
 from kong_mtls.core.upstream import (
     MESSAGE_UNVERIFIED,
     REFUSAL_STATUS,
+    TLS_PROTOCOLS,
     Freshness,
     Reason,
     Target,
@@ -46,8 +47,6 @@ from kong_mtls.kong.server import serve
 from kong_mtls.schema import ConfigError
 
 MARK = shared_mark(UPSTREAM_IDENTITY)
-#: Service protocols for which Kong talks TLS to the upstream.
-TLS_PROTOCOLS = frozenset({"https", "grpcs", "tls", "wss"})
 DEFAULT_PORT = 443
 #: Extra time a waiting request allows beyond the probe timeout (thread hand-off, scheduling).
 WAIT_MARGIN = 0.5
