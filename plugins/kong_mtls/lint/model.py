@@ -229,13 +229,14 @@ class _Reader:
         # (route, where it was declared, its service: a key when nested, else a reference)
         self.raw_routes: list[tuple[Mapping[str, Any], str, Any, bool]] = []
         self.index: dict[str, dict[str, str]] = {"services": {}, "routes": {}, "consumers": {}}
+        self.keys: set[str] = set()  # entity keys already read (they name their kind)
 
     def read(self) -> KongConfig:
         doc = self.document
         for i, body in _items(doc, "services", "services"):
             self._service(body, i)
         for i, body in _items(doc, "routes", "routes"):
-            self.raw_routes.append((body, f"routes[{i}]", _ref(body.get("service")), False))
+            self.raw_routes.append((body, f"routes[{_label(body, i)}]", _ref(body.get("service")), False))
         for i, body in _items(doc, "consumers", "consumers"):
             self._consumer(body, i)
         for i, body in _items(doc, "ca_certificates", "ca_certificates"):
@@ -256,6 +257,9 @@ class _Reader:
     def _register(self, table: str, key: str, body: Mapping[str, Any], where: str,
                   names: Sequence[str] = ("name",)) -> None:
         index = self.index[table]
+        if key in self.keys:
+            raise InputError(f"{where}: a second entity with this {' or '.join(('id', *names))}")
+        self.keys.add(key)
         for field_name in ("id", *names):
             value = body.get(field_name)
             if value is None:

@@ -380,7 +380,7 @@ def rule_shared_upstream_pool(ctx: Context) -> Iterator[Finding]:
             continue
         host, port, cert = key
         described = "; ".join(f"{_list(users, 2)}: {trust}" for trust, users in settings.items())
-        first = min(users[0] for users in settings.values()).split(" via ")[0]
+        first = next(iter(settings.values()))[0].split(" via ")[0]  # in the config's order
         yield Finding(
             Severity.ERROR, "shared-upstream-pool", first,
             f"one upstream connection pool ({host}:{port}, client certificate {cert or 'none'}) serves "
