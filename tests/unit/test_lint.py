@@ -13,6 +13,8 @@ import time
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kong_mtls.guard import GUARD_PLUGIN, lua_guard
 from kong_mtls.lint.model import InputError, normalise
@@ -421,3 +423,54 @@ def test_kong_conf_comments_and_overrides():
     assert conf == {"proxy_access_log": "off", "a_key": "z"}
     with pytest.raises(ValueError, match="line 1"):
         parse_kong_conf("not a setting\n")
+
+
+# -- hostile input ---------------------------------------------------------------------------------------
+
+_KEYS = ["_format_version", "services", "routes", "plugins", "consumers", "ca_certificates", "name", "id",
+         "url", "host", "port", "protocol", "protocols", "tls_verify", "tls_verify_depth",
+         "client_certificate", "service", "route", "consumer", "config", "enabled", "tags", "username",
+         "cert", "access", "require", "report_only", "anonymous", "key_in_query", "disable_session_reuse",
+         "enforce_tls_verify", "instance_name"]
+_SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-5, 70000), st.floats(allow_nan=True),
+                     st.sampled_from(["3.0", "https", "http", "x", "post-function", "kong-mtls-guard",
+                                      "client-cert-auth", "api-key-auth", "upstream-identity",
+                                      "client-cert-request", "https://h:1", "https://[::1", "alice", ""]))
+_VALUES = st.recursive(_SCALARS, lambda inner: st.one_of(
+    st.lists(inner, max_size=4), st.dictionaries(st.sampled_from(_KEYS), inner, max_size=5)), max_leaves=40)
+
+
+def _entity(required: dict[str, Any], **optional: Any) -> st.SearchStrategy[dict[str, Any]]:
+    """Mostly well-formed entities, any field sometimes replaced by junk."""
+    return st.fixed_dictionaries(required, optional={k: st.one_of(v, _VALUES) for k, v in optional.items()})
+
+
+_NAMES = st.sampled_from(["a", "b", "c"])
+_PLUGIN = _entity({"name": st.sampled_from(["post-function", "kong-mtls-guard", "client-cert-auth",
+                                            "api-key-auth", "ip-allowlist", "upstream-identity",
+                                            "client-cert-request", "file-log"])},
+                  config=st.dictionaries(st.sampled_from(_KEYS), _VALUES, max_size=4),
+                  enabled=st.booleans(), route=_NAMES, service=_NAMES, consumer=_NAMES,
+                  tags=st.lists(st.just("kong-mtls-lint-allow:report-only"), max_size=1))
+_ROUTE = _entity({"name": _NAMES}, protocols=st.lists(st.sampled_from(["http", "https", "grpc"]), max_size=2),
+                 plugins=st.lists(_PLUGIN, max_size=3), service=_NAMES)
+_SERVICE = _entity({"name": _NAMES}, url=st.sampled_from(["https://up:8443", "http://up", "https://[::1]:1"]),
+                   tls_verify=st.booleans(), tls_verify_depth=st.integers(0, 3),
+                   ca_certificates=st.lists(st.just(CA_ID), max_size=1), client_certificate=_NAMES,
+                   routes=st.lists(_ROUTE, max_size=3), plugins=st.lists(_PLUGIN, max_size=2))
+_DOCUMENT = st.fixed_dictionaries({"_format_version": st.just("3.0")}, optional={
+    "services": st.lists(_SERVICE, max_size=3), "routes": st.lists(_ROUTE, max_size=2),
+    "plugins": st.lists(_PLUGIN, max_size=3), "ca_certificates": st.lists(_entity({"id": st.just(CA_ID)},
+                                                                                  cert=_SCALARS), max_size=1),
+    "consumers": st.lists(_entity({"username": _NAMES}, plugins=st.lists(_PLUGIN, max_size=2)), max_size=2)})
+
+
+@given(_DOCUMENT)
+@settings(max_examples=300, deadline=None)
+def test_any_document_gives_findings_or_an_input_error(doc):
+    try:
+        config = normalise(doc)
+    except InputError:
+        return
+    for finding in lint(Context(config, {}, check_plugin, time.time())):
+        assert finding.rule in RULE_IDS

@@ -182,3 +182,11 @@ def test_admin_problems_exit_2(capsys, admin):
     assert code == 2 and "expected http(s)://host:port" in err
     code, _, err = run(capsys, "--admin", url, "--admin-header", "no colon")
     assert code == 2 and "expected 'Name: value'" in err
+
+
+def test_yaml_alias_bombs_and_cycles_are_refused(capsys, write):
+    bomb = "_format_version: '3.0'\na: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{name}: &{name} [{', '.join(['*' + prev] * 10)}]\n" for prev, name in zip("abcdefgh", "bcdefghi"))
+    for content in (bomb, "_format_version: '3.0'\nplugins: &p [*p]\n"):
+        code, out, err = run(capsys, write(content))
+        assert (code, out) == (2, "") and "once YAML aliases are expanded" in err

@@ -200,7 +200,7 @@ def rule_guard(ctx: Context) -> Iterator[Finding]:
         if missing:
             displaced = _displaced(ctx, route, None, missing, running)
             if displaced:
-                yield _displaced_finding(route, missing, running, displaced, None, tags)
+                yield _displaced_finding(route, missing, running, displaced, "", tags)
             else:
                 yield Finding(
                     Severity.ERROR, "unguarded-route", route.path,
@@ -213,12 +213,12 @@ def rule_guard(ctx: Context) -> Iterator[Finding]:
             lost = (ours - covered_c) - missing
             if lost:
                 displaced = _displaced(ctx, route, consumer, lost, running_c)
-                yield _displaced_finding(route, lost, running_c, displaced, consumer, tags)
+                who = f" for requests authenticated as {ctx.config.consumers[consumer].label}"
+                yield _displaced_finding(route, lost, running_c, displaced, who, tags)
 
 
 def _displaced_finding(route: Route, missing: frozenset[str], running: list[PluginConfig],
-                       displaced: list[PluginConfig], consumer: str | None, tags: frozenset[str]) -> Finding:
-    who = f" for requests authenticated as {consumer.split(':', 2)[-1]}" if consumer else ""
+                       displaced: list[PluginConfig], who: str, tags: frozenset[str]) -> Finding:
     winners = _list([p.path for p in running]) or "nothing"
     return Finding(
         Severity.ERROR, "guard-displaced", route.path,

@@ -16,6 +16,8 @@ import yaml
 from kong_mtls.files import FileReadError, read_limited
 
 MAX_CONFIG_BYTES = 64 * 1024 * 1024
+#: Values (scalars, lists, mappings) a configuration may hold, aliases expanded.
+MAX_VALUES = 2_000_000
 MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 #: The Admin API entity endpoints read when Kong has a database (`GET /config` is DB-less only).
 ENTITY_ENDPOINTS = ("services", "routes", "plugins", "consumers", "certificates", "ca_certificates")
@@ -32,7 +34,7 @@ class SourceError(ValueError):
 def parse_document(data: bytes, where: str) -> Any:
     """A declarative config as YAML (JSON is YAML too)."""
     try:
-        return yaml.safe_load(data)
+        document = yaml.safe_load(data)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark is not None else ""
@@ -40,6 +42,38 @@ def parse_document(data: bytes, where: str) -> Any:
         raise SourceError(f"{where}: not valid YAML or JSON{at}: {problem}") from None
     except RecursionError:
         raise SourceError(f"{where}: nested too deeply") from None
+    if expanded_size(document, MAX_VALUES) > MAX_VALUES:
+        raise SourceError(f"{where}: more than {MAX_VALUES} values once YAML aliases are expanded")
+    return document
+
+
+def expanded_size(document: Any, limit: int) -> int:
+    """How many values `document` holds with every shared (aliased) list or mapping counted each
+    time it is used, up to just over `limit` (also for a list that contains itself): a few YAML
+    aliases can stand for billions of values, which every rule would then walk."""
+    sizes: dict[int, int] = {}
+    visiting: set[int] = set()
+    stack: list[tuple[Any, bool]] = [(document, False)]  # (value, its children are sized)
+    while stack:
+        value, done = stack.pop()
+        if isinstance(value, dict):
+            children = list(value.values())
+        elif isinstance(value, list):
+            children = value
+        else:
+            continue
+        key = id(value)
+        if done:
+            visiting.discard(key)
+            total = 1 + sum(sizes.get(id(child), 1) for child in children)
+            sizes[key] = min(total, limit + 1)
+        elif key in visiting:
+            return limit + 1  # a cycle
+        elif key not in sizes:
+            visiting.add(key)
+            stack.append((value, True))
+            stack.extend((child, False) for child in children if isinstance(child, (dict, list)))
+    return sizes.get(id(document), 1)
 
 
 def read_declarative(path: str) -> Any:
@@ -105,7 +139,7 @@ class AdminAPI:
             raise SourceError(f"--admin {url}: answer larger than {MAX_RESPONSE_BYTES} bytes")
         try:
             return status, json.loads(body) if body else None
-        except ValueError:
+        except (ValueError, RecursionError):
             raise SourceError(f"--admin {url}: answered {status} with a body that is not JSON") from None
 
 
