@@ -323,6 +323,8 @@ def test_access_log_formats(fmt, logs_query):
 
 
 def test_report_only(pki):
+    assert "report-only" not in rules(set_plugins(base(pki), "mtls", [
+        cert_auth(pki, report_only=False), post_function("client-cert-auth")]))
     doc = set_plugins(base(pki), "mtls", [cert_auth(pki, report_only=True),
                                           post_function("client-cert-auth")])
     (finding,) = rules(doc)["report-only"]
@@ -334,6 +336,8 @@ def test_report_only(pki):
 
 
 def test_anonymous_and_anonymous_missing(pki):
+    no_anonymous = [key_auth(anonymous=None), post_function("api-key-auth")]
+    assert rules(set_plugins(base(pki), "key", no_anonymous)) == {}
     doc = set_plugins(base(pki), "mtls", [cert_auth(pki, anonymous="alice"),
                                           post_function("client-cert-auth")])
     found = rules(doc)
@@ -358,6 +362,8 @@ def test_anchor_expiring(pki):
 
 
 def test_invalid_plugin_config(pki):
+    # Every config of base() builds its plugin: client-cert-auth, api-key-auth, client-cert-request.
+    assert "invalid-plugin-config" not in rules(base(pki))
     doc = set_plugins(base(pki), "mtls", [{"name": "client-cert-auth", "config": {}},
                                           post_function("client-cert-auth")])
     (finding,) = rules(doc)["invalid-plugin-config"]
@@ -369,6 +375,7 @@ def test_invalid_plugin_config(pki):
 
 
 def test_invalid_ca_certificate(pki):
+    assert "invalid-ca-certificate" not in rules(base(pki))
     doc = base(pki)
     doc["ca_certificates"][0]["cert"] = "@pki:ca/root.pem"
     (finding,) = rules(doc)["invalid-ca-certificate"]
