@@ -85,12 +85,14 @@ class Context:
     kong_conf: Mapping[str, str] | None
     check_plugin: Callable[[str, Mapping[str, Any]], PluginCheck]
     now: float
-    _checks: dict[str, PluginCheck] = field(default_factory=dict)
+    _checks: dict[int, PluginCheck] = field(default_factory=dict)
 
     def check(self, plugin: PluginConfig) -> PluginCheck:
-        if plugin.path not in self._checks:
-            self._checks[plugin.path] = self.check_plugin(plugin.name, plugin.config)
-        return self._checks[plugin.path]
+        """`check_plugin` once per plugin config (several rules ask)."""
+        key = id(plugin)
+        if key not in self._checks:
+            self._checks[key] = self.check_plugin(plugin.name, plugin.config)
+        return self._checks[key]
 
     def tags(self, plugin: PluginConfig) -> frozenset[str]:
         """The plugin's tags and those of the route, service and consumer it is scoped to."""
@@ -505,14 +507,13 @@ def rule_anonymous(ctx: Context) -> Iterator[Finding]:
 
 # -- trust anchors and plugin configs --------------------------------------------------------------------
 
-def _expiry(ctx: Context, certs: Iterable[Any], path: str, where: str,
-            tags: frozenset[str]) -> Iterator[Finding]:
+def _expiry(ctx: Context, certs: Iterable[Any], path: str, tags: frozenset[str]) -> Iterator[Finding]:
     for cert, days in expiring_anchors(certs, ctx.now):
         until = cert.not_valid_after_utc.date().isoformat()
         expired = days < 0
         yield Finding(
             Severity.ERROR if expired else Severity.WARNING, "anchor-expiring", path,
-            f"trust anchor {describe(cert)}{where} "
+            f"trust anchor {describe(cert)} "
             + (f"expired on {until}" if expired else f"expires on {until}, in {days} days"),
             "add the CA's successor next to it now, remove the old one once every certificate it signed "
             "is replaced", tags)
@@ -528,10 +529,10 @@ def rule_anchors(ctx: Context) -> Iterator[Finding]:
                           "cert is not a PEM certificate: Kong refuses this config",
                           "give the CA certificate as PEM text (-----BEGIN CERTIFICATE-----)", ca.tags)
             continue
-        yield from _expiry(ctx, certs, ca.path, "", ca.tags)
+        yield from _expiry(ctx, certs, ca.path, ca.tags)
     for name in PLUGIN_MODULES:
         for plugin in ctx.config.enabled(name):
-            yield from _expiry(ctx, ctx.check(plugin).anchors, plugin.path, "", ctx.tags(plugin))
+            yield from _expiry(ctx, ctx.check(plugin).anchors, plugin.path, ctx.tags(plugin))
 
 
 _DOCS = {CLIENT_CERT_REQUEST: CLIENT_CERT_AUTH}
