@@ -289,6 +289,8 @@ def test_upstream_identity_service(pki):
     assert rules(doc) == {}
     doc["services"][0]["tls_verify"] = False
     assert "SERVICE_UNVERIFIED" in rules(doc)["upstream-identity-service"][0].message
+    doc["services"][0]["url"] = "http://up.example"
+    assert "UPSTREAM_NOT_TLS" in rules(doc)["upstream-identity-service"][0].message
 
 
 # -- credentials and logs ------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from kong_mtls.constants import (
     UPSTREAM_IDENTITY,
 )
 from kong_mtls.core.chain import ChainConfigError, describe, expiring_anchors, parse_pem_certificates
-from kong_mtls.core.upstream import TLS_PROTOCOLS, Target, service_tls_problem
+from kong_mtls.core.upstream import TLS_PROTOCOLS, Reason, Target, service_tls_problem
 from kong_mtls.guard import (
     GUARD_PLUGIN,
     GUARD_PLUGIN_REQUIRE,
@@ -417,6 +417,13 @@ def rule_upstream_identity_service(ctx: Context) -> Iterator[Finding]:
             yield Finding(Severity.ERROR, "upstream-identity-service", route.path,
                           "upstream-identity on a route without a Service host: every request gets 502",
                           "attach the route to a Service with a host", tags)
+            continue
+        if service.protocol not in TLS_PROTOCOLS and plugin.config.get("host") is None:
+            yield Finding(
+                Severity.ERROR, "upstream-identity-service", route.path,
+                f"upstream-identity refuses every request here (502, {Reason.UPSTREAM_NOT_TLS.value}): "
+                f"{service.path} uses {service.protocol}, Kong would not use TLS to reach it",
+                "use https for the Service (or remove upstream-identity from this route)", tags)
             continue
         try:
             target = Target(service.host, service.port or 443)
