@@ -143,9 +143,9 @@ class AdminAPI:
             raise SourceError(f"--admin {url}: answered {status} with a body that is not JSON") from None
 
 
-def read_admin(api: AdminAPI) -> Any:
+def read_admin(api: AdminAPI, page_size: int = PAGE_SIZE) -> Any:
     """The configuration of the Kong behind `api` as a declarative document: `GET /config` on a
-    DB-less Kong, else every page of each entity endpoint."""
+    DB-less Kong, else every page (of `page_size` entities) of each entity endpoint."""
     status, body = api.get("/config")
     if status == 200:
         if not isinstance(body, Mapping) or not isinstance(body.get("config"), str):
@@ -156,13 +156,13 @@ def read_admin(api: AdminAPI) -> Any:
                           "--admin-header)")
     document: dict[str, Any] = {"_format_version": "3.0"}
     for endpoint in ENTITY_ENDPOINTS:
-        document[endpoint] = _every_page(api, endpoint)
+        document[endpoint] = _every_page(api, endpoint, page_size)
     return document
 
 
-def _every_page(api: AdminAPI, endpoint: str) -> list[Any]:
+def _every_page(api: AdminAPI, endpoint: str, page_size: int) -> list[Any]:
     rows: list[Any] = []
-    path: str | None = f"/{endpoint}?size={PAGE_SIZE}"
+    path: str | None = f"/{endpoint}?size={page_size}"
     for _ in range(MAX_PAGES):
         if path is None:
             return rows
