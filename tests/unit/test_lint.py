@@ -483,3 +483,25 @@ def test_any_document_gives_findings_or_an_input_error(doc):
         return
     for finding in lint(Context(config, {}, check_plugin, time.time())):
         assert finding.rule in RULE_IDS
+
+
+def test_kongs_order_of_precedence_between_scopes():
+    """Removing the winning config each time walks Kong's order: route+service+consumer,
+    route+consumer, service+consumer, route+service, consumer, route, service, global."""
+    order = [("r", "s", "c"), ("r", None, "c"), (None, "s", "c"), ("r", "s", None), (None, None, "c"),
+             ("r", None, None), (None, "s", None), (None, None, None)]
+    doc = {"_format_version": "3.0", "services": [{"name": "s", "routes": [{"name": "r"}]}],
+           "consumers": [{"username": "c"}], "plugins": []}
+    for route_ref, service_ref, consumer_ref in order:
+        doc["plugins"].append({"name": "post-function", "route": route_ref, "service": service_ref,
+                               "consumer": consumer_ref, "config": {"access": [str(len(doc["plugins"]))]}})
+    for winner in range(len(order)):
+        config = normalise({**doc, "plugins": doc["plugins"][winner:]})
+        route_key = next(iter(config.routes))
+        service_key, consumer_key = next(iter(config.services)), next(iter(config.consumers))
+        effective = config.effective("post-function", route_key, service_key, consumer_key)
+        assert effective is not None and effective.config["access"] == [str(winner)]
+    # Without a consumer, consumer-scoped configs never apply.
+    config = normalise(doc)
+    effective = config.effective("post-function", next(iter(config.routes)), next(iter(config.services)))
+    assert effective is not None and effective.config["access"] == ["3"]
