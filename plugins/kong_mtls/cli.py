@@ -16,6 +16,7 @@ COMMAND_MODULES = (
     "cloudflare",
     "upstream_check",
     "guard",
+    "lint",
 )
 
 

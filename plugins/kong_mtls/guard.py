@@ -12,7 +12,8 @@ no mark, and the guard answers 503 instead of proxying.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import re
+from collections.abc import Iterable, Sequence
 
 from kong_mtls.constants import (
     API_KEY_AUTH,
@@ -27,6 +28,16 @@ GUARDED_PLUGINS = (IP_ALLOWLIST, CLIENT_CERT_AUTH, HEADER_CERT_AUTH, API_KEY_AUT
 GUARD_STATUS = 503
 GUARD_MESSAGE = "Access control is unavailable, please retry later"
 GUARD_REASON = "GUARD_NO_VERDICT"
+
+#: The guard as a Kong plugin of its own (Lua). Its config `require` lists the plugins whose verdict
+#: it requires; absent or null means every one of GUARDED_PLUGINS that runs for the request.
+GUARD_PLUGIN = "kong-mtls-guard"
+GUARD_PLUGIN_REQUIRE = "require"
+#: Kong's bundled plugin that carries the guard as a Lua snippet (`lua_guard`).
+POST_FUNCTION = "post-function"
+
+_MARK_IN_CODE = re.compile(r"""["']kong_mtls\.([a-z0-9-]+)["']""")
+_REFUSAL_IN_CODE = "kong.response.exit"
 
 
 def missing_marks(required: Sequence[str], ctx_shared: dict) -> list[str]:
@@ -55,3 +66,14 @@ def lua_guard(required: Sequence[str]) -> str:
         "  end\n"
         "end\n"
     )
+
+
+def post_function_guards(snippets: Iterable[object]) -> frozenset[str]:
+    """The plugins whose marks a post-function's access snippets check: in a snippet that both
+    names `kong_mtls.<plugin>` marks and can answer the request (`kong.response.exit`), as
+    `lua_guard`'s code does, also when merged by hand with the user's own code."""
+    found: set[str] = set()
+    for code in snippets:
+        if isinstance(code, str) and _REFUSAL_IN_CODE in code:
+            found.update(_MARK_IN_CODE.findall(code))
+    return frozenset(found)

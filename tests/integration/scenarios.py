@@ -45,9 +45,11 @@ from tests.integration.support import (
     cloudflare_test_config,
     edge_test_config,
     find_route,
+    lint_report,
     refused,
     resumed_session_requests,
     route_plugin,
+    run_lint,
     tls_context,
     with_route_plugins,
 )
@@ -757,6 +759,21 @@ class Scenarios:
         expired = gateway.https("/mtls", cert=expired_client(gateway), headers=headers)
         assert (expired.status, expired.json()) == (401, {"message": MESSAGE_FAILED_VERIFICATION})
         assert not gateway.seen_upstream(headers["X-Test-Nonce"])
+
+    def test_12_lint_reads_the_running_configuration(self, gateway: Gateway, tmp_path: Path) -> None:
+        """`kong-mtls lint --admin` on the running DB-less Kong (Kong's own export, `GET /config`:
+        flat entities, references by id, every field filled in) reports exactly what it reports for
+        the declarative config Kong started with."""
+        declared = tmp_path / "kong.json"
+        declared.write_text(json.dumps(gateway.config))
+        code, from_file = run_lint(str(declared))
+        admin_code, from_admin = run_lint("--admin", f"http://{gateway.admin[0]}:{gateway.admin[1]}")
+        assert lint_report(from_admin) == lint_report(from_file)
+        assert admin_code == code
+        if gateway.pki_in_kong == str(gateway.pki):  # the files the plugin configs name are readable here
+            assert (code, from_admin["findings"]) == (0, [])
+            assert ("warning", "report-only", "routes[aop-report-only].plugins[client-cert-auth]") \
+                in lint_report(from_admin)
 
 
 def _padded(issued: Issued, size: int) -> Issued:

@@ -6,9 +6,11 @@ Nothing here starts anything; tests/integration/runners.py does.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import http.client
 import importlib.util
+import io
 import json
 import re
 import socket
@@ -84,6 +86,21 @@ def parse_kong_conf(text: str) -> dict[str, str]:
             raise ValueError(f"line {number}: not `key = value`: {raw!r}")
         settings[key.strip()] = value.strip()
     return settings
+
+
+def run_lint(*args: str) -> tuple[int, dict[str, Any]]:
+    """`kong-mtls lint <args> --json`: its exit code and its report."""
+    from kong_mtls.cli import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(["lint", *args, "--json"])
+    return code, json.loads(out.getvalue())
+
+
+def lint_report(report: Mapping[str, Any]) -> set[tuple[str, str, str]]:
+    """(severity, rule, path) of every finding of a lint report, allowed ones included."""
+    return {(f["severity"], f["rule"], f["path"]) for f in [*report["findings"], *report["allowed"]]}
 
 
 def pluginserver_key(name: str, suffix: str) -> str:

@@ -8,16 +8,20 @@ plane run the plugin servers; a control plane only queries their schemas (`query
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from kong_mtls.core.api_keys import MESSAGE_NO_KEY
 from kong_mtls.guard import GUARD_STATUS, lua_guard
+from kong_mtls.lint.sources import ENTITY_ENDPOINTS, AdminAPI, read_admin
 from tests.integration.runners import Gateway, LocalRunner, PostgresServer, eventually
+from tests.integration.support import lint_report, run_lint
 
 RUNNER = LocalRunner
 _reason = RUNNER.unavailable() or PostgresServer.unavailable()
@@ -106,6 +110,23 @@ def test_postgres_node_plugins_enabled_changed_and_removed_via_the_admin_api(tra
     eventually(lambda: traditional.https("/public").status == 200, 30,
                "removing the plugin never applied", traditional.error_log)
     assert not traditional.seen_upstream(refused["X-Test-Nonce"])  # /public is open again to ask
+
+
+def test_postgres_node_lint_reads_every_entity_endpoint(traditional: Gateway, tmp_path: Path) -> None:
+    """`kong-mtls lint --admin` on a Kong with a database (`GET /config` refused: every page of the
+    entity endpoints) reports exactly what it reports for the declarative config it was filled from."""
+    declared = tmp_path / "kong.json"
+    declared.write_text(json.dumps(traditional.config))
+    code, from_file = run_lint(str(declared))
+    admin_code, from_admin = run_lint("--admin", f"http://{traditional.admin[0]}:{traditional.admin[1]}")
+    assert lint_report(from_admin) == lint_report(from_file)
+    assert (admin_code, code, from_admin["findings"]) == (0, 0, [])
+    # Kong's own pagination (`next`), a page of 2 entities at a time, reads the same entities.
+    api = AdminAPI(f"http://{traditional.admin[0]}:{traditional.admin[1]}")
+    whole, paged = read_admin(api), read_admin(api, page_size=2)
+    assert len(paged["routes"]) > 2
+    for endpoint in ENTITY_ENDPOINTS:
+        assert sorted(e["id"] for e in paged[endpoint]) == sorted(e["id"] for e in whole[endpoint]), endpoint
 
 
 def test_hybrid_data_plane_enforces_the_control_planes_plugins_from_its_first_request(

@@ -9,7 +9,7 @@ import pytest
 
 from kong_mtls.cli import main
 
-SUBCOMMANDS = ["dev-pki", "check", "api-key", "cloudflare-ranges", "upstream-check", "guard"]
+SUBCOMMANDS = ["dev-pki", "check", "api-key", "cloudflare-ranges", "upstream-check", "guard", "lint"]
 
 
 def test_help_lists_every_subcommand(capsys):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -151,6 +152,21 @@ def test_every_protected_route_carries_the_guard_for_exactly_its_plugins(templat
     outside = [p["name"] for p in config.get("plugins") or ()]
     outside += [p["name"] for s in config.get("services") or () for p in s.get("plugins") or ()]
     assert not set(outside) & set(GUARDED_PLUGINS)
+
+
+@pytest.mark.parametrize("template", TEMPLATES, ids=lambda path: path.name)
+def test_example_is_lint_clean(rendered: dict, template: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`kong-mtls lint` over each rendered example with kong.conf.example: no finding, except those its
+    comments justify and its tags allow (CI runs this)."""
+    from kong_mtls.cli import main
+
+    path = rendered["pki"] / "config" / template.name
+    code = main(["lint", str(path), "--kong-conf", str(KONG_CONF_EXAMPLE), "--json"])
+    result = json.loads(capsys.readouterr().out)
+    assert (code, result["findings"]) == (0, [])
+    allowed = {(f["rule"], f["path"]) for f in result["allowed"]}
+    assert allowed == ({("report-only", "routes[aop-report-only].plugins[client-cert-auth]")}
+                       if template.name == "kong.yml" else set())
 
 
 # -- what the main examples do --------------------------------------------------------------------------

@@ -49,6 +49,8 @@ from kong_mtls.schema import ConfigError
 MESSAGE_UNVERIFIED = "The upstream server's identity could not be verified"
 #: Status of a refusal: Kong answers 502 when it cannot get a valid answer from the upstream.
 REFUSAL_STATUS = 502
+#: Service protocols for which Kong talks TLS to the upstream.
+TLS_PROTOCOLS = frozenset({"https", "grpcs", "tls", "wss"})
 
 DEFAULT_TIMEOUT = 5.0
 DEFAULT_POST_HANDSHAKE_WAIT = 0.5
