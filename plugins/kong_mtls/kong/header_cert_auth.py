@@ -25,6 +25,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from cryptography import x509
+
 from kong_mtls import schema
 from kong_mtls.constants import CONSUMER_HEADERS, GROUP_HEADERS, HEADER_CERT_AUTH
 from kong_mtls.core.addresses import MAX_HEADER_LINES
@@ -87,6 +89,7 @@ REASON_SHARED_EDGE_PROOF = "EDGE_PROOF_SHARED"
 @dataclass(frozen=True)
 class Compiled:
     authenticator: ForwardedAuthenticator
+    anchors: tuple[x509.Certificate, ...]  # the client CAs, then the edge's
     warnings: tuple[str, ...]
     errors: tuple[str, ...] = ()
 
@@ -137,7 +140,7 @@ def compile_config(config: Mapping[str, Any] | None, *, clock: Callable[[], floa
                                   "pointed at this origin can forge the header; set your zone's AOP CA "
                                   "in edge_ca_certificates"),)
     authenticator = ForwardedAuthenticator(core.authenticator, edge, source, conf["remove_headers"] or ())
-    return Compiled(authenticator, core.warnings, errors)
+    return Compiled(authenticator, (*core.anchors, *edge_anchors), core.warnings, errors)
 
 
 def _check_header_names(conf: Mapping[str, Any]) -> None:

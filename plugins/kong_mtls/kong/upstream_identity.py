@@ -37,7 +37,6 @@ from kong_mtls.constants import UPSTREAM_IDENTITY, shared_mark
 from kong_mtls.core.upstream import (
     MESSAGE_UNVERIFIED,
     REFUSAL_STATUS,
-    TLS_PROTOCOLS,
     Freshness,
     Reason,
     Target,

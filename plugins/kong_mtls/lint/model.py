@@ -62,7 +62,8 @@ class Service:
         return {"name": self.name, "id": self.id, "protocol": self.protocol, "host": self.host,
                 "port": self.port, "tls_verify": self.tls_verify,
                 "tls_verify_depth": self.tls_verify_depth,
-                "ca_certificates": list(self.ca_certificates) or None}
+                "ca_certificates": list(self.ca_certificates) or None,
+                "client_certificate": {"id": self.client_certificate} if self.client_certificate else None}
 
 
 @dataclass(frozen=True)
@@ -399,8 +400,10 @@ def _key(kind: str, body: Mapping[str, Any], i: int, name_field: str = "name") -
 def _ref(value: Any) -> Any:
     """A foreign key as written: a string (id or name), {"id": ...} or {"name": ...}, or None."""
     if isinstance(value, Mapping):
-        return value.get("id") or value.get("name") or value.get("username")
-    return value
+        value = value.get("id") or value.get("name") or value.get("username")
+    if value is None or isinstance(value, str):
+        return value
+    raise InputError(f"a reference must be an id, a name or {{id: ...}}, not {type(value).__name__}")
 
 
 def _string(value: Any, where: str) -> str | None:

@@ -11,7 +11,7 @@ import importlib
 from collections.abc import Mapping
 from typing import Any
 
-from kong_mtls.constants import CLIENT_CERT_AUTH, PLUGIN_MODULES, UPSTREAM_IDENTITY
+from kong_mtls.constants import CLIENT_CERT_AUTH, HEADER_CERT_AUTH, PLUGIN_MODULES, UPSTREAM_IDENTITY
 from kong_mtls.core.chain import ChainConfigError, parse_pem_certificates, read_certificate_file
 from kong_mtls.lint.rules import PluginCheck
 from kong_mtls.schema import ConfigError
@@ -24,7 +24,7 @@ def check_plugin(name: str, config: Mapping[str, Any]) -> PluginCheck:
         return PluginCheck()
     module = importlib.import_module(module_name)
     try:
-        if name == CLIENT_CERT_AUTH:
+        if name in (CLIENT_CERT_AUTH, HEADER_CERT_AUTH):
             return PluginCheck(anchors=module.compile_config(config).anchors)
         module.Plugin(config)
     except ConfigError as exc:

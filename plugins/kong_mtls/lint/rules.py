@@ -16,6 +16,7 @@ from kong_mtls.constants import (
     API_KEY_AUTH,
     CLIENT_CERT_AUTH,
     CLIENT_CERT_REQUEST,
+    HEADER_CERT_AUTH,
     PLUGIN_MODULES,
     UPSTREAM_IDENTITY,
 )
@@ -429,15 +430,22 @@ def rule_upstream_identity_service(ctx: Context) -> Iterator[Finding]:
             target = Target(service.host, service.port or 443)
         except ValueError:
             continue
-        forced = plugin.config.get("enforce_tls_verify") is not False
-        problem = service_tls_problem(service.as_kong(), target, tls_verify_forced=forced)
+        problem = service_tls_problem(service.as_kong(), target)
         if problem is not None:
             yield Finding(
                 Severity.ERROR, "upstream-identity-service", route.path,
                 f"upstream-identity refuses every request here (502, {problem.reason.value}): "
-                f"{problem.detail}",
-                "set the Service's ca_certificates to the CA(s) of its upstream"
-                + ("" if forced else " and tls_verify: true"), tags)
+                f"{problem.detail}", _SERVICE_FIXES.get(problem.reason, "see docs/upstream-identity.md"),
+                tags)
+
+
+#: The fix for each of upstream-identity's Service refusals (docs/upstream-identity.md).
+_SERVICE_FIXES = {
+    Reason.SERVICE_UNVERIFIED: "set tls_verify: true on the Service",
+    Reason.SERVICE_NO_CA_STORE: "set the Service's ca_certificates to the CA(s) of its upstream",
+    Reason.SERVICE_POOL_SHARED: "give the Service (https) a client_certificate used by no other Service",
+    Reason.UPSTREAM_NOT_TLS: "use https for the Service",
+}
 
 
 # -- credentials and logs ------------------------------------------------------------------------------
@@ -482,8 +490,9 @@ def rule_api_key_in_logged_query(ctx: Context) -> Iterator[Finding]:
 
 
 def rule_report_only(ctx: Context) -> Iterator[Finding]:
-    """report-only: client-cert-auth lets every request through and only logs its refusals."""
-    for plugin in ctx.config.enabled(CLIENT_CERT_AUTH):
+    """report-only: client-cert-auth (or header-cert-auth) lets every request through and only logs
+    its refusals."""
+    for plugin in (*ctx.config.enabled(CLIENT_CERT_AUTH), *ctx.config.enabled(HEADER_CERT_AUTH)):
         if plugin.config.get("report_only") is True:
             yield Finding(
                 Severity.WARNING, "report-only", plugin.path,
@@ -493,7 +502,7 @@ def rule_report_only(ctx: Context) -> Iterator[Finding]:
 
 def rule_anonymous(ctx: Context) -> Iterator[Finding]:
     """anonymous and anonymous-missing."""
-    for name in (CLIENT_CERT_AUTH, API_KEY_AUTH):
+    for name in (CLIENT_CERT_AUTH, HEADER_CERT_AUTH, API_KEY_AUTH):
         for plugin in ctx.config.enabled(name):
             ref = plugin.config.get("anonymous")
             if not isinstance(ref, str) or not ref:
