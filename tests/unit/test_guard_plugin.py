@@ -28,7 +28,7 @@ from kong_mtls.guard import (
     guard_plugin,
     lua_guard,
 )
-from tests.integration.support import LUA_DIR, ROOT
+from tests.integration.support import KONG_CONF_EXAMPLE, LUA_DIR, ROOT, parse_kong_conf
 
 PLUGIN_DIR = LUA_DIR / "kong" / "plugins" / GUARD
 HANDLER = (PLUGIN_DIR / "handler.lua").read_text()
@@ -91,11 +91,21 @@ def test_the_plugin_entry_and_the_post_function_fallback() -> None:
         lua_guard([])                                                     # no auto mode there
 
 
+def test_kong_conf_example_loads_the_guard_and_the_image_installs_it() -> None:
+    conf = parse_kong_conf(KONG_CONF_EXAMPLE.read_text())
+    assert GUARD in conf["plugins"].split(",")
+    dockerfile = (ROOT / "docker" / "Dockerfile").read_text()
+    assert "COPY lua " in dockerfile and "luarocks make kong-plugin-kong-mtls-guard-" in dockerfile
+
+
 # -- the handler in LuaJIT -------------------------------------------------------------------------
 
-pytest.importorskip("lupa")
-# Kong's Lua is LuaJIT 2.1 (OpenResty's); lupa ships it (wheels for common platforms).
-luajit = pytest.importorskip("lupa.luajit21")
+def luajit() -> Any:
+    """lupa's LuaJIT 2.1 (Kong's Lua is OpenResty's LuaJIT 2.1); the tests below skip without it,
+    the ones above do not."""
+    pytest.importorskip("lupa")
+    return pytest.importorskip("lupa.luajit21")
+
 
 #: A stand-in for what the handler touches: kong.ctx.shared, kong.log.err, kong.response.exit,
 #: ngx.ctx, ngx.null, and Kong's plugins iterator (its config lookup: the most specific of
@@ -151,7 +161,7 @@ class Guard:
     """handler.lua loaded in a fresh LuaJIT runtime."""
 
     def __init__(self, iterator_present: bool = True) -> None:
-        self.lua = luajit.LuaRuntime()
+        self.lua = luajit().LuaRuntime()
         self.handler, self._run = self.lua.execute(HARNESS, HANDLER, iterator_present)
 
     def access(self, conf: Mapping[str, Any] | None, ctx: Mapping[str, Any],
