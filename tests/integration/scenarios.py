@@ -689,6 +689,21 @@ class Scenarios:
         finally:
             gateway.restore()
 
+    def test_12d_kong_refuses_a_guard_config_that_would_protect_nothing(self, gateway: Gateway) -> None:
+        """The guard's schema, as real Kong applies it: an empty or unknown `require`, or a guard
+        scoped to a consumer (skipped for every other request), is refused when written."""
+        base = copy.deepcopy(gateway.config)
+        bad_configs = [({**guard_plugin(), "config": {"require": []}}, b"length must be at least 1"),
+                       ({**guard_plugin(), "config": {"require": ["key-auth"]}},
+                        b"expected one of: ip-allowlist, client-cert-auth, api-key-auth, upstream-identity"),
+                       ({**guard_plugin(), "consumer": "alice"}, b'"consumer":"value must be null"')]
+        for bad, error in bad_configs:
+            config = copy.deepcopy(base)
+            config["plugins"] = [p for p in config["plugins"] if p["name"] != GUARD] + [bad]
+            answer = gateway.admin_request("POST", "/config", {"config": json.dumps(config)})
+            assert answer.status == 400 and error in answer.body, (bad, answer.status, answer.body[-500:])
+        assert gateway.https("/key").status == 401                     # the running config is kept
+
     @staticmethod
     def _guarded(gateway: Gateway, path: str, headers: dict[str, str], missing: str = "api-key-auth") -> None:
         """A request that must meet the guard's 503, logged for the `missing` plugin's mark, and
