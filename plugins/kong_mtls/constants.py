@@ -20,6 +20,8 @@ UPSTREAM_IDENTITY = "upstream-identity"
 HEADER_CERT_AUTH = "header-cert-auth"
 #: Global only: asks TLS clients for a certificate in the `certificate` phase (instead of nginx).
 CLIENT_CERT_REQUEST = "client-cert-request"
+#: The fail-closed guard: a Lua plugin (lua/kong/plugins/kong-mtls-guard/), not a plugin server.
+GUARD = "kong-mtls-guard"
 
 #: Kong plugin name -> the module serving it (`python -m <module>`, console script
 #: `kong-mtls-<name>`).
@@ -53,13 +55,20 @@ PRIORITIES: dict[str, int] = {
     UPSTREAM_IDENTITY: 800,
     # Runs in the certificate phase only, where no other of ours runs.
     CLIENT_CERT_REQUEST: 1610,
+    # The Lua guard (its handler.lua says the same; tests/unit/test_guard_plugin.py checks): after
+    # every plugin of ours, before every bundled plugin that can answer or redirect a request in
+    # the access phase (redirect 779, ai-* 768-777, aws-lambda 750, proxy-cache 100 ...).
+    GUARD: 780,
 }
 
-# kong.ctx.shared key under which each plugin publishes its verdict for a request it let through.
-# The Kong-side fail-closed guard (kong_mtls.guard) refuses requests that lack the mark of a plugin
-# that should have run, which is what happens when Kong fails open on a plugin-server error.
+#: Prefix of the kong.ctx.shared key under which each plugin publishes its verdict for a request it
+#: let through. The fail-closed guard (kong_mtls.guard) refuses requests that lack the mark of a
+#: plugin that should have run, which is what happens when Kong fails open on a plugin-server error.
+SHARED_MARK_PREFIX = "kong_mtls."
+
+
 def shared_mark(plugin_name: str) -> str:
-    return f"kong_mtls.{plugin_name}"
+    return f"{SHARED_MARK_PREFIX}{plugin_name}"
 
 
 # Kong's acl plugin reads the consumer's groups from here when no consumer ACL rows exist.

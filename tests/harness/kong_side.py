@@ -54,8 +54,8 @@ from urllib.parse import parse_qsl
 
 import msgpack
 
-from kong_mtls.constants import PLUGIN_MODULES
-from kong_mtls.guard import GUARD_MESSAGE, GUARD_STATUS, missing_marks
+from kong_mtls.constants import GUARD, PLUGIN_MODULES, shared_mark
+from kong_mtls.guard import GUARD_MESSAGE, GUARD_REASON, GUARD_STATUS, missing_marks
 from tests.harness.lua_msgpack import Binary, EmptyMap, as_lua, pack
 
 MESSAGE_UNEXPECTED = "An unexpected error occurred"  # kong/init.lua, handler errors
@@ -825,8 +825,8 @@ class KongSide:
             guard: Sequence[str] | None = None, phase: str = "access") -> Outcome:
         """Run `phase` of the given plugins (highest priority first) for one request.
 
-        `guard` lists the plugins whose mark the route's post-function guard requires
-        (`kong_mtls.guard`); None means the route has no guard.
+        `guard` lists the plugins whose mark the route's fail-closed guard requires
+        (kong-mtls-guard, or its post-function fallback: docs/guard.md); None means no guard.
         """
         outcome = Outcome()
         state = RequestState(request, consumers, ctx_shared or {}, self.kong_version, outcome, phase,
@@ -848,7 +848,8 @@ class KongSide:
         if outcome.exit is None and guard:
             missing = missing_marks(guard, outcome.ctx_shared)
             if missing:
-                state.log("err", f"[post-function] [kong-mtls] guard refused missing={missing[0]}")
+                state.log("err", f"[{GUARD}] [kong-mtls] guard refused reason={GUARD_REASON} "
+                                 f"missing={shared_mark(missing[0])}")
                 outcome.exit = Exit(GUARD_STATUS, {"message": GUARD_MESSAGE}, {}, "guard")
         state.finish()
         return outcome

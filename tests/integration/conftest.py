@@ -33,3 +33,16 @@ def option_a(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
         yield gw
     finally:
         gw.stop()
+
+
+@pytest.fixture(scope="module")
+def untrusted_lua_off(request: pytest.FixtureRequest,
+                      tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    """A Kong of the same runner with `untrusted_lua = off` (no pre-/post-function code runs)."""
+    runner = request.module.RUNNER
+    gw = runner.start(tmp_path_factory.mktemp(f"kong-{runner.kind}-untrusted-lua-off"),
+                      settings={"untrusted_lua": "off"})
+    try:
+        yield gw
+    finally:
+        gw.stop()

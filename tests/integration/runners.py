@@ -372,7 +372,7 @@ class LocalRunner:
 
     @classmethod
     def start(cls, workdir: Path, **options: Any) -> LocalGateway:
-        """`options` are LocalGateway's: `option_a`, `database`, `role`, `control_plane`."""
+        """`options` are LocalGateway's: `option_a`, `database`, `role`, `control_plane`, `settings`."""
         gateway = LocalGateway(cls.kong_bin() or "kong", **options)
         try:
             gateway.boot()
@@ -391,15 +391,18 @@ class LocalGateway(Gateway):
       created through the Admin API;
       with `role="control_plane"` too: a hybrid control plane (no proxy, no plugin servers started,
       only their schemas queried);
-    * `control_plane` (another LocalGateway): a hybrid data plane that takes its config from it.
+    * `control_plane` (another LocalGateway): a hybrid data plane that takes its config from it;
+    * `settings`: more kong.conf settings (e.g. `untrusted_lua = off`).
     """
 
     kind = "local"
 
     def __init__(self, kong: str, *, option_a: bool = False, database: Mapping[str, str] | None = None,
-                 role: str = "traditional", control_plane: LocalGateway | None = None) -> None:
+                 role: str = "traditional", control_plane: LocalGateway | None = None,
+                 settings: Mapping[str, str] | None = None) -> None:
         self.kong = kong  # other attributes set by boot()
         self.option_a = option_a
+        self.settings = dict(settings or {})
         self.database = database
         self.role = "data_plane" if control_plane is not None else role
         self.control_plane = control_plane
@@ -438,6 +441,7 @@ class LocalGateway(Gateway):
         ports = {"http": free_port(), "https": free_port(), "admin": free_port(), "cluster": free_port()}
         extra: dict[str, str | None] = dict(OPTION_A_SETTINGS) if self.option_a else {}
         extra.update(self._role_settings(pki, ports))
+        extra.update(self.settings)
         if self.database is not None:
             extra.update({"database": "postgres", "declarative_config": None, **self.database})
         conf = local_kong_conf(

@@ -17,6 +17,7 @@ import signal
 import ssl
 import urllib.parse
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import quote
 
@@ -29,6 +30,7 @@ from kong_mtls.constants import (
     CLIENT_CERT_AUTH,
     CONSUMER_HEADERS,
     GROUP_HEADERS,
+    GUARD,
     IP_ALLOWLIST,
 )
 from kong_mtls.core.api_keys import MESSAGE_INVALID, MESSAGE_NO_KEY
@@ -36,7 +38,7 @@ from kong_mtls.core.chain import MESSAGE_FAILED_VERIFICATION, MESSAGE_NO_CERTIFI
 from kong_mtls.core.headers import other_spellings
 from kong_mtls.core.upstream import MESSAGE_UNVERIFIED
 from kong_mtls.devpki import Authority, Issued
-from kong_mtls.guard import lua_guard
+from kong_mtls.guard import GUARD_MESSAGE, GUARD_REASON, GUARD_STATUS, guard_plugin, lua_guard
 from tests.harness.tls_servers import TLSUpstream
 from tests.integration.runners import Gateway, eventually
 from tests.integration.support import (
@@ -468,9 +470,7 @@ class Scenarios:
         support.update(name="mtls-support", paths=["/mtls/support"])
         support["plugins"] = [route_plugin(mtls, "client-cert-auth"),
                               {"name": "acl", "config": {"allow": ["support"],
-                                                         "always_use_authenticated_groups": True}},
-                              {"name": "post-function",
-                               "config": {"access": [lua_guard(["client-cert-auth"])]}}]
+                                                         "always_use_authenticated_groups": True}}]
         config["services"][0]["routes"].append(support)
         bob = add_test_cert(gateway, "bob-comma", dev_issuing_ca(gateway.pki).client(
             "bob", emails=["bob@example.org"], organizational_units=["support", "x,admins"]))
@@ -573,7 +573,7 @@ class Scenarios:
         requires(gateway, "api-key-auth")
         key = gateway.api_key("ak_alice_dev")
         credentials = route_plugin(find_route(gateway.config, "key"), "api-key-auth")["config"]["credentials"]
-        guard = {"name": "post-function", "config": {"access": [lua_guard(["api-key-auth"])]}}
+        guard = guard_plugin(["api-key-auth"])   # the route's own guard, in place of the global one
 
         def protect(config: dict) -> dict:
             return with_route_plugins(gateway.config, "public",
@@ -719,15 +719,14 @@ class Scenarios:
         requires(gateway, "client-cert-auth")
         soon = Authority.root("integration soon-expiring root", days=10)
         root = (gateway.pki / "ca" / "root.pem").read_text()
-        guard = {"name": "post-function", "config": {"access": [lua_guard(["client-cert-auth"])]}}
         config = with_route_plugins(gateway.config, "public", [
             {"name": "client-cert-auth", "config": {"ca_certificates": [soon.cert_pem, root],
                                                     "revocation_check_mode": "SKIP",
-                                                    "skip_consumer_lookup": True}}, guard])
+                                                    "skip_consumer_lookup": True}}])
         config = copy.deepcopy(config)
         config["services"][0]["routes"].append({
             "name": "broken", "paths": ["/broken"],
-            "plugins": [{"name": "client-cert-auth", "config": {"ca_certificates": ["not a PEM"]}}, guard]})
+            "plugins": [{"name": "client-cert-auth", "config": {"ca_certificates": ["not a PEM"]}}]})
         try:
             gateway.load_config(config)
             assert gateway.https("/public", cert="clients/alice").status == 200
@@ -760,7 +759,7 @@ class Scenarios:
         assert (expired.status, expired.json()) == (401, {"message": MESSAGE_FAILED_VERIFICATION})
         assert not gateway.seen_upstream(headers["X-Test-Nonce"])
 
-    def test_12_lint_reads_the_running_configuration(self, gateway: Gateway, tmp_path: Path) -> None:
+    def test_13_lint_reads_the_running_configuration(self, gateway: Gateway, tmp_path: Path) -> None:
         """`kong-mtls lint --admin` on the running DB-less Kong (Kong's own export, `GET /config`:
         flat entities, references by id, every field filled in) reports exactly what it reports for
         the declarative config Kong started with."""
@@ -775,6 +774,212 @@ class Scenarios:
             assert ("warning", "report-only", "routes[aop-report-only].plugins[client-cert-auth]") \
                 in lint_report(from_admin)
 
+    # -- the fail-closed guard plugin (kong-mtls-guard, docs/guard.md) ------------------------------
+
+    def test_14_the_guard_plugin_when_a_plugin_server_hangs_dies_and_restarts(self, gateway: Gateway) -> None:
+        """Both forms of kong-mtls-guard: auto (the global guard of kong/kong.yml on /key) and a
+        route's own guard requiring api-key-auth (/key/required; Kong runs it instead of the
+        global one). Hung: Kong gives up after the socket timeout and goes on without the plugin;
+        the guard answers 503 and logs why. Killed: no request is proxied unchecked. Restarted by
+        Kong: each route's own verdicts again."""
+        requires(gateway, "api-key-auth")
+        config = copy.deepcopy(gateway.config)
+        required = copy.deepcopy(find_route(config, "key"))
+        required.update(name="key-required", paths=["/key/required"])
+        required["plugins"].append(guard_plugin(["api-key-auth"]))
+        config["services"][0]["routes"].append(required)
+        valid = {"apikey": gateway.api_key("ak_alice_dev")}
+        paths = ("/key", "/key/required")
+        refused_line = (f"[kong-mtls-guard] [kong-mtls] guard refused reason={GUARD_REASON} "
+                        "missing=kong_mtls.api-key-auth")
+        try:
+            gateway.load_config(config)
+            for path in paths:
+                assert gateway.https(path, headers=valid).status == 200, path
+            logged = gateway.error_log().count(refused_line)
+            before = gateway.signal_plugin_server("api-key-auth", 0)
+            gateway.signal_plugin_server("api-key-auth", signal.SIGSTOP)          # hung
+            try:
+                for path in paths:
+                    headers = {**valid, **nonce()}
+                    answer = gateway.https(path, headers=headers)
+                    assert (answer.status, answer.json()) == (GUARD_STATUS, {"message": GUARD_MESSAGE}), path
+                    assert not gateway.seen_upstream(headers["X-Test-Nonce"])
+            finally:
+                gateway.signal_plugin_server("api-key-auth", signal.SIGKILL)      # dead
+            assert gateway.error_log().count(refused_line) >= logged + len(paths)
+
+            for path in paths:                                  # until Kong has started a new one
+                headers = nonce()
+                answer = gateway.https(path, headers=headers)
+                assert answer.status != 200 and not gateway.seen_upstream(headers["X-Test-Nonce"]), answer
+
+            for path in paths:                                  # restarted
+                eventually(lambda path=path: gateway.https(path, headers=valid).status == 200, 60,
+                           f"{path}: service did not resume", gateway.error_log)
+                headers = nonce()
+                answer = gateway.https(path, headers=headers)
+                assert answer.status == 401, answer
+                assert not gateway.seen_upstream(headers["X-Test-Nonce"])
+            assert not set(gateway.signal_plugin_server("api-key-auth", 0)) & set(before)
+        finally:
+            gateway.restore()
+
+    def test_14b_a_users_own_post_function_beside_the_guard(self, gateway: Gateway) -> None:
+        """A route with a post-function of its own: the guard plugin still decides (a plugin of its
+        own name, and it runs first), and the user's function still runs. The fallback form shows
+        the pitfall the plugin removes: a Service's post-function guard is not run on a route
+        with its own post-function (Kong runs the most specific config), and the request goes
+        through unchecked."""
+        requires(gateway, "api-key-auth")
+        valid = {"apikey": gateway.api_key("ak_alice_dev")}
+        users = {"name": "post-function",
+                 "config": {"access": ['kong.response.set_header("X-User-Function", "ran")']}}
+        key_plugins = find_route(gateway.config, "key")["plugins"]
+        with_user = with_route_plugins(gateway.config, "key", [*key_plugins, users])
+        try:
+            gateway.load_config(with_user)
+            ok = gateway.https("/key", headers=valid)
+            assert (ok.status, ok.headers.get("x-user-function")) == (200, "ran")
+            assert gateway.https("/key").status == 401
+            self._while_stopped(gateway, "api-key-auth", lambda: self._guarded(gateway, "/key", valid))
+
+            # The fallback, on a Service of /key's own, without the plugin: displaced by the
+            # route's function.
+            fallback = copy.deepcopy(with_user)
+            fallback["plugins"] = [p for p in fallback["plugins"] if p["name"] != GUARD]
+            echo = next(s for s in fallback["services"] if s["name"] == "echo")
+            key_route = find_route(fallback, "key")
+            echo["routes"].remove(key_route)
+            fallback_guard = {"name": "post-function", "config": {"access": [lua_guard(["api-key-auth"])]}}
+            fallback["services"].append({**{k: v for k, v in echo.items() if k != "routes"},
+                                         "name": "echo-keyed", "routes": [key_route],
+                                         "plugins": [fallback_guard]})
+            gateway.load_config(fallback)
+            assert gateway.https("/key", headers=valid).headers.get("x-user-function") == "ran"
+
+            def displaced() -> None:
+                headers = {**valid, **nonce()}
+                answer = gateway.https("/key", headers=headers)
+                assert answer.status == 200, "Kong no longer displaces a Service's post-function"
+                assert gateway.seen_upstream(headers["X-Test-Nonce"])
+
+            self._while_stopped(gateway, "api-key-auth", displaced)
+        finally:
+            gateway.restore()
+
+    def test_14c_auto_mode_requires_what_kong_selected_at_each_scope(self, gateway: Gateway) -> None:
+        """The global guard in auto mode finds our plugins wherever Kong took their config from:
+        the route (/upstream, /ip), the Service (/scoped: ip-allowlist on a Service), a consumer
+        (/scoped/alice: upstream-identity for alice, whom api-key-auth authenticated first).
+        A route none of ours is selected for passes (/public, /scoped/alice without alice)."""
+        requires(gateway, "ip-allowlist", "api-key-auth", "upstream-identity")
+        config = copy.deepcopy(gateway.config)
+        echo = next(s for s in config["services"] if s["name"] == "echo")
+        key = find_route(config, "key")
+        loopback = route_plugin(find_route(config, "ip"), "ip-allowlist")
+        alice_only = {"name": "upstream-identity", "route": "scoped-alice", "consumer": "alice",
+                      "config": route_plugin(find_route(config, "upstream"), "upstream-identity")["config"]}
+        config["services"].append({
+            **{k: v for k, v in echo.items() if k != "routes"}, "name": "scoped", "plugins": [loopback],
+            "routes": [{"name": "scoped", "paths": ["/scoped"]},
+                       {"name": "scoped-alice", "paths": ["/scoped/alice"],
+                        "plugins": [route_plugin(key, "api-key-auth")]}]})
+        config["plugins"].append(alice_only)
+        valid = {"apikey": gateway.api_key("ak_alice_dev")}
+        try:
+            gateway.load_config(adapt_to(gateway, config))
+            for path in ("/scoped", "/scoped/alice", "/upstream", "/ip", "/public"):
+                answer = gateway.https(path, headers=valid)
+                assert answer.status == 200, (path, answer)
+            assert gateway.https("/scoped/alice").status == 401
+
+            def upstream_identity_missing() -> None:
+                for path in ("/upstream", "/scoped/alice"):
+                    self._guarded(gateway, path, valid, missing="upstream-identity")
+                assert gateway.https("/public").status == 200
+                assert gateway.https("/scoped", headers=valid).status == 200
+
+            def ip_allowlist_missing() -> None:
+                for path in ("/ip", "/scoped"):
+                    self._guarded(gateway, path, {}, missing="ip-allowlist")
+                assert gateway.https("/public").status == 200
+
+            self._while_stopped(gateway, "upstream-identity", upstream_identity_missing)
+            self._while_stopped(gateway, "ip-allowlist", ip_allowlist_missing)
+        finally:
+            gateway.restore()
+
+    def test_14d_kong_refuses_a_guard_config_that_would_protect_nothing(self, gateway: Gateway) -> None:
+        """The guard's schema, as real Kong applies it: an empty or unknown `require`, or a guard
+        scoped to a consumer (skipped for every other request), is refused when written."""
+        base = copy.deepcopy(gateway.config)
+        bad_configs = [({**guard_plugin(), "config": {"require": []}}, b"length must be at least 1"),
+                       ({**guard_plugin(), "config": {"require": ["key-auth"]}},
+                        b"expected one of: ip-allowlist, client-cert-auth, header-cert-auth, api-key-auth, "
+                        b"upstream-identity"),
+                       ({**guard_plugin(), "consumer": "alice"}, b'"consumer":"value must be null"')]
+        for bad, error in bad_configs:
+            config = copy.deepcopy(base)
+            config["plugins"] = [p for p in config["plugins"] if p["name"] != GUARD] + [bad]
+            answer = gateway.admin_request("POST", "/config", {"config": json.dumps(config)})
+            assert answer.status == 400 and error in answer.body, (bad, answer.status, answer.body[-500:])
+        assert gateway.https("/key").status == 401                     # the running config is kept
+
+    @staticmethod
+    def _guarded(gateway: Gateway, path: str, headers: dict[str, str], missing: str = "api-key-auth") -> None:
+        """A request that must meet the guard's 503, logged for the `missing` plugin's mark, and
+        never reach the upstream."""
+        line = f"[kong-mtls] guard refused reason={GUARD_REASON} missing=kong_mtls.{missing}"
+        logged = gateway.error_log().count(line)
+        sent = {**headers, **nonce()}
+        answer = gateway.https(path, headers=sent)
+        assert (answer.status, answer.json()) == (GUARD_STATUS, {"message": GUARD_MESSAGE}), (path, answer)
+        assert "x-user-function" not in answer.headers     # the guard answered before it
+        assert not gateway.seen_upstream(sent["X-Test-Nonce"])
+        eventually(lambda: gateway.error_log().count(line) > logged, 10, f"{path}: no `{line}`",
+                   gateway.error_log)
+
+    @staticmethod
+    def _while_stopped(gateway: Gateway, name: str, check: Callable[[], None]) -> None:
+        """Run `check` with `name`'s plugin server stopped, then kill it and wait until every
+        plugin server (Kong starts a new one) vouches for a valid request again."""
+        gateway.signal_plugin_server(name, signal.SIGSTOP)
+        try:
+            check()
+        finally:
+            gateway.signal_plugin_server(name, signal.SIGKILL)
+        gateway.wait_ready(timeout=60)
+
+
+class UntrustedLuaOffScenarios:
+    """A Kong with `untrusted_lua = off` (no pre-/post-function code), a common hardening: the
+    guard plugin protects it; the post-function fallback cannot be deployed there."""
+
+    def test_u1_the_guard_plugin_works_where_post_function_code_cannot_run(
+            self, untrusted_lua_off: Gateway) -> None:
+        """Kong 3.4 and 3.9 accept a post-function config, then fail every request of its route
+        (the connection is closed without an answer): the fallback guard is no option here."""
+        gateway = untrusted_lua_off
+        requires(gateway, "api-key-auth")
+        valid = {"apikey": gateway.api_key("ak_alice_dev")}
+        key_plugins = find_route(gateway.config, "key")["plugins"]
+        fallback = with_route_plugins(gateway.config, "key", [
+            *key_plugins, {"name": "post-function", "config": {"access": [lua_guard(["api-key-auth"])]}}])
+        try:
+            gateway.load_config(fallback)
+            with pytest.raises(ConnectionError):
+                gateway.https("/key", headers=valid)
+            assert "'untrusted_lua' config option is set to 'off'" in gateway.error_log()
+        finally:
+            gateway.restore()
+
+        assert gateway.https("/key", headers=valid).status == 200
+        Scenarios._while_stopped(gateway, "api-key-auth",
+                                 lambda: Scenarios._guarded(gateway, "/key", valid))
+        headers = nonce()
+        assert gateway.https("/key", headers=headers).status == 401
+        assert not gateway.seen_upstream(headers["X-Test-Nonce"])
 
 def _padded(issued: Issued, size: int) -> Issued:
     """`issued` re-signed by its own key with a `size`-byte unknown non-critical extension."""

@@ -23,6 +23,7 @@ from typing import Any
 from kong_mtls.constants import (
     CLIENT_CERT_AUTH,
     CLIENT_CERT_REQUEST,
+    GUARD,
     HEADER_CERT_AUTH,
     IP_ALLOWLIST,
     PLUGIN_MODULES,
@@ -30,6 +31,8 @@ from kong_mtls.constants import (
 
 ROOT = Path(__file__).resolve().parents[2]
 KONG_CONF_EXAMPLE = ROOT / "kong.conf.example"
+#: The Lua plugins of this checkout (the kong-mtls-guard); the local runner puts it on Kong's path.
+LUA_DIR = ROOT / "lua"
 COMPOSE_FILE = ROOT / "docker" / "compose.yaml"
 TEMPLATES_DIR = ROOT / "kong"
 
@@ -122,9 +125,10 @@ def local_kong_conf(example: Mapping[str, str], *, prefix: str, python: str, plu
                     kong_version: tuple[int, int, int], nginx_user: str | None = None,
                     serve_plugins: bool = True, extra: Mapping[str, str | None] | None = None) -> str:
     """The kong.conf of the local runner: kong.conf.example's settings, with the plugin servers
-    started from this Python environment, everything else in `prefix`, then `extra` (None removes
-    a setting). Without `serve_plugins` (a hybrid control plane), Kong only queries the plugin
-    servers for their schemas and starts none."""
+    started from this Python environment, the guard's Lua from this checkout (`LUA_DIR`, before
+    Kong's default path), everything else in `prefix`, then `extra` (None removes a setting).
+    Without `serve_plugins` (a hybrid control plane), Kong only queries the plugin servers for
+    their schemas and starts none."""
     settings: dict[str, str] = {
         key: value for key, value in example.items()
         if not key.startswith("pluginserver_") and key not in ("plugins", "admin_gui_listen")
@@ -141,7 +145,8 @@ def local_kong_conf(example: Mapping[str, str], *, prefix: str, python: str, plu
         "nginx_worker_processes": "1",
         "nginx_http_lua_socket_read_timeout": PLUGIN_SERVER_TIMEOUT,
         "anonymous_reports": "off",
-        "plugins": ",".join(["bundled", *plugins]),
+        "plugins": ",".join(["bundled", *plugins, GUARD]),
+        "lua_package_path": f"{LUA_DIR}/?.lua;;",
     })
     if plugins:
         settings["pluginserver_names"] = ",".join(plugins)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from tests.integration.runners import LocalRunner
-from tests.integration.scenarios import OptionAScenarios, Scenarios
+from tests.integration.scenarios import OptionAScenarios, Scenarios, UntrustedLuaOffScenarios
 
 RUNNER = LocalRunner
 _reason = RUNNER.unavailable()
@@ -21,4 +21,8 @@ class TestLocal(Scenarios):
 
 
 class TestLocalOptionA(OptionAScenarios):
+    pass
+
+
+class TestLocalUntrustedLuaOff(UntrustedLuaOffScenarios):
     pass

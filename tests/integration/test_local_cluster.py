@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from kong_mtls.core.api_keys import MESSAGE_NO_KEY
-from kong_mtls.guard import GUARD_STATUS, lua_guard
+from kong_mtls.guard import GUARD_STATUS, guard_plugin
 from kong_mtls.lint.sources import ENTITY_ENDPOINTS, AdminAPI, read_admin
 from tests.integration.runners import Gateway, LocalRunner, PostgresServer, eventually
 from tests.integration.support import lint_report, run_lint
@@ -91,8 +91,7 @@ def test_postgres_node_plugins_enabled_changed_and_removed_via_the_admin_api(tra
     assert traditional.https("/public").status == 200
     plugin = admin_ok(traditional, "POST", "/routes/public/plugins",
                       {"name": "api-key-auth", "config": {"credentials": credentials}})
-    guard = admin_ok(traditional, "POST", "/routes/public/plugins",
-                     {"name": "post-function", "config": {"access": [lua_guard(["api-key-auth"])]}})
+    guard = admin_ok(traditional, "POST", "/routes/public/plugins", guard_plugin(["api-key-auth"]))
     try:
         eventually(lambda: traditional.https("/public").status == 401, 30,
                    "api-key-auth enabled through the Admin API never applied", traditional.error_log)

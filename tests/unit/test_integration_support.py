@@ -16,6 +16,7 @@ from tests.integration.support import (
     COMPOSE_FILE,
     ECHO_ADDRESS,
     KONG_CONF_EXAMPLE,
+    LUA_DIR,
     SIGNAL_SCRIPT,
     STAND_IN_CLOUDFLARE,
     adapt_config,
@@ -59,7 +60,9 @@ def _local_conf(version: tuple[int, int, int], plugins: list[str], **kwargs) -> 
 
 def test_local_kong_conf_starts_the_plugin_servers_from_this_environment() -> None:
     conf = _local_conf((3, 9, 1), ["ip-allowlist", "api-key-auth"])
-    assert conf["plugins"] == "bundled,ip-allowlist,api-key-auth"
+    assert conf["plugins"] == "bundled,ip-allowlist,api-key-auth,kong-mtls-guard"
+    assert conf["lua_package_path"] == f"{LUA_DIR}/?.lua;;"   # the guard from this checkout
+    assert (LUA_DIR / "kong" / "plugins" / "kong-mtls-guard" / "handler.lua").is_file()
     assert conf["pluginserver_names"] == "ip-allowlist,api-key-auth"
     assert conf["pluginserver_api_key_auth_socket"] == "/t/p/api-key-auth.sock"
     command = "/v/bin/python -m kong_mtls.kong.api_key_auth"
@@ -78,7 +81,7 @@ def test_local_kong_conf_for_kong_2_8_and_root() -> None:
     conf = _local_conf((2, 8, 5), [], nginx_user="root root")
     assert "admin_gui_listen" not in conf             # Kong Manager OSS came with 3.4
     assert "pluginserver_names" not in conf
-    assert (conf["plugins"], conf["nginx_user"]) == ("bundled", "root root")
+    assert (conf["plugins"], conf["nginx_user"]) == ("bundled,kong-mtls-guard", "root root")
 
 
 CONFIG = {

@@ -16,7 +16,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kong_mtls.guard import GUARD_PLUGIN, lua_guard
+from kong_mtls.constants import GUARD
+from kong_mtls.guard import lua_guard
 from kong_mtls.lint.model import InputError, normalise
 from kong_mtls.lint.plugin_checks import check_plugin
 from kong_mtls.lint.rules import RULE_IDS, Context, Finding, Severity, access_log_query, lint
@@ -36,7 +37,7 @@ def post_function(*plugins: str, extra: str | None = None) -> dict[str, Any]:
 
 
 def guard_plugin(require: list[str] | None) -> dict[str, Any]:
-    return {"name": GUARD_PLUGIN, "config": {"require": require}}
+    return {"name": GUARD, "config": {"require": require}}
 
 
 def cert_auth(pki, **config: Any) -> dict[str, Any]:
@@ -135,7 +136,7 @@ def test_a_guard_from_any_scope_covers_the_route(pki, where):
     elif where == "global":  # the key route's own guard displaces it there, and covers its plugin
         doc["plugins"].append(post_function("client-cert-auth"))
     elif where == "guard-plugin-auto":
-        doc["plugins"].append({"name": GUARD_PLUGIN})
+        doc["plugins"].append({"name": GUARD})
     elif where == "guard-plugin-list":
         route(doc, "mtls")["plugins"].append(guard_plugin(["client-cert-auth"]))
     else:  # the user's own post-function code with the guard merged in

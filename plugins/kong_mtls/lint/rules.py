@@ -16,6 +16,7 @@ from kong_mtls.constants import (
     API_KEY_AUTH,
     CLIENT_CERT_AUTH,
     CLIENT_CERT_REQUEST,
+    GUARD,
     HEADER_CERT_AUTH,
     PLUGIN_MODULES,
     UPSTREAM_IDENTITY,
@@ -23,7 +24,6 @@ from kong_mtls.constants import (
 from kong_mtls.core.chain import ChainConfigError, describe, expiring_anchors, parse_pem_certificates
 from kong_mtls.core.upstream import TLS_PROTOCOLS, Reason, Target, service_tls_problem
 from kong_mtls.guard import (
-    GUARD_PLUGIN,
     GUARD_PLUGIN_REQUIRE,
     GUARDED_PLUGINS,
     POST_FUNCTION,
@@ -161,7 +161,7 @@ def _coverage(ctx: Context, route: Route, consumer: str | None) -> tuple[frozens
     """What the guard Kong runs for such a request covers, and the configs it runs."""
     covered: set[str] = set()
     running = []
-    for name in (POST_FUNCTION, GUARD_PLUGIN):
+    for name in (POST_FUNCTION, GUARD):
         plugin = ctx.config.effective(name, route.key, route.service, consumer)
         if plugin is not None:
             running.append(plugin)
@@ -173,7 +173,7 @@ def _displaced(ctx: Context, route: Route, consumer: str | None, missing: frozen
                running: list[PluginConfig]) -> list[PluginConfig]:
     """Less specific guard configs that would have covered `missing` but are not the ones Kong runs."""
     out = []
-    for name in (POST_FUNCTION, GUARD_PLUGIN):
+    for name in (POST_FUNCTION, GUARD):
         for plugin in ctx.config.candidates(name, route.key, route.service, consumer):
             if plugin not in running and _guard_covers(plugin) & missing:
                 out.append(plugin)
@@ -185,7 +185,7 @@ def _ours(ctx: Context, route: Route) -> frozenset[str]:
 
 
 def _guard_consumers(ctx: Context) -> list[str]:
-    return sorted({p.consumer for name in (POST_FUNCTION, GUARD_PLUGIN)
+    return sorted({p.consumer for name in (POST_FUNCTION, GUARD)
                    for p in ctx.config.enabled(name) if p.consumer is not None})
 
 
@@ -209,7 +209,7 @@ def rule_guard(ctx: Context) -> Iterator[Finding]:
                     Severity.ERROR, "unguarded-route", route.path,
                     f"{_names(missing)} run{'s' if len(missing) == 1 else ''} here without the fail-closed "
                     "guard: when a plugin server fails, Kong proxies the request unchecked",
-                    f"add `{GUARD_PLUGIN}` (or the post-function of "
+                    f"add `{GUARD}` (or the post-function of "
                     f"`kong-mtls guard {' '.join(sorted(ours))} --format yaml`) to the route", tags)
         for consumer in consumers:
             covered_c, running_c = _coverage(ctx, route, consumer)
@@ -228,7 +228,7 @@ def _displaced_finding(route: Route, missing: frozenset[str], running: list[Plug
         f"the guard of {_list([p.path for p in displaced])} does not run{who}: Kong runs only the most "
         f"specific config of a plugin, here {winners}, which does not check {_names(missing)}",
         "put the guard's marks into that config (`kong-mtls guard ... --format lua` merged into its "
-        f"access code) or use `{GUARD_PLUGIN}`, whose config no post-function displaces", tags)
+        f"access code) or use `{GUARD}`, whose config no post-function displaces", tags)
 
 
 def rule_guard_without_plugin(ctx: Context) -> Iterator[Finding]:
@@ -237,8 +237,8 @@ def rule_guard_without_plugin(ctx: Context) -> Iterator[Finding]:
     for route, _service in ctx.routes():
         ours = _ours(ctx, route)
         for plugin in _coverage(ctx, route, None)[1]:
-            required = plugin.config.get(GUARD_PLUGIN_REQUIRE) if plugin.name == GUARD_PLUGIN else None
-            if plugin.name == GUARD_PLUGIN and not isinstance(required, list):
+            required = plugin.config.get(GUARD_PLUGIN_REQUIRE) if plugin.name == GUARD else None
+            if plugin.name == GUARD and not isinstance(required, list):
                 continue  # auto: requires what runs
             absent = _guard_covers(plugin) - ours
             if absent:
@@ -565,14 +565,14 @@ def rule_invalid_plugin_config(ctx: Context) -> Iterator[Finding]:
                     f"{name} would refuse this config ({error}): every request it runs for gets 500",
                     f"fix the field it names (docs/{_DOCS.get(name, name)}.md describes every field)",
                     ctx.tags(plugin))
-    for plugin in ctx.config.enabled(GUARD_PLUGIN):
+    for plugin in ctx.config.enabled(GUARD):
         required = plugin.config.get(GUARD_PLUGIN_REQUIRE)
         unknown = ([r for r in required if r not in GUARDED_PLUGINS] if isinstance(required, list)
                    else [] if required is None else [required])
         if unknown:
             yield Finding(
                 Severity.ERROR, "invalid-plugin-config", plugin.path,
-                f"{GUARD_PLUGIN}'s require names {', '.join(map(str, unknown))}, not one of "
+                f"{GUARD}'s require names {', '.join(map(str, unknown))}, not one of "
                 f"{', '.join(GUARDED_PLUGINS)}",
                 "list only our plugins in require, or leave it out to require every one that runs",
                 ctx.tags(plugin))
