@@ -17,7 +17,8 @@ from tests.harness.kong_side import Consumer, Request
 
 ALICE = Consumer(id="7b0c1d2e-3f40-4a5b-8c6d-7e8f90a1b2c1", username="alice")
 MARK = shared_mark(HEADER_CERT_AUTH)
-EDGE = "173.245.48.10"  # inside Cloudflare's 173.245.48.0/20
+EDGE = "203.0.113.10"  # the edge's own address (TEST-NET-3)
+CLOUDFLARE_PEER = "173.245.48.10"  # inside Cloudflare's 173.245.48.0/20
 STRANGER = "198.51.100.23"
 FORWARDED = ("Client-Cert", "Client-Cert-Chain", "Client-Cert-Verified")
 
@@ -40,7 +41,7 @@ def cloudflare(pki) -> dict:
         "certificate_header": "Client-Cert",
         "certificate_header_format": "rfc9440",
         "chain_header": "Client-Cert-Chain",
-        "trusted_proxies": ["173.245.48.0/20"],
+        "trusted_proxies": ["203.0.113.0/24"],
         "edge_verdict_header": "Client-Cert-Verified",
         "consumer_mappings": [
             {"subject_name": "spiffe://example.org/ns/payments/sa/alice", "consumer": "alice"}
@@ -126,16 +127,30 @@ def test_other_edge_headers_are_removed_and_a_forwarded_leaf_replaces_the_edges(
     assert not [name for name in outcome.upstream_headers if "viewer" in name]
 
 
-def test_edge_proofs_every_cloudflare_zone_shares_are_logged_at_err(kong, server, cloudflare, pki):
-    shared = {**cloudflare, "trusted_proxies": None, "trusted_proxies_presets": ["cloudflare"]}
+@pytest.mark.parametrize(
+    "proxies",
+    [{"trusted_proxies_presets": ["cloudflare"]}, {"trusted_proxies": ["173.245.48.0/20", "104.16.0.0/13"]}],
+)
+def test_edge_proofs_every_cloudflare_zone_shares_are_logged_at_err(kong, server, cloudflare, pki, proxies):
+    """Cloudflare's ranges, as the preset or typed by hand, prove only "some Cloudflare zone"."""
+    shared = {**cloudflare, "trusted_proxies": None, **proxies}
     outcome = kong.run(
-        Request(realip_remote_addr=EDGE, headers=forwarded(pki.alice)),
+        Request(realip_remote_addr=CLOUDFLARE_PEER, headers=forwarded(pki.alice)),
         [(server, shared)],
         consumers=[ALICE],
         guard=[HEADER_CERT_AUTH],
     )
     assert outcome.proxied
     assert any(level == "err" and "reason=EDGE_PROOF_SHARED" in line for level, line in outcome.logs)
+    # Not logged when the edge is also pinned down by something of its own.
+    own = {**cloudflare, "trusted_proxies": ["203.0.113.0/24"]}
+    outcome = kong.run(
+        Request(realip_remote_addr=EDGE, headers=forwarded(pki.alice)),
+        [(server, own)],
+        consumers=[ALICE],
+        guard=[HEADER_CERT_AUTH],
+    )
+    assert outcome.proxied and not any(level == "err" for level, _ in outcome.logs)
 
 
 def test_a_forwarded_chain_that_fails_verification_is_refused(kong, server, cloudflare, pki):

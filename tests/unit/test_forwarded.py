@@ -14,7 +14,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
 from kong_mtls.core.addresses import MAX_HEADER_LINES
-from kong_mtls.core.chain import MESSAGE_FAILED_VERIFICATION, MESSAGE_NO_CERTIFICATE, Reason
+from kong_mtls.core.chain import MESSAGE_FAILED_VERIFICATION, MESSAGE_NO_CERTIFICATE, Reason, spki_sha256
 from kong_mtls.core.forwarded import (
     MAX_FORWARDED_CHARS,
     ForwardedFormat,
@@ -516,3 +516,73 @@ def test_the_anchor_warning_names_this_plugin(pki):
     warnings = compile_config(conf, clock=lambda: dt.datetime.now(dt.timezone.utc).timestamp()).warnings
     assert warnings and all(w.startswith("[kong-mtls] header-cert-auth anchor-expiring") for w in warnings)
     assert cert_pem(soon.cert)  # the anchor is a real certificate
+
+
+# -- the second review's findings -------------------------------------------------------------------------
+def test_an_edge_ca_sharing_a_root_with_the_clients_never_lets_a_client_pass_as_the_edge(pki):
+    """Root R issues the clients' CA and the infrastructure CA (second review): a client's own
+    certificate chains to R too. A certificate the client CAs accept is never the edge's, unless
+    the edge's key is pinned; an edge CA may end the path on its own."""
+    clients_ca = pki.root.intermediate("clients CA")
+    infra_ca = pki.root.intermediate("infra CA")
+    carol = clients_ca.client("carol", dns=["carol.example"])
+    mallory = clients_ca.client("mallory", dns=["mallory.example"])
+    edge = infra_ca.client("edge.example", dns=["edge.example"])
+    headers = {"client-cert": rfc9440(carol.cert)}
+    base = {
+        **config(pki, "rfc9440", "Client-Cert"),
+        "trusted_proxies": None,
+        "skip_consumer_lookup": True,
+        "consumer_mappings": None,
+        "ca_certificates": [clients_ca.cert_pem],
+        "allow_partial_chain": True,
+    }
+    for edge_cas in ([pki.root.cert_pem, infra_ca.cert_pem], [infra_ca.cert_pem]):
+        conf = {**base, "edge_ca_certificates": edge_cas}
+        assert decide(conf, headers, peer=STRANGER, edge_chain=edge.chain_pem).allowed
+        refused = decide(conf, headers, peer=STRANGER, edge_chain=mallory.chain_pem)
+        why = "also a client certificate" if len(edge_cas) == 2 else "UNKNOWN_CA"  # R accepts her chain
+        assert refused.reason is Reason.UNTRUSTED_EDGE and why in refused.detail
+    # The clients' root itself as an edge CA: refused at once.
+    with pytest.raises(ConfigError) as info:
+        compile_config(
+            {
+                **base,
+                "ca_certificates": [pki.root.cert_pem],
+                "allow_partial_chain": False,
+                "edge_ca_certificates": [pki.root.cert_pem],
+            }
+        )
+    assert info.value.field == "edge_ca_certificates"
+    # One CA for both: the edge's certificate is also a client's; only a pin tells them apart.
+    both = {**base, "ca_certificates": [infra_ca.cert_pem], "edge_ca_certificates": [pki.root.cert_pem]}
+    assert decide(both, headers, peer=STRANGER, edge_chain=edge.chain_pem).reason is Reason.UNTRUSTED_EDGE
+    pinned = {**both, "edge_spki_sha256": [spki_sha256(edge.cert)]}
+    assert decide(
+        pinned, {"client-cert": rfc9440(edge.cert)}, peer=STRANGER, edge_chain=edge.chain_pem
+    ).allowed
+    assert (
+        decide(pinned, headers, peer=STRANGER, edge_chain=mallory.chain_pem).reason is Reason.UNTRUSTED_EDGE
+    )
+
+
+def test_a_reissued_client_root_is_no_edge_ca(pki):
+    reissued = Authority.root("kong-mtls test root CA", key=pki.root.key)
+    conf = {**config(pki, "rfc9440", "Client-Cert"), "edge_ca_certificates": [reissued.cert_pem]}
+    with pytest.raises(ConfigError) as info:
+        compile_config(conf)
+    assert info.value.field == "edge_ca_certificates"
+
+
+def test_trusted_proxies_together_no_wider_than_one_slash_8(pki):
+    many = [f"{i}.0.0.0/8" for i in range(1, 3)]
+    with pytest.raises(ConfigError) as info:
+        compile_config({**config(pki, "rfc9440", "Client-Cert"), "trusted_proxies": many})
+    assert info.value.field == "trusted_proxies" and "together" in info.value.problem
+
+
+def test_remove_headers_may_not_name_http_or_identity_headers(pki):
+    for name in ("Host", "content-length", "X-Consumer-ID"):
+        with pytest.raises(ConfigError) as info:
+            compile_config({**config(pki, "rfc9440", "Client-Cert"), "remove_headers": [name]})
+        assert info.value.field == "remove_headers[1]"

@@ -18,3 +18,13 @@ def test_with_every_spelling_removes_the_others_and_keeps_the_values() -> None:
     assert changes["X_Anonymous-Consumer"] == [] and len(changes) == 8
     # a spelling that is itself set keeps its value, whatever the order
     assert with_every_spelling({"A_B": "kept", "A-B": "also"}) == {"A_B": "kept", "A-B": "also"}
+
+
+def test_a_name_set_in_one_case_is_not_also_removed_in_another():
+    """Kong applies the set_headers table in no set order: one name, one entry (second review)."""
+    changes = with_every_spelling({"x_client_cert_dn": [], "X-Client-Cert-DN": "CN=alice"})
+    by_name: dict[str, list] = {}
+    for name, value in changes.items():
+        by_name.setdefault(name.lower(), []).append(value)
+    assert by_name["x-client-cert-dn"] == ["CN=alice"]
+    assert by_name["x_client_cert_dn"] == [[]]

@@ -157,7 +157,7 @@ def _forwarded_source(configured: ForwardedSource | None, args: argparse.Namespa
         if configured.format is not ForwardedFormat.RFC9440:
             raise CommandError("--chain-header-value: only the rfc9440 format has a chain header")
         return ForwardedSource(header=configured.header, format=configured.format,
-                               chain_header=configured.chain_header or "chain")
+                               chain_header=configured.chain_header or "X-Kong-Mtls-Check-Chain")
     return configured
 
 

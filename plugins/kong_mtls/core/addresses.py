@@ -203,6 +203,16 @@ class AddressSet:
     def __bool__(self) -> bool:
         return any(starts for starts, _ in self._ranges.values())
 
+    def within(self, other: AddressSet) -> bool:
+        """Whether every address of this set is in `other`."""
+        for version, (starts, ends) in self._ranges.items():
+            other_starts, other_ends = other._ranges[version]
+            for start, end in zip(starts, ends):
+                i = bisect_right(other_starts, start) - 1
+                if i < 0 or end > other_ends[i]:
+                    return False
+        return True
+
     def __len__(self) -> int:
         """Number of disjoint ranges left after merging overlapping and adjacent CIDRs."""
         return sum(len(starts) for starts, _ in self._ranges.values())

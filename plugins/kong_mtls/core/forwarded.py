@@ -305,12 +305,14 @@ def parse_xfcc(value: str) -> list[list[tuple[str, str]]] | None:
 class EdgePolicy:
     """Which requests come from the edge. Each configured condition must hold: the TCP peer in
     `trusted_proxies` (when not empty), a client certificate of the connection that `edge_verifier`
-    accepts (when set) with its key among `edge_spki_sha256` (when not empty), and `verdict_header`
-    carrying one of `verdict_values` (when set)."""
+    accepts (when set) with its key among `edge_spki_sha256` (when not empty) or else not also a
+    certificate `client_verifier` accepts (a client's, when the edge's CA and the clients' share a
+    root), and `verdict_header` carrying one of `verdict_values` (when set)."""
 
     trusted_proxies: AddressSet
     edge_verifier: ChainVerifier | None = None
     edge_spki_sha256: frozenset[str] = frozenset()
+    client_verifier: ChainVerifier | None = None
     verdict_header: str | None = None
     verdict_values: frozenset[str] = frozenset()
 
@@ -341,6 +343,10 @@ class EdgePolicy:
             spki = verdict.chain.spki_sha256 if verdict.chain else ""
             if self.edge_spki_sha256 and spki not in self.edge_spki_sha256:
                 return Reason.UNTRUSTED_EDGE, f"edge certificate key {spki[:16]}... not in edge_spki_sha256"
+            if not self.edge_spki_sha256 and self.client_verifier is not None \
+                    and self.client_verifier.verify(edge_chain_pem).ok:
+                return Reason.UNTRUSTED_EDGE, ("the edge certificate is also a client certificate "
+                                               "(ca_certificates): pin the edge's key in edge_spki_sha256")
         return None
 
     def check_verdict(self, headers: object) -> tuple[Reason, str] | None:

@@ -42,8 +42,11 @@ def other_spellings(name: str) -> tuple[str, ...]:
 
 def with_every_spelling(headers: Mapping[str, Any]) -> dict[str, Any]:
     """`headers` for one `set_headers` call, plus an empty list (remove) for every other spelling of
-    each name. A spelling that is itself a key keeps its own value."""
-    changes = dict(_removals(tuple(headers)))
+    each name. A spelling that is itself a key, in any case, keeps its own value: Kong applies the
+    table in no set order, so one header name appears once."""
+    setting = {name.lower() for name in headers}
+    changes = {name: value for name, value in _removals(tuple(headers)).items()
+               if name.lower() not in setting}
     changes.update(headers)
     return changes
 

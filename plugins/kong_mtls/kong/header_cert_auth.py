@@ -29,8 +29,16 @@ from cryptography import x509
 
 from kong_mtls import schema
 from kong_mtls.constants import CONSUMER_HEADERS, GROUP_HEADERS, HEADER_CERT_AUTH
-from kong_mtls.core.addresses import MAX_HEADER_LINES
-from kong_mtls.core.chain import ChainPolicy, ChainVerifier, cert_sha256, describe, normalize_sha256
+from kong_mtls.core.addresses import MAX_HEADER_LINES, AddressSet, parse_network
+from kong_mtls.core.chain import (
+    ChainConfigError,
+    ChainPolicy,
+    ChainVerifier,
+    cert_sha256,
+    describe,
+    normalize_sha256,
+    spki_sha256,
+)
 from kong_mtls.core.forwarded import (
     FORWARDED_FORMATS,
     MAX_XFCC_ELEMENTS,
@@ -45,7 +53,7 @@ from kong_mtls.kong import client_cert_auth
 from kong_mtls.kong.ip_allowlist import Presets, address_set
 from kong_mtls.kong.runtime import Refusal, log_line, phase
 from kong_mtls.kong.server import serve
-from kong_mtls.presets import CA_PRESET_NAMES, CIDR_PRESET_NAMES
+from kong_mtls.presets import CA_PRESET_NAMES, CIDR_PRESET_NAMES, load_ca_preset, load_cidr_preset
 from kong_mtls.schema import ConfigError
 
 #: The nginx variable holding the TCP peer before any real-IP rewrite.
@@ -109,12 +117,17 @@ def compile_config(config: Mapping[str, Any] | None, *, clock: Callable[[], floa
             raise ConfigError(f"edge_verdict_values[{i}]", "an empty verdict would match an empty header")
     core = client_cert_auth.compile_validated(conf, clock=clock, plugin=HEADER_CERT_AUTH)
     edge_anchors = client_cert_auth.anchors_of(conf, "edge_", required=False)
-    client_anchors = {cert_sha256(cert) for cert in client_cert_auth.anchors_of(conf)}
+    clients = {(cert.subject, spki_sha256(cert)) for cert in core.anchors}
     for cert in edge_anchors:
-        if cert_sha256(cert) in client_anchors:
+        if (cert.subject, spki_sha256(cert)) in clients:
             raise ConfigError("edge_ca_certificates", f"{describe(cert)} is also a client CA "
                                                       "(ca_certificates): any client would pass as the edge")
-    edge_verifier = ChainVerifier(ChainPolicy(anchors=edge_anchors), clock=clock) if edge_anchors else None
+    try:
+        # Any edge CA may end the path: "the infrastructure CA under our root" is expressible.
+        edge_verifier = ChainVerifier(ChainPolicy(anchors=edge_anchors, allow_partial_chain=True),
+                                      clock=clock) if edge_anchors else None
+    except ChainConfigError as exc:
+        raise ConfigError("edge_ca_certificates", str(exc)) from None
     pins = []
     for i, text in enumerate(conf["edge_spki_sha256"] or (), start=1):
         try:
@@ -128,19 +141,28 @@ def compile_config(config: Mapping[str, Any] | None, *, clock: Callable[[], floa
         raise ConfigError("trusted_proxies", "the edge must be proven: set trusted_proxies (or "
                                              "trusted_proxies_presets), edge CAs (edge_ca_*), or both")
     edge = EdgePolicy(trusted_proxies=proxies, edge_verifier=edge_verifier, edge_spki_sha256=frozenset(pins),
+                      client_verifier=core.authenticator.verifier,
                       verdict_header=conf["edge_verdict_header"],
                       verdict_values=frozenset(conf["edge_verdict_values"]))
     source = ForwardedSource(header=conf["certificate_header"], format=fmt, chain_header=conf["chain_header"],
                              xfcc_elements=conf["xfcc_elements"])
     errors = ()
-    if not (conf["trusted_proxies"] or conf["edge_ca_certificates"] or conf["edge_ca_certificate_files"]):
-        # Only presets: Cloudflare's ranges and its global AOP certificate serve every zone alike.
+    if not pins and _only_shared_proofs(proxies, edge_anchors):
+        # Cloudflare's ranges and its global AOP certificate serve every zone alike.
         errors = (log_line(HEADER_CERT_AUTH, "shared-edge-proof", reason=REASON_SHARED_EDGE_PROOF,
                            detail="every proof configured is shared by all Cloudflare zones: any zone "
                                   "pointed at this origin can forge the header; set your zone's AOP CA "
                                   "in edge_ca_certificates"),)
     authenticator = ForwardedAuthenticator(core.authenticator, edge, source, conf["remove_headers"] or ())
     return Compiled(authenticator, (*core.anchors, *edge_anchors), core.warnings, errors)
+
+
+def _only_shared_proofs(proxies: AddressSet, edge_anchors: Sequence[x509.Certificate]) -> bool:
+    """Whether every proof is one all Cloudflare zones share: peers only within Cloudflare's ranges
+    (however written), edge CAs only Cloudflare's global origin-pull CA."""
+    cloudflare = AddressSet(parse_network(cidr) for cidr in load_cidr_preset("cloudflare"))
+    aop = {cert_sha256(cert) for cert in load_ca_preset("cloudflare-origin-pull")}
+    return proxies.within(cloudflare) and all(cert_sha256(cert) in aop for cert in edge_anchors)
 
 
 def _check_header_names(conf: Mapping[str, Any]) -> None:
@@ -163,6 +185,8 @@ def _check_header_names(conf: Mapping[str, Any]) -> None:
         seen[value.lower()] = name
     for i, value in enumerate(conf["remove_headers"] or (), start=1):
         problem = header_name_problem(value)
+        if problem is None and value.lower() in RESERVED_HEADERS:
+            problem = f"{value!r} is a header HTTP, Kong or kong-mtls uses for something else"
         if problem:
             raise ConfigError(f"remove_headers[{i}]", problem)
 

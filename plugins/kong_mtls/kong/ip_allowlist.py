@@ -28,7 +28,7 @@ from kong_mtls.core.addresses import (
 from kong_mtls.core.headers import header_name_problem, with_every_spelling
 from kong_mtls.kong.runtime import Refusal, phase
 from kong_mtls.kong.server import serve
-from kong_mtls.presets import CIDR_PRESET_NAMES, WIDEST_PREFIX, PresetError, load_cidr_preset
+from kong_mtls.presets import CIDR_PRESET_NAMES, PresetError, load_cidr_preset, width_problem
 from kong_mtls.schema import ConfigError
 
 #: The nginx variable holding the TCP peer before any real-IP rewrite.
@@ -126,10 +126,12 @@ def address_set(conf: Mapping[str, Any], field: str, presets: Presets) -> Addres
     networks = _networks(field, conf[field] or ())
     if field == "trusted_proxies":
         for i, network in enumerate(networks, start=1):
-            if network.prefixlen < WIDEST_PREFIX[network.version]:
-                widest = WIDEST_PREFIX[network.version]
-                raise ConfigError(f"{field}[{i}]", f"{network} is wider than /{widest}: every peer in it "
-                                                   "would be a trusted proxy")
+            problem = width_problem([network])
+            if problem:
+                raise ConfigError(f"{field}[{i}]", f"{problem}: every peer in it would be a trusted proxy")
+        problem = width_problem(networks)
+        if problem:
+            raise ConfigError(field, f"{problem}: every peer in them would be a trusted proxy")
     for i, name in enumerate(conf[f"{field}_presets"] or (), start=1):
         networks.extend(_networks(f"{field}_presets[{i}]", presets.get(name, f"{field}_presets[{i}]")))
     return AddressSet(networks)

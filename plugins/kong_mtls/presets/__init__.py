@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import ipaddress
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
 
-from kong_mtls.core.addresses import AddressError, parse_network
+from kong_mtls.core.addresses import AddressError, IPNetwork, parse_network
 from kong_mtls.files import FileReadError, read_limited
 
 PRESET_DIR = Path(__file__).resolve().parent
@@ -60,6 +60,20 @@ class CidrList:
 WIDEST_PREFIX = {4: 8, 6: 16}
 
 
+def width_problem(networks: Sequence[IPNetwork]) -> str | None:
+    """Why CIDRs are implausibly wide for a list of proxies (their headers are believed), or None:
+    one range wider than WIDEST_PREFIX, or all of a family together covering more than one such."""
+    for version, widest in WIDEST_PREFIX.items():
+        family = [n for n in networks if n.version == version]
+        for network in family:
+            if network.prefixlen < widest:
+                return f"{network} is wider than /{widest}"
+        covered = sum(n.num_addresses for n in ipaddress.collapse_addresses(family))
+        if covered > 2 ** ((32 if version == 4 else 128) - widest):
+            return f"the IPv{version} ranges together cover more addresses than one /{widest}"
+    return None
+
+
 def parse_cidr_list(document: object, origin: str) -> CidrList:
     """Check a preset document: every CIDR valid and of the family its list names, at least one."""
     if not isinstance(document, Mapping):
@@ -80,14 +94,13 @@ def parse_cidr_list(document: object, origin: str) -> CidrList:
                 raise PresetError(f"{origin}: {key}[{i}]: {exc}") from None
             if network.version != version:
                 raise PresetError(f"{origin}: {key}[{i}]: {item!r} is not an IPv{version} CIDR")
-            if network.prefixlen < WIDEST_PREFIX[version]:
-                raise PresetError(f"{origin}: {key}[{i}]: {item!r} is wider than /{WIDEST_PREFIX[version]}; "
-                                  "refusing an implausible range")
+            problem = width_problem([network])
+            if problem:
+                raise PresetError(f"{origin}: {key}[{i}]: {problem}; refusing an implausible range")
             networks.append(network)
-        covered = sum(n.num_addresses for n in ipaddress.collapse_addresses(networks))
-        if covered > 2 ** ((32 if version == 4 else 128) - WIDEST_PREFIX[version]):
-            raise PresetError(f"{origin}: {key} covers more addresses than one /{WIDEST_PREFIX[version]}; "
-                              "refusing an implausible list")
+        problem = width_problem(networks)
+        if problem:
+            raise PresetError(f"{origin}: {key}: {problem}; refusing an implausible list")
         families[key] = tuple(items)
     if not families["ipv4_cidrs"] and not families["ipv6_cidrs"]:
         raise PresetError(f"{origin}: no CIDRs")
