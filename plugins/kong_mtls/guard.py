@@ -66,6 +66,10 @@ GUARD_PLUGIN_REQUIRE = "require"
 POST_FUNCTION = "post-function"
 
 _MARK_IN_CODE = re.compile(r"""["']kong_mtls\.([a-z0-9-]+)["']""")
+#: `lua_guard`'s list of marks, the line that decides what the snippet checks.
+_MARKS_LINE = re.compile(r"^\s*local marks = \{([^}\n]*)\}\s*$", re.M)
+#: A snippet that writes a mark (`shared["kong_mtls.x"] = ...`) forges verdicts: no guard.
+_MARK_WRITE = re.compile(r"""kong_mtls\.[a-z0-9-]+["']\s*\]\s*=[^=]""")
 _REFUSAL_IN_CODE = "kong.response.exit"
 
 
@@ -99,11 +103,14 @@ def lua_guard(required: Sequence[str]) -> str:
 
 
 def post_function_guards(snippets: Iterable[object]) -> frozenset[str]:
-    """The plugins whose marks a post-function's access snippets check: in a snippet that both
-    names `kong_mtls.<plugin>` marks and can answer the request (`kong.response.exit`), as
-    `lua_guard`'s code does, also when merged by hand with the user's own code."""
+    """The plugins whose marks a post-function's access snippets check: those on `lua_guard`'s
+    `local marks = {...}` line, in a snippet that can answer the request (`kong.response.exit`) and
+    writes no mark, also when merged by hand with the user's own code. A mark merely named
+    elsewhere (a comment, a lookup) guards nothing."""
     found: set[str] = set()
     for code in snippets:
-        if isinstance(code, str) and _REFUSAL_IN_CODE in code:
-            found.update(_MARK_IN_CODE.findall(code))
+        if not isinstance(code, str) or _REFUSAL_IN_CODE not in code or _MARK_WRITE.search(code):
+            continue
+        for line in _MARKS_LINE.findall(code):
+            found.update(_MARK_IN_CODE.findall(line))
     return frozenset(found)

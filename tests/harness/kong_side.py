@@ -865,7 +865,9 @@ class KongSide:
             return known.instance_id
         self._next_seq = next(_SEQUENCES)
         full = kong_config(server.schema, config)
-        full.update({"route_id": request_route_id(state.request), "__plugin_id": plugin_id,
+        # A consumer-scoped config (a test passes "consumer_id" as Kong would add it).
+        full.update({"route_id": request_route_id(state.request), "consumer_id": config.get("consumer_id"),
+                     "__plugin_id": plugin_id,
                      "__key__": f"plugins:{server.name}:{request_route_id(state.request)}::::",
                      "__seq__": self._next_seq})
         try:

@@ -871,8 +871,10 @@ class Scenarios:
     def test_14c_auto_mode_requires_what_kong_selected_at_each_scope(self, gateway: Gateway) -> None:
         """The global guard in auto mode finds our plugins wherever Kong took their config from:
         the route (/upstream, /ip), the Service (/scoped: ip-allowlist on a Service), a consumer
-        (/scoped/alice: upstream-identity for alice, whom api-key-auth authenticated first).
-        A route none of ours is selected for passes (/public, /scoped/alice without alice)."""
+        (/scoped/alice: upstream-identity for alice, whom api-key-auth authenticated first; our
+        plugins refuse consumer scope, so alice gets 500 INVALID_CONFIG, and the guard's 503 when
+        the plugin server is down). A route none of ours is selected for passes (/public,
+        /scoped/alice without alice)."""
         requires(gateway, "ip-allowlist", "api-key-auth", "upstream-identity")
         config = copy.deepcopy(gateway.config)
         echo = next(s for s in config["services"] if s["name"] == "echo")
@@ -889,9 +891,14 @@ class Scenarios:
         valid = {"apikey": gateway.api_key("ak_alice_dev")}
         try:
             gateway.load_config(adapt_to(gateway, config))
-            for path in ("/scoped", "/scoped/alice", "/upstream", "/ip", "/public"):
+            for path in ("/scoped", "/upstream", "/ip", "/public"):
                 answer = gateway.https(path, headers=valid)
                 assert answer.status == 200, (path, answer)
+            headers = {**valid, **nonce()}
+            answer = gateway.https("/scoped/alice", headers=headers)
+            assert answer.status == 500 and not gateway.seen_upstream(headers["X-Test-Nonce"]), answer
+            eventually(lambda: "kong-mtls plugins cannot be scoped to a consumer" in gateway.error_log(), 10,
+                       "the consumer-scoped config was not refused", gateway.error_log)
             assert gateway.https("/scoped/alice").status == 401
 
             def upstream_identity_missing() -> None:

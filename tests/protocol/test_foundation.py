@@ -7,7 +7,7 @@ import time
 import pytest
 
 from kong_mtls.constants import MESSAGE_UNEXPECTED
-from kong_mtls.guard import GUARD_MESSAGE, GUARD_STATUS
+from kong_mtls.guard import GUARD_MESSAGE, GUARD_STATUS, GUARDED_PLUGINS
 from tests.harness.expect import assert_invalid_config
 from tests.harness.kong_side import KongSide, PluginServerProcess, Request
 
@@ -22,16 +22,20 @@ def test_pdk_round_trip_sets_upstream_header(kong, trivial):
     assert outcome.proxied
     assert outcome.upstream_headers["x-echoed"] == ["hello"]
     assert outcome.ctx_shared["kong_mtls.trivial"] == {"echoed": "hello"}
-    assert outcome.pdk_calls == ["kong.request.get_header", "kong.service.request.set_header",
-                                 "kong.ctx.shared.set"]
+    assert outcome.pdk_calls == [
+        "kong.request.get_header",
+        "kong.service.request.set_header",
+        "kong.ctx.shared.set",
+    ]
 
 
 def test_repeated_header_lines_arrive_joined_as_in_kong_3_9(kong, trivial):
     outcome = kong.run(Request(headers=[("X-Echo", "a"), ("x-echo", "b")]), [(trivial, {})])
     assert outcome.upstream_headers["x-echoed"] == ["a, b"]
     with KongSide(kong_version="2.8") as old:
-        assert old.run(Request(headers=[("X-Echo", "a"), ("x-echo", "b")]),
-                       [(trivial, {})]).upstream_headers["x-echoed"] == ["a"]
+        assert old.run(Request(headers=[("X-Echo", "a"), ("x-echo", "b")]), [(trivial, {})]).upstream_headers[
+            "x-echoed"
+        ] == ["a"]
 
 
 def test_refusal_answers_kong_style_and_logs_reason(kong, trivial):
@@ -100,8 +104,9 @@ def test_dead_plugin_server_fails_open_and_guard_closes_it(plugin_server):
             assert guarded.exit.status == GUARD_STATUS and guarded.exit.source == "guard"
             assert guarded.exit.body == {"message": GUARD_MESSAGE}
             server.start()  # Kong's process manager restarts it; instances are started again
-            assert kong.run(Request(headers={"x-echo": "back"}),
-                            [(server, {})]).upstream_headers["x-echoed"] == ["back"]
+            assert kong.run(Request(headers={"x-echo": "back"}), [(server, {})]).upstream_headers[
+                "x-echoed"
+            ] == ["back"]
     finally:
         server.close()
 
@@ -196,8 +201,9 @@ def test_an_instance_id_from_before_a_restart_never_names_another_config():
 def test_events_kong_abandoned_are_reaped():
     """Kong gives up on an event when its socket times out; the handler's greenlet then waits for
     a Step that never comes. The server reaps such events after --abandon-after seconds."""
-    server = PluginServerProcess("trivial", "tests.plugins.trivial",
-                                 extra_args=["--abandon-after", "1"]).start()
+    server = PluginServerProcess(
+        "trivial", "tests.plugins.trivial", extra_args=["--abandon-after", "1"]
+    ).start()
     try:
         with KongSide(rpc_timeout=0.5) as kong:
             stats = kong._rpc(server).call("plugin.GetRuntimeStats")
@@ -216,3 +222,17 @@ def test_events_kong_abandoned_are_reaped():
         assert "reason=EVENT_ABANDONED" in server.output()
     finally:
         server.close()
+
+
+@pytest.mark.parametrize("name", GUARDED_PLUGINS)
+def test_no_plugin_of_ours_runs_scoped_to_a_consumer(kong, plugin_server, name):
+    """As Kong's own auth plugins: a consumer-scoped config runs only once another plugin has
+    authenticated that consumer, which a later plugin may replace before the guard looks (guard
+    review). Such an instance answers every request 500 INVALID_CONFIG, naming the field."""
+    outcome = kong.run(
+        Request(),
+        [(plugin_server(name), {"consumer_id": "7b0c1d2e-3f40-4a5b-8c6d-7e8f90a1b2c1"})],
+        guard=[name],
+    )
+    assert (outcome.exit.status, outcome.exit.body) == (500, {"message": MESSAGE_UNEXPECTED})
+    assert any("reason=INVALID_CONFIG" in line and "consumer" in line for _, line in outcome.logs)

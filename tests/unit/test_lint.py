@@ -506,3 +506,58 @@ def test_kongs_order_of_precedence_between_scopes():
     config = normalise(doc)
     effective = config.effective("post-function", next(iter(config.routes)), next(iter(config.services)))
     assert effective is not None and effective.config["access"] == ["3"]
+
+
+def test_a_plugin_of_ours_scoped_to_a_consumer_is_an_invalid_config() -> None:
+    """The plugin server refuses consumer scope (500 INVALID_CONFIG): lint says so (guard review)."""
+    scoped = {"_format_version": "3.0", "consumers": [{"username": "alice"}],
+              "services": [{"name": "s", "url": "https://up:8443",
+                            "routes": [{"name": "r", "paths": ["/r"]}]}],
+              "plugins": [{"name": "kong-mtls-guard"},
+                          {"name": "ip-allowlist", "route": "r", "consumer": "alice",
+                           "config": {"allow": ["10.0.0.0/8"]}}]}
+    findings = rules(scoped).get("invalid-plugin-config", [])
+    assert findings and "scoped to a consumer" in findings[0].message
+    del scoped["plugins"][1]["consumer"]
+    assert "invalid-plugin-config" not in rules(scoped)
+
+
+def test_only_the_generated_guard_snippet_counts_as_a_guard() -> None:
+    """A comment naming a mark next to an unrelated exit, or code that writes a mark, guards
+    nothing (guard review); the generated snippet does, also merged with other code."""
+    from kong_mtls.guard import post_function_guards
+    generated = lua_guard(["api-key-auth"])
+    assert post_function_guards([generated]) == {"api-key-auth"}
+    assert post_function_guards(["local x = 1\n" + generated]) == {"api-key-auth"}
+    comment = ("-- TODO guard 'kong_mtls.api-key-auth'\n"
+               "return function() if kong.request.get_path() == '/health' then "
+               "return kong.response.exit(200) end end")
+    forging = generated + "\nkong.ctx.shared['kong_mtls.api-key-auth'] = true\n"
+    assert post_function_guards([comment]) == frozenset()
+    assert post_function_guards([forging]) == frozenset()
+
+
+def test_upstream_identity_routes_neither_share_a_certificate_entity_nor_preserve_the_host(pki) -> None:
+    """Upstream review: a Service sharing its certificate entity shares Kong's pool; with
+    preserve_host the client's Host is the name Kong sends and verifies, not the probed one."""
+    doc = {"_format_version": "3.0", "plugins": [{"name": "kong-mtls-guard"}],
+           "certificates": [{"id": "00000000-0000-4000-8000-0000000000c1", "cert": "x", "key": "y"}],
+           "ca_certificates": [{"id": "00000000-0000-4000-8000-0000000000ca", "cert": pki.root.cert_pem}],
+           "services": [
+               {"name": "strict", "url": "https://up.example:8443", "tls_verify": True,
+                "ca_certificates": ["00000000-0000-4000-8000-0000000000ca"],
+                "client_certificate": "00000000-0000-4000-8000-0000000000c1",
+                "routes": [{"name": "strict", "paths": ["/s"], "plugins": [
+                    {"name": "upstream-identity", "config": {"trusted_ca_pem": pki.root.cert_pem,
+                                                             "expected_dns": ["up.example"]}}]}]},
+               {"name": "lax", "url": "https://127.0.0.1:8443",
+                "client_certificate": "00000000-0000-4000-8000-0000000000c1",
+                "routes": [{"name": "lax", "paths": ["/l"]}]}]}
+    messages = [f.message for f in rules(doc).get("upstream-identity-service", [])]
+    assert any("shares its client_certificate with services[lax]" in m for m in messages), messages
+    del doc["services"][1]["client_certificate"]
+    doc["services"][0]["routes"][0]["preserve_host"] = True
+    messages = [f.message for f in rules(doc).get("upstream-identity-service", [])]
+    assert len(messages) == 1 and "preserve_host" in messages[0]
+    doc["services"][0]["routes"][0]["preserve_host"] = False
+    assert "upstream-identity-service" not in rules(doc)

@@ -190,3 +190,37 @@ def test_yaml_alias_bombs_and_cycles_are_refused(capsys, write):
     for content in (bomb, "_format_version: '3.0'\nplugins: &p [*p]\n"):
         code, out, err = run(capsys, write(content))
         assert (code, out) == (2, "") and "once YAML aliases are expanded" in err
+
+
+def test_admin_secrets_stay_home(capsys, admin):
+    """The token never follows a redirect, and no credential is ever echoed (guard review)."""
+    url, _handler = admin
+    elsewhere = ThreadingHTTPServer(("127.0.0.1", 0), type("Elsewhere", (FakeAdmin,), {"seen": []}))
+    seen_elsewhere: list[str] = []
+
+    class Redirecting(FakeAdmin):
+        def do_GET(self) -> None:
+            self.send_response(302)
+            self.send_header("Location", f"http://127.0.0.1:{elsewhere.server_address[1]}/config")
+            self.end_headers()
+
+    redirecting = ThreadingHTTPServer(("127.0.0.1", 0), Redirecting)
+    threads = [threading.Thread(target=s.serve_forever, daemon=True) for s in (elsewhere, redirecting)]
+    for thread in threads:
+        thread.start()
+    try:
+        code, out, err = run(capsys, "--admin", f"http://127.0.0.1:{redirecting.server_address[1]}",
+                             "--admin-header", "Kong-Admin-Token: SECRETTOKEN")
+        seen_elsewhere.extend(elsewhere.RequestHandlerClass.seen)
+        assert code == 2 and "SECRETTOKEN" not in out + err
+        assert seen_elsewhere == []
+    finally:
+        for server in (elsewhere, redirecting):
+            server.shutdown()
+            server.server_close()
+    for args in (["--admin", url.replace("http://", "http://admin:SECRETPASS@")],
+                 ["--admin", url + "/?token=SECRETQ"],
+                 ["--admin", url, "--admin-header", "Kong-Admin-Token SECRETTOKEN"],
+                 ["--admin", "http://[::1"]):
+        code, out, err = run(capsys, *args)
+        assert code == 2 and "SECRET" not in out + err, (args, err)

@@ -51,6 +51,7 @@ from kong_mtls.kong.runtime import (
     configure_stderr_logging,
     log_line,
 )
+from kong_mtls.schema import ConfigError
 
 DEFAULT_PREFIX = "/usr/local/kong"
 #: Seconds without a Step from Kong after which an event waiting for one is reaped. Kong waits at
@@ -233,6 +234,12 @@ def _accepting_every_config(name: str, plugin_cls: type) -> type:
     class AnyConfig(plugin_cls):
         def __init__(self, config: Any) -> None:
             try:
+                if isinstance(config, dict) and config.get("consumer_id"):
+                    # As Kong's own auth plugins (`no_consumer`): a config for one consumer runs only
+                    # once that consumer is authenticated, and another plugin may replace the consumer
+                    # before the guard looks, hiding it from the guard's auto mode.
+                    raise ConfigError("consumer", "kong-mtls plugins cannot be scoped to a consumer; "
+                                                  "configure them on a route, a Service or globally")
                 super().__init__(config)
             except Exception as exc:
                 setattr(self, CONFIG_ERROR_ATTRIBUTE, exc)

@@ -73,6 +73,7 @@ class Route:
     service: str | None
     protocols: tuple[str, ...]
     tags: frozenset[str]
+    preserve_host: bool = False
 
     @property
     def path(self) -> str:
@@ -316,7 +317,7 @@ class _Reader:
         route = Route(key=key, label=label, service=service,
                       protocols=tuple(_strings(protocols, f"{where}.protocols")) if protocols is not None
                       else DEFAULT_ROUTE_PROTOCOLS,
-                      tags=_tags(body, where))
+                      tags=_tags(body, where), preserve_host=body.get("preserve_host") is True)
         self.out.routes[key] = route
         for j, plugin in _items(body, "plugins", f"{where}.plugins"):
             self.raw_plugins.append(_RawPlugin(plugin, f"{where}.plugins[{j}]", scope=(key, None, None)))

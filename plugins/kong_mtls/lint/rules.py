@@ -209,8 +209,8 @@ def rule_guard(ctx: Context) -> Iterator[Finding]:
                     Severity.ERROR, "unguarded-route", route.path,
                     f"{_names(missing)} run{'s' if len(missing) == 1 else ''} here without the fail-closed "
                     "guard: when a plugin server fails, Kong proxies the request unchecked",
-                    f"add `{GUARD}` (or the post-function of "
-                    f"`kong-mtls guard {' '.join(sorted(ours))} --format yaml`) to the route", tags)
+                    f"add `{GUARD}` (or the post-function of `kong-mtls guard {' '.join(sorted(ours))} "
+                    "--post-function --format yaml`) to the route", tags)
         for consumer in consumers:
             covered_c, running_c = _coverage(ctx, route, consumer)
             lost = (ours - covered_c) - missing
@@ -227,8 +227,8 @@ def _displaced_finding(route: Route, missing: frozenset[str], running: list[Plug
         Severity.ERROR, "guard-displaced", route.path,
         f"the guard of {_list([p.path for p in displaced])} does not run{who}: Kong runs only the most "
         f"specific config of a plugin, here {winners}, which does not check {_names(missing)}",
-        "put the guard's marks into that config (`kong-mtls guard ... --format lua` merged into its "
-        f"access code) or use `{GUARD}`, whose config no post-function displaces", tags)
+        "put the guard's marks into that config (`kong-mtls guard ... --post-function --format lua` "
+        f"merged into its access code) or use `{GUARD}`, whose config no post-function displaces", tags)
 
 
 def rule_guard_without_plugin(ctx: Context) -> Iterator[Finding]:
@@ -431,6 +431,22 @@ def rule_upstream_identity_service(ctx: Context) -> Iterator[Finding]:
         except ValueError:
             continue
         problem = service_tls_problem(service.as_kong(), target)
+        sharing = sorted(other.path for other in ctx.config.services.values()
+                         if other is not service and service.client_certificate is not None
+                         and other.client_certificate == service.client_certificate)
+        if problem is None and sharing:
+            yield Finding(
+                Severity.ERROR, "upstream-identity-service", route.path,
+                f"{service.path} shares its client_certificate with {', '.join(sharing)}: Kong pools "
+                "connections by address, port, SNI and certificate, so this route may be proxied over "
+                "a connection another Service opened and verified with its own settings",
+                "give the Service a client_certificate entity used by no other Service", tags)
+        if route.preserve_host:
+            yield Finding(
+                Severity.ERROR, "upstream-identity-service", route.path,
+                "preserve_host: Kong sends (and verifies) the client's Host as the upstream name, "
+                "not the name upstream-identity probes: a client picks which virtual host is reached",
+                "set preserve_host: false on routes with upstream-identity", tags)
         if problem is not None:
             yield Finding(
                 Severity.ERROR, "upstream-identity-service", route.path,
@@ -559,6 +575,8 @@ def rule_invalid_plugin_config(ctx: Context) -> Iterator[Finding]:
     for name in PLUGIN_MODULES:
         for plugin in ctx.config.enabled(name):
             error = ctx.check(plugin).error
+            if plugin.consumer is not None:
+                error = "kong-mtls plugins cannot be scoped to a consumer"
             if error is not None:
                 yield Finding(
                     Severity.ERROR, "invalid-plugin-config", plugin.path,

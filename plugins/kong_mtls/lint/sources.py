@@ -20,7 +20,8 @@ MAX_CONFIG_BYTES = 64 * 1024 * 1024
 MAX_VALUES = 2_000_000
 MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 #: The Admin API entity endpoints read when Kong has a database (`GET /config` is DB-less only).
-ENTITY_ENDPOINTS = ("services", "routes", "plugins", "consumers", "certificates", "ca_certificates")
+#: What lint reads (never `certificates`: they hold private keys, and no rule needs them).
+ENTITY_ENDPOINTS = ("services", "routes", "plugins", "consumers", "ca_certificates")
 PAGE_SIZE = 1000
 MAX_PAGES = 10_000
 ADMIN_TIMEOUT = 10.0
@@ -116,9 +117,15 @@ class AdminAPI:
 
     def __init__(self, url: str, headers: Mapping[str, str] | None = None,
                  timeout: float = ADMIN_TIMEOUT) -> None:
-        parts = urllib.parse.urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise SourceError(f"--admin {url}: expected http(s)://host:port")
+        try:
+            parts = urllib.parse.urlsplit(url)
+            parts.port  # noqa: B018 - raises ValueError on a malformed port or IPv6 literal
+        except ValueError:
+            raise SourceError("--admin: not a URL (expected http(s)://host:port)") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise SourceError(f"--admin {_shown_url(url)}: expected http(s)://host:port")
+        if parts.username or parts.password or parts.query:
+            raise SourceError(f"--admin {_shown_url(url)}: credentials go in --admin-header, not in the URL")
         self.base = url.rstrip("/")
         self.headers = dict(headers or {})
         self.timeout = timeout
@@ -128,7 +135,7 @@ class AdminAPI:
         url = self.base + path if path.startswith("/") else f"{self.base}/{path}"
         request = urllib.request.Request(url, headers={"Accept": "application/json", **self.headers})
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+            with _NO_REDIRECTS.open(request, timeout=self.timeout) as response:
                 status, body = response.status, response.read(MAX_RESPONSE_BYTES + 1)
         except urllib.error.HTTPError as exc:
             status, body = exc.code, exc.read(MAX_RESPONSE_BYTES + 1)
@@ -141,6 +148,26 @@ class AdminAPI:
             return status, json.loads(body) if body else None
         except (ValueError, RecursionError):
             raise SourceError(f"--admin {url}: answered {status} with a body that is not JSON") from None
+
+
+class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
+    """A redirect would carry --admin-header (an Admin API token) to wherever it points."""
+
+    def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str) -> None:
+        raise urllib.error.HTTPError(req.full_url, code, "redirected; not followed", headers, fp)
+
+
+_NO_REDIRECTS = urllib.request.build_opener(_RefuseRedirects)
+
+
+def _shown_url(url: str) -> str:
+    """A URL for a message: scheme, host and path only (no credentials, no query)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        host = parts.hostname or ""
+        return f"{parts.scheme}://{host}{parts.path}"
+    except ValueError:
+        return "(malformed URL)"
 
 
 def read_admin(api: AdminAPI, page_size: int = PAGE_SIZE) -> Any:
@@ -182,7 +209,10 @@ def _next_page(value: Any, base: str) -> str | None:
     if not isinstance(value, str) or not value:
         return None
     if value.startswith(("http://", "https://")):
-        parts = urllib.parse.urlsplit(value)
+        try:
+            parts = urllib.parse.urlsplit(value)
+        except ValueError:
+            raise SourceError(f"--admin {base}: a malformed next-page link") from None
         prefix = urllib.parse.urlsplit(base).path.rstrip("/")
         path = parts.path[len(prefix):] if prefix and parts.path.startswith(prefix) else parts.path
         return path + (f"?{parts.query}" if parts.query else "")
@@ -195,6 +225,6 @@ def parse_headers(values: Sequence[str]) -> dict[str, str]:
     for value in values:
         name, sep, content = value.partition(":")
         if not sep or not name.strip() or any(c.isspace() for c in name.strip()):
-            raise SourceError(f"--admin-header {value.split(':')[0]!r}...: expected 'Name: value'")
+            raise SourceError("--admin-header: expected 'Name: value' (the value is not shown)")
         out[name.strip()] = content.strip()
     return out
