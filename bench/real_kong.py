@@ -46,10 +46,15 @@ from kong_mtls.guard import lua_guard
 OPENRESTY_CANDIDATES = ("/opt/kong/openresty/nginx/sbin/nginx", "/usr/local/openresty/nginx/sbin/nginx")
 #: Our plugin servers this bench needs (client-cert-request asks TLS clients for a certificate).
 PLUGINS = (IP_ALLOWLIST, CLIENT_CERT_AUTH, API_KEY_AUTH, CLIENT_CERT_REQUEST)
+#: The baseline plugin (bench/bare_plugin.py: N PDK reads and nothing else), served like ours.
+BARE = "bare"
+BARE_SCRIPT = Path(__file__).resolve().parent / "bare_plugin.py"
 LOOPBACK = ["127.0.0.0/8"]
 START_TIMEOUT = 120.0
-#: CPU per request above which a plugin server not on the route is shown anyway (µs).
+#: CPU per request above which a plugin server not on the route is shown anyway: µs, and clock
+#: ticks (10 ms each, usually) over one measurement.
 BUSY_US = 5.0
+BUSY_TICKS = 3
 
 
 @dataclass(frozen=True)
@@ -65,12 +70,17 @@ class Route:
     baseline: str = "plain"
 
     @property
-    def ours(self) -> list[str]:
-        return [p["name"] for p in self.plugins if p["name"] in PLUGIN_MODULES]
+    def served(self) -> list[str]:
+        """The plugins of this route served by a plugin server (ours and the bare baseline)."""
+        return [p["name"] for p in self.plugins if p["name"] in PLUGIN_MODULES or p["name"] == BARE]
 
 
 def guard(*plugins: str) -> dict:
     return {"name": "post-function", "config": {"access": [lua_guard(plugins)]}}
+
+
+def bare(calls: int) -> dict:
+    return {"name": BARE, "config": {"calls": calls}}
 
 
 def routes(pki: Path, key_id: str, key_hash: str) -> list[Route]:
@@ -94,6 +104,9 @@ def routes(pki: Path, key_id: str, key_hash: str) -> list[Route]:
         Route("key-auth", "Kong's `key-auth`", (key_auth,), api_key=True),
         Route("api-key-auth", "our `api-key-auth` + guard", (api_key_auth, guard(API_KEY_AUTH)),
               api_key=True),
+        Route("bare-1", "a bare Python plugin, 1 PDK call", (bare(1),)),
+        Route("bare-2", "a bare Python plugin, 2 PDK calls", (bare(2),)),
+        Route("bare-4", "a bare Python plugin, 4 PDK calls", (bare(4),)),
         Route("kong-chain", "Kong's `ip-restriction` + `key-auth`", (ip_restriction, key_auth), api_key=True),
         Route("our-chain", "our `ip-allowlist` + `api-key-auth` + guard",
               (ip_allowlist, api_key_auth, guard(IP_ALLOWLIST, API_KEY_AUTH)), api_key=True),
@@ -304,10 +317,19 @@ class Kong:
             ssl_cert=str(pki / "kong" / "server.pem"), ssl_cert_key=str(pki / "kong" / "server.key"),
             kong_version=version, nginx_user="root root" if os.geteuid() == 0 else None,  # type: ignore[arg-type]
             extra={"nginx_worker_processes": str(self.workers),
+                   # As Kong's default proxy_listen: with several workers, each gets its share of
+                   # the connections (without reuseport one worker tends to accept them all).
+                   "proxy_listen": f"127.0.0.1:{ports['http']} reuseport backlog=16384, "
+                                   f"127.0.0.1:{ports['https']} ssl reuseport backlog=16384",
                    # Keep-alive for the whole run on both sides (defaults: 1,000 requests).
                    "nginx_http_keepalive_requests": "1000000",
                    "upstream_keepalive_max_requests": "1000000",
-                   "proxy_access_log": "off"})
+                   "proxy_access_log": "off",
+                   "plugins": ",".join(["bundled", *PLUGINS, BARE]),
+                   "pluginserver_names": ",".join([*PLUGINS, BARE]),
+                   f"pluginserver_{BARE}_socket": f"{self.prefix}/{BARE}.sock",
+                   f"pluginserver_{BARE}_start_cmd": f"{sys.executable} {BARE_SCRIPT} -p {self.prefix}",
+                   f"pluginserver_{BARE}_query_cmd": f"{sys.executable} {BARE_SCRIPT} --dump"})
         (self.root / "kong.conf").write_text(conf)
         self.prefix.mkdir()
         done = subprocess.run([self.binary, "start", "-c", str(self.root / "kong.conf"),
@@ -341,13 +363,13 @@ class Kong:
 
     def plugin_servers(self) -> dict[str, int]:
         """Plugin name -> pid of its server (Kong starts them with `-m <module> -p <prefix>`)."""
+        needles = {name: f"-m {PLUGIN_MODULES[name]} -p {self.prefix}" for name in PLUGINS}
+        needles[BARE] = f"{BARE_SCRIPT} -p {self.prefix}"
         found = {}
         for pid in _pids():
             line = _cmdline(pid)
-            if f"-p {self.prefix}" not in line:
-                continue
-            for name in PLUGINS:
-                if f"-m {PLUGIN_MODULES[name]} " in line + " ":
+            for name, needle in needles.items():
+                if needle in line:
                     found[name] = pid
         return found
 
@@ -425,7 +447,7 @@ def running(binary: str, workers: int, route_list: Sequence[Route], pki: Path, k
         upstream.check()
         proxy.check()
         servers = kong.plugin_servers()
-        missing = [name for name in PLUGINS if name not in servers]
+        missing = [name for name in (*PLUGINS, BARE) if name not in servers]
         if missing:
             raise RuntimeError(f"plugin servers not found: {missing}")
         processes = {(f"nginx worker {n}" if workers > 1 else "nginx worker"): pid
@@ -488,7 +510,7 @@ def measure(setup: Setup, route: Route, wrk: str, seconds: float, connections: i
                            f"socket errors\n{setup.kong.error_log()[-3000:]}")
     tick_us = 1e6 / os.sysconf("SC_CLK_TCK")
     cpu_us = {label: (after[label] - before[label]) * tick_us / max(1, result.requests) for label in before}
-    idle = [name for name in route.ours if cpu_us[f"{name} server"] == 0]
+    idle = [name for name in route.served if cpu_us[f"{name} server"] == 0]
     if idle:
         raise RuntimeError(f"route {route.key}: plugin servers {idle} used no CPU: did the plugin run?")
     return Sample(result, cpu_us)
@@ -502,6 +524,7 @@ class RouteSummary:
     p99_us: float
     cpu_us: dict[str, float]
     rounds: int
+    requests: int  # per measurement, median
 
 
 def summarise(route: Route, samples: Sequence[Sample]) -> RouteSummary:
@@ -510,7 +533,7 @@ def summarise(route: Route, samples: Sequence[Sample]) -> RouteSummary:
                         statistics.median(s.wrk.p50_us for s in samples),
                         statistics.median(s.wrk.p99_us for s in samples),
                         {label: statistics.median(s.cpu_us[label] for s in samples) for label in labels},
-                        len(samples))
+                        len(samples), int(statistics.median(s.wrk.requests for s in samples)))
 
 
 def run(binary: str, *, workers: int, route_keys: Sequence[str] | None, rounds: int, seconds: float,
@@ -555,10 +578,11 @@ def table(summaries: Sequence[RouteSummary]) -> list[str]:
         worker_cpu = " + ".join(f"{s.cpu_us[w]:.0f}" for w in workers)
         if len(workers) > 1:
             worker_cpu += f" = {sum(s.cpu_us[w] for w in workers):.0f}"
-        # The route's own servers, and any other that was busy (tick noise is 1 tick per run).
+        # The route's own servers, and any other that was busy beyond the clock tick's noise.
+        busy = max(BUSY_US, BUSY_TICKS * 1e6 / os.sysconf("SC_CLK_TCK") / max(1, s.requests))
         servers = [(label.removesuffix(" server"), us) for label, us in s.cpu_us.items()
                    if label.endswith(" server")
-                   and (label.removesuffix(" server") in s.route.ours or us >= BUSY_US)]
+                   and (label.removesuffix(" server") in s.route.served or us >= busy)]
         server_text = ", ".join(f"{name} {us:.0f}" for name, us in servers) or "-"
         lines.append(f"| {s.route.label} | {s.rps:,.0f} | {ratio} | {_ms(s.p50_us)} | {_ms(s.p99_us)} | "
                      f"{worker_cpu} | {server_text} |")
