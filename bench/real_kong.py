@@ -567,8 +567,9 @@ def table(summaries: Sequence[RouteSummary]) -> list[str]:
     by_key = {s.route.key: s for s in summaries}
     workers = [label for label in summaries[0].cpu_us if label.startswith("nginx worker")]
     plural = "s" if len(workers) > 1 else ""
-    lines = [f"| route | req/s | vs baseline | p50 ms | p99 ms | Kong worker{plural} CPU µs/req "
-             "| plugin servers CPU µs/req |",
+    lines = [f"| route | req/s | vs baseline | p50 ms | p99 ms "
+             f"| Kong worker{plural}: CPU µs/req (% of one core) "
+             "| plugin servers: CPU µs/req (% of one core) |",
              "|---|---:|---:|---:|---:|---:|---|"]
     for s in summaries:
         base = by_key.get(s.route.baseline)
@@ -576,14 +577,15 @@ def table(summaries: Sequence[RouteSummary]) -> list[str]:
         if base is not None and s.route.baseline != "plain":
             ratio += f" (vs `{base.route.key}`)"
         worker_cpu = " + ".join(f"{s.cpu_us[w]:.0f}" for w in workers)
-        if len(workers) > 1:
-            worker_cpu += f" = {sum(s.cpu_us[w] for w in workers):.0f}"
+        total = sum(s.cpu_us[w] for w in workers)
+        worker_cpu += (f" = {total:.0f}" if len(workers) > 1 else "") + f" ({total * s.rps / 1e4:.0f}%)"
         # The route's own servers, and any other that was busy beyond the clock tick's noise.
         busy = max(BUSY_US, BUSY_TICKS * 1e6 / os.sysconf("SC_CLK_TCK") / max(1, s.requests))
         servers = [(label.removesuffix(" server"), us) for label, us in s.cpu_us.items()
                    if label.endswith(" server")
                    and (label.removesuffix(" server") in s.route.served or us >= busy)]
-        server_text = ", ".join(f"{name} {us:.0f}" for name, us in servers) or "-"
+        # µs per request x requests/s: the share of one core the (single-process) server used.
+        server_text = ", ".join(f"{name} {us:.0f} ({us * s.rps / 1e4:.0f}%)" for name, us in servers) or "-"
         lines.append(f"| {s.route.label} | {s.rps:,.0f} | {ratio} | {_ms(s.p50_us)} | {_ms(s.p99_us)} | "
                      f"{worker_cpu} | {server_text} |")
     return lines
