@@ -595,8 +595,11 @@ def machine_note() -> str:
     cpu = "unknown CPU"
     with contextlib.suppress(OSError, StopIteration), open("/proc/cpuinfo") as f:
         cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    return f"{cpu}, {os.cpu_count()} cores shared with the load generator; load average before the run {load}"
+    return f"{cpu}, {os.cpu_count()} cores shared with the load generator"
+
+
+def load_average() -> str:
+    return " / ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def report(version: str, runs: Mapping[int, Sequence[RouteSummary]], *, rounds: int, seconds: float,
@@ -638,7 +641,7 @@ def main(binary: str, *, workers: Sequence[int], rounds: int, seconds: float, wa
     check_tools()
     if not os.access(binary, os.X_OK) and shutil.which(binary) is None:
         raise SystemExit(f"bench: no Kong at {binary!r}")
-    note = machine_note()
+    note = f"{machine_note()}; load average (1 / 5 / 15 min) before the run {load_average()}"
     version = Kong(binary, 1).version()
     root = Path(tempfile.mkdtemp(prefix="kmb-pki-"))
     try:
@@ -655,6 +658,7 @@ def main(binary: str, *, workers: Sequence[int], rounds: int, seconds: float, wa
                               log=lambda line: print(line, file=sys.stderr))
     finally:
         shutil.rmtree(root, ignore_errors=True)
+    note += f", after it {load_average()} (the bench itself keeps about 2 busy)"
     block = report(version, runs, rounds=rounds, seconds=seconds, connections=connections, note=note)
     text = "\n".join(block) + "\n"
     os.makedirs("bench/results", exist_ok=True)
