@@ -658,7 +658,7 @@ def main(binary: str, *, workers: Sequence[int], rounds: int, seconds: float, wa
                               log=lambda line: print(line, file=sys.stderr))
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    note += f", after it {load_average()} (the bench itself keeps about 2 busy)"
+    note += f", after it {load_average()} (the bench itself keeps both cores busy)"
     block = report(version, runs, rounds=rounds, seconds=seconds, connections=connections, note=note)
     text = "\n".join(block) + "\n"
     os.makedirs("bench/results", exist_ok=True)
