@@ -567,15 +567,17 @@ def table(summaries: Sequence[RouteSummary]) -> list[str]:
     by_key = {s.route.key: s for s in summaries}
     workers = [label for label in summaries[0].cpu_us if label.startswith("nginx worker")]
     plural = "s" if len(workers) > 1 else ""
-    lines = [f"| route | req/s | vs baseline | p50 ms | p99 ms "
+    lines = [f"| route | req/s | vs baseline | p50 ms | p99 ms | gateway CPU µs/req | vs baseline, by CPU "
              f"| Kong worker{plural}: CPU µs/req (% of one core) "
              "| plugin servers: CPU µs/req (% of one core) |",
-             "|---|---:|---:|---:|---:|---:|---|"]
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for s in summaries:
         base = by_key.get(s.route.baseline)
         ratio = "-" if base is None else f"{s.rps / base.rps:.2f}"
+        cpu_ratio = "-" if base is None else f"{gateway_us(base) / gateway_us(s):.2f}"
         if base is not None and s.route.baseline != "plain":
             ratio += f" (vs `{base.route.key}`)"
+            cpu_ratio += f" (vs `{base.route.key}`)"
         worker_cpu = " + ".join(f"{s.cpu_us[w]:.0f}" for w in workers)
         total = sum(s.cpu_us[w] for w in workers)
         worker_cpu += (f" = {total:.0f}" if len(workers) > 1 else "") + f" ({total * s.rps / 1e4:.0f}%)"
@@ -587,8 +589,14 @@ def table(summaries: Sequence[RouteSummary]) -> list[str]:
         # µs per request x requests/s: the share of one core the (single-process) server used.
         server_text = ", ".join(f"{name} {us:.0f} ({us * s.rps / 1e4:.0f}%)" for name, us in servers) or "-"
         lines.append(f"| {s.route.label} | {s.rps:,.0f} | {ratio} | {_ms(s.p50_us)} | {_ms(s.p99_us)} | "
-                     f"{worker_cpu} | {server_text} |")
+                     f"{gateway_us(s):.0f} | {cpu_ratio} | {worker_cpu} | {server_text} |")
     return lines
+
+
+def gateway_us(summary: RouteSummary) -> float:
+    """CPU per request of Kong's workers and all plugin servers (not the load side)."""
+    return sum(us for label, us in summary.cpu_us.items()
+               if label.startswith("nginx worker") or label.endswith(" server"))
 
 
 def machine_note() -> str:
@@ -611,12 +619,37 @@ def report(version: str, runs: Mapping[int, Sequence[RouteSummary]], *, rounds: 
            f"median of {rounds} interleaved rounds. Upstream: a static openresty `return 200` on loopback. "
            "TLS routes go through a local openresty that presents alice's client certificate to Kong "
            "(wrk cannot), so their latency includes that hop; compare them with each other. CPU from "
-           "/proc/<pid>/stat over each measurement.", ""]
+           "/proc/<pid>/stat over each measurement; *gateway CPU* is Kong's workers plus every plugin "
+           "server, per request, and *by CPU* the baseline's gateway CPU over the route's: the "
+           "throughput ratio a gateway with cores of its own would see, less sensitive than req/s to "
+           "the load generator and other work sharing these cores.", ""]
     for workers, summaries in runs.items():
         pinned = ("Kong's worker pinned to the first core, wrk, the upstream and the TLS proxy to the last"
                   if workers == 1 else "nothing pinned")
         out += [f"{workers} nginx worker{'s' if workers > 1 else ''} ({pinned}):", "", *table(summaries), ""]
+        costs = protocol_costs(summaries)
+        if costs:
+            out += [costs, ""]
     return out
+
+
+def protocol_costs(summaries: Sequence[RouteSummary]) -> str | None:
+    """What a PDK call and a plugin event cost, from the bare rows: per call, the slope from 1 to 4
+    calls; per event, what a 1-call plugin adds to "no plugins" beyond its call."""
+    by_key = {s.route.key: s for s in summaries}
+    if not all(key in by_key for key in ("plain", "bare-1", "bare-4")):
+        return None
+
+    def split(s: RouteSummary) -> tuple[float, float]:
+        worker = sum(us for label, us in s.cpu_us.items() if label.startswith("nginx worker"))
+        return worker, s.cpu_us[f"{BARE} server"]
+
+    plain, one, four = split(by_key["plain"]), split(by_key["bare-1"]), split(by_key["bare-4"])
+    call = [(four[i] - one[i]) / 3 for i in (0, 1)]
+    event = [one[0] - plain[0] - call[0], one[1] - call[1]]
+    return (f"From the bare rows: a PDK call costs about {call[0]:.0f} µs in Kong's worker and "
+            f"{call[1]:.0f} µs in the plugin server; a plugin event, beyond its calls, about "
+            f"{event[0]:.0f} µs and {event[1]:.0f} µs.")
 
 
 README_BEGIN = "<!-- real-kong {version} begin (written by ./dev bench --kong --readme) -->"

@@ -10,10 +10,13 @@ import pytest
 from bench.real_kong import (
     BARE,
     README_SECTION,
+    RouteSummary,
     kong_config,
     parse_proc_stat,
     parse_wrk,
+    protocol_costs,
     routes,
+    table,
     update_readme,
     wrk_duration_us,
 )
@@ -128,3 +131,28 @@ def test_every_route_with_our_plugins_is_guarded_for_exactly_them() -> None:
     assert guarded == 4
     assert sorted(r.key for r in route_list if BARE in r.served) == ["bare-1", "bare-2", "bare-4"]
     assert {r["name"]: r["protocols"] for r in served}["mtls"] == ["https"]
+
+
+def _summary(route, rps: float, worker: float, servers: dict[str, float]) -> RouteSummary:
+    cpu = {"nginx worker": worker, **{f"{name} server": us for name, us in servers.items()}}
+    return RouteSummary(route, rps, 400.0, 4000.0, cpu, 3, int(rps * 5))
+
+
+def test_table_ratios_and_protocol_costs() -> None:
+    by_key = {r.key: r for r in routes(Path("/pki"), "bench", "hmac-sha256:x:y")}
+    summaries = [
+        _summary(by_key["plain"], 10_000, 40, {BARE: 0, "ip-allowlist": 0}),
+        _summary(by_key["bare-1"], 4_000, 100, {BARE: 80, "ip-allowlist": 0}),
+        _summary(by_key["bare-4"], 2_000, 160, {BARE: 170, "ip-allowlist": 0}),
+        _summary(by_key["ip-allowlist"], 2_500, 120, {BARE: 0, "ip-allowlist": 100}),
+    ]
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in table(summaries)[2:]}
+    ip_row = rows["our `ip-allowlist` + guard"].split(" | ")
+    assert ip_row[1:3] == ["2,500", "0.25"]
+    assert ip_row[5:7] == ["220", "0.18"]  # 40 / (120 + 100)
+    assert ip_row[7] == "120 (30%)" and "ip-allowlist 100 (25%)" in ip_row[8]
+    assert "bare" not in ip_row[8]  # a server of another route, idle
+    assert protocol_costs(summaries) == (
+        "From the bare rows: a PDK call costs about 20 µs in Kong's worker and 30 µs in the plugin "
+        "server; a plugin event, beyond its calls, about 40 µs and 50 µs.")
+    assert protocol_costs(summaries[:1]) is None
