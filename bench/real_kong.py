@@ -658,7 +658,8 @@ README_SECTION = "<!-- real-kong tables -->"
 
 
 def update_readme(text: str, version: str, block: Sequence[str]) -> str:
-    """`text` with the block of Kong `version` replaced, or added after the section marker."""
+    """`text` with the block of Kong `version` replaced, or added after the section marker and the
+    blocks already there."""
     begin, end = README_BEGIN.format(version=version), README_END.format(version=version)
     new = "\n".join([begin, *block, end])
     if begin in text and end in text:
@@ -666,7 +667,10 @@ def update_readme(text: str, version: str, block: Sequence[str]) -> str:
         return head + new + rest.split(end, 1)[1]
     if README_SECTION not in text:
         raise ValueError(f"README has no {README_SECTION} marker")
-    return text.replace(README_SECTION, f"{README_SECTION}\n{new}", 1)
+    head, rest = text.split(README_SECTION, 1)
+    ends = list(re.finditer(re.escape(README_END.format(version="<v>")).replace("<v>", r"[\w.]+"), rest))
+    at = ends[-1].end() if ends else 0
+    return head + README_SECTION + rest[:at] + "\n" + new + rest[at:]
 
 
 def main(binary: str, *, workers: Sequence[int], rounds: int, seconds: float, warmup: float,

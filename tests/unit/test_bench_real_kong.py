@@ -98,7 +98,9 @@ def test_readme_block_added_then_replaced() -> None:
     first = update_readme(text, "3.9.1", ["table one"])
     assert "table one" in first and first.index(README_SECTION) < first.index("table one")
     both = update_readme(first, "3.4.2", ["other table"])
+    assert both.index("table one") < both.index("other table")  # in the order first written
     again = update_readme(both, "3.9.1", ["table two"])
+    assert again.index("table two") < again.index("other table")
     assert "table one" not in again
     assert again.count("table two") == 1 and again.count("other table") == 1
     assert again.endswith("### Soak\n")
