@@ -1,8 +1,10 @@
 """`./dev bench`: what the plugins cost per request, next to bare plugins with the same round trips.
 
-Protocol figures go through the real plugin servers and the Kong-side driver of the test suite
-(tests/harness/kong_side.py), which is Python too: absolute numbers include its own cost, the
-comparison with the bare plugins (same driver, same round trips) isolates ours.
+With --kong, or KONG_BIN set (and no --harness): in a real Kong next to Kong's own plugins, under
+wrk (bench/real_kong.py). Otherwise harness-only: protocol figures go through the real plugin
+servers and the Kong-side driver of the test suite (tests/harness/kong_side.py), which is Python
+too: absolute numbers include its own cost, the comparison with the bare plugins (same driver,
+same round trips) isolates ours.
 """
 
 from __future__ import annotations
