@@ -284,6 +284,14 @@ def tls_proxy_servers(port: int, kong_https: int, cert: Path, key: Path) -> str:
             "      proxy_ssl_server_name on; proxy_ssl_name localhost; } }")
 
 
+def kong_version(binary: str) -> str:
+    out = subprocess.run([binary, "version"], capture_output=True, text=True, timeout=60)
+    match = re.search(r"(\d+\.\d+\.\d+)", out.stdout + out.stderr)
+    if match is None:
+        raise SystemExit(f"bench: `{binary} version` printed no version: {out.stdout}{out.stderr}")
+    return match.group(1)
+
+
 @dataclass
 class Kong:
     """A Kong started from a temporary prefix with the bench routes."""
@@ -297,17 +305,10 @@ class Kong:
     def prefix(self) -> Path:
         return self.root / "prefix"
 
-    def version(self) -> str:
-        out = subprocess.run([self.binary, "version"], capture_output=True, text=True, timeout=60)
-        match = re.search(r"(\d+\.\d+\.\d+)", out.stdout + out.stderr)
-        if match is None:
-            raise SystemExit(f"bench: `{self.binary} version` printed no version: {out.stdout}{out.stderr}")
-        return match.group(1)
-
     def start(self, config: Mapping, pki: Path, ports: Mapping[str, int]) -> None:
         from tests.integration.support import KONG_CONF_EXAMPLE, local_kong_conf, parse_kong_conf
 
-        version = tuple(int(n) for n in self.version().split("."))
+        version = tuple(int(n) for n in kong_version(self.binary).split("."))
         declarative = self.root / "kong.json"
         declarative.write_text(json.dumps(config))
         conf = local_kong_conf(
@@ -679,7 +680,7 @@ def main(binary: str, *, workers: Sequence[int], rounds: int, seconds: float, wa
     if not os.access(binary, os.X_OK) and shutil.which(binary) is None:
         raise SystemExit(f"bench: no Kong at {binary!r}")
     note = f"{machine_note()}; load average (1 / 5 / 15 min) before the run {load_average()}"
-    version = Kong(binary, 1).version()
+    version = kong_version(binary)
     root = Path(tempfile.mkdtemp(prefix="kmb-pki-"))
     try:
         pki = root / "pki"
