@@ -1,8 +1,10 @@
 """`./dev bench`: what the plugins cost per request, next to bare plugins with the same round trips.
 
-Protocol figures go through the real plugin servers and the Kong-side driver of the test suite
-(tests/harness/kong_side.py), which is Python too: absolute numbers include its own cost, the
-comparison with the bare plugins (same driver, same round trips) isolates ours.
+With --kong, or KONG_BIN set (and no --harness): in a real Kong next to Kong's own plugins, under
+wrk (bench/real_kong.py). Otherwise harness-only: protocol figures go through the real plugin
+servers and the Kong-side driver of the test suite (tests/harness/kong_side.py), which is Python
+too: absolute numbers include its own cost, the comparison with the bare plugins (same driver,
+same round trips) isolates ours.
 """
 
 from __future__ import annotations
@@ -94,10 +96,40 @@ def machine() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=3000, help="requests per protocol measurement")
     parser.add_argument("--skip-protocol", action="store_true", help="pure-core timings only")
+    real = parser.add_argument_group("real Kong (bench/real_kong.py; the default when KONG_BIN is set)")
+    real.add_argument("--kong", metavar="KONG_BIN", nargs="?", const="", default=None,
+                      help="measure in a real Kong: this `kong` (default $KONG_BIN, else `kong` on PATH)")
+    real.add_argument("--harness", action="store_true",
+                      help="the harness-only tables even when KONG_BIN is set")
+    real.add_argument("--workers", default="1,2",
+                      help="nginx worker counts to run, comma-separated (default %(default)s; runs after "
+                           "the first measure a subset of the routes)")
+    real.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default %(default)s)")
+    real.add_argument("--seconds", type=float, default=5.0, help="wrk duration per route and round")
+    real.add_argument("--warmup", type=float, default=2.0, help="wrk warm-up per route, seconds")
+    real.add_argument("--connections", type=int, default=8, help="wrk connections (default %(default)s)")
+    real.add_argument("--threads", type=int, default=1, help="wrk threads (default %(default)s)")
+    real.add_argument("--readme", action="store_true",
+                      help="also write the table into README.md's Benchmarks section")
     args = parser.parse_args(argv)
+    kong = args.kong if args.kong is not None else (None if args.harness else os.environ.get("KONG_BIN"))
+    if kong is not None:
+        from bench import real_kong
+
+        binary = kong or os.environ.get("KONG_BIN") or "kong"
+        try:
+            workers = [int(n) for n in args.workers.split(",") if n.strip()]
+        except ValueError:
+            parser.error(f"--workers: not a list of numbers: {args.workers!r}")
+        if not workers or any(n < 1 for n in workers):
+            parser.error("--workers: one or more counts of at least 1")
+        return real_kong.main(binary, workers=workers, rounds=args.rounds, seconds=args.seconds,
+                              warmup=args.warmup, connections=args.connections, threads=args.threads,
+                              readme=args.readme)
     started = time.time()
     out = [f"# kong-mtls benchmarks ({time.strftime('%Y-%m-%d')})", "", f"Machine: {machine()}", ""]
     out += core.section()
