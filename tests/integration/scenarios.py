@@ -19,7 +19,7 @@ import urllib.parse
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import pytest
 from cryptography import x509
@@ -298,6 +298,33 @@ class Scenarios:
         finally:
             gateway.restore()
         assert not gateway.seen_upstream(headers["X-Test-Nonce"])
+
+    def test_4d5_a_route_that_preserves_the_clients_host_is_refused(self, gateway: Gateway) -> None:
+        """With preserve_host Kong sends, and verifies, the client's Host as the upstream's name: a
+        client could pick another virtual host behind the address than the one the probe and the
+        CA store vouch for. (Kong sets $upstream_host only after the plugins' access phase, so the
+        name cannot be compared then.) upstream-identity refuses such a route (502
+        UPSTREAM_HOST_CHANGED), whatever the Host; the same route without preserve_host passes."""
+        requires(gateway, "upstream-identity")
+        config = copy.deepcopy(gateway.config)
+        echo = next(s for s in config["services"] if s["name"] == "echo")
+        route = {**copy.deepcopy(find_route(config, "upstream")), "name": "upstream-preserve",
+                 "paths": ["/upstream/preserve"], "preserve_host": True}
+        echo["routes"].append(route)
+        service_host = urlsplit(echo["url"]).hostname
+        try:
+            gateway.load_config(config)
+            headers = {"Host": "backoffice.example", **nonce()}
+            answer = gateway.https("/upstream/preserve", headers=headers)
+            assert (answer.status, answer.json()) == (502, {"message": MESSAGE_UNVERIFIED})
+            assert "reason=UPSTREAM_HOST_CHANGED" in gateway.error_log()
+            assert not gateway.seen_upstream(headers["X-Test-Nonce"])
+            assert gateway.https("/upstream/preserve", headers={"Host": service_host}).status == 502
+            route["preserve_host"] = False
+            gateway.load_config(config)
+            assert gateway.https("/upstream/preserve", headers={"Host": "backoffice.example"}).status == 200
+        finally:
+            gateway.restore()
 
     def test_4d3_a_look_alike_upstream_is_never_reached_even_when_the_probe_sees_echo(
             self, gateway: Gateway) -> None:

@@ -19,6 +19,7 @@ SPIFFE = "spiffe://example.org/ns/backend/sa/api"
 MARK = shared_mark(UPSTREAM_IDENTITY)
 SET_VERIFY = "kong.service.set_tls_verify"
 GET_SERVICE = "kong.router.get_service"  # the Service's own TLS settings are checked
+GET_ROUTE = "kong.router.get_route"  # a route with preserve_host is refused
 
 
 @pytest.fixture(scope="module")
@@ -89,14 +90,14 @@ def test_matching_identity_is_allowed_and_cached(kong, plugin, upstream, pki, fi
     assert mark["target"] == f"127.0.0.1:{upstream.port}" and mark["reason"] == "IDENTITY_OK"
     assert mark["subject"] == f"CN={HOST}"
     # Cold cache: the request waited for the probe (after a log line, its first PDK call but one).
-    assert first.pdk_calls == [SET_VERIFY, GET_SERVICE, "kong.log.info", "kong.ctx.shared.set"]
+    assert first.pdk_calls == [SET_VERIFY, GET_SERVICE, GET_ROUTE, "kong.log.info", "kong.ctx.shared.set"]
     assert upstream.connection_count == before + 1
     probed = upstream.wait_for(before + 1)[-1]
     assert probed.accepted and probed.client_cert.subject.rfc4514_string() == "CN=kong-gateway"
 
     second = kong.run(Request(), [(plugin, conf)], guard=[UPSTREAM_IDENTITY])
     assert second.proxied and second.ctx_shared[MARK] == mark
-    assert second.pdk_calls == [SET_VERIFY, GET_SERVICE, "kong.ctx.shared.set"]
+    assert second.pdk_calls == [SET_VERIFY, GET_SERVICE, GET_ROUTE, "kong.ctx.shared.set"]
     assert upstream.connection_count == before + 1, "the second request within the TTL did not probe again"
 
 
@@ -116,7 +117,7 @@ def test_target_from_the_service(kong, plugin, upstream, pki, files):
     assert outcome.ctx_shared[MARK]["target"] == f"127.0.0.1:{upstream.port}"
     assert outcome.pdk_calls.count("kong.router.get_service") == 1
     again = kong.run(Request(service=service), [(plugin, conf)])
-    assert again.pdk_calls == [SET_VERIFY, GET_SERVICE, "kong.ctx.shared.set"]
+    assert again.pdk_calls == [SET_VERIFY, GET_SERVICE, GET_ROUTE, "kong.ctx.shared.set"]
 
 
 def test_expiring_upstream_cert_is_logged_once(kong, plugin, certs, pki, files):
@@ -167,7 +168,7 @@ def test_client_cert_refused_by_upstream_and_failure_cached(kong, plugin, upstre
     assert_refused(second, "CLIENT_CERT_REJECTED")
     assert upstream.connection_count == before + 1, "failure_ttl: the refusal was cached"
     assert "certificate" in upstream.wait_for(before + 1)[-1].error.lower()
-    assert second.pdk_calls == [SET_VERIFY, GET_SERVICE, "kong.log.warn", "kong.response.exit"]
+    assert second.pdk_calls == [SET_VERIFY, GET_SERVICE, GET_ROUTE, "kong.log.warn", "kong.response.exit"]
 
 
 def test_service_without_tls_is_refused(kong, plugin, pki, files, upstream):
@@ -224,3 +225,14 @@ def test_a_waiting_probe_does_not_block_other_requests(plugin, upstream, pki, fi
             waiting.join(10)
     assert served.proxied and still_waiting
     assert_refused(results[0], "PROBE_TIMEOUT")
+
+
+def test_a_route_that_preserves_the_clients_host_is_refused(kong, plugin, upstream, pki, files):
+    """preserve_host: Kong would send and verify the client's Host, so the client would pick the
+    virtual host behind the address (upstream review). 502 UPSTREAM_HOST_CHANGED, nothing probed."""
+    before = upstream.connection_count
+    request = Request(route={"id": "00000000-0000-4000-8000-00000000a002", "name": "r",
+                             "preserve_host": True})
+    outcome = kong.run(request, [(plugin, config(pki, files, upstream.port))], guard=[UPSTREAM_IDENTITY])
+    assert_refused(outcome, "UPSTREAM_HOST_CHANGED")
+    assert upstream.connection_count == before

@@ -7,7 +7,7 @@ import gevent
 import pytest
 
 from kong_mtls.constants import UPSTREAM_IDENTITY, shared_mark
-from kong_mtls.core.upstream import MESSAGE_UNVERIFIED, REFRESH_FRACTION, CertSummary
+from kong_mtls.core.upstream import MESSAGE_UNVERIFIED, REFRESH_FRACTION, CertSummary, Reason, Target
 from kong_mtls.devpki import SERVER_AUTH, SubjectAltNames, name
 from kong_mtls.kong.upstream_identity import Plugin
 from kong_mtls.schema import ConfigError
@@ -27,7 +27,7 @@ VERIFYING_SERVICE = {"name": "svc", "host": HOST, "port": 443, "protocol": "http
 class FakeKong:
     """Just the PDK calls the plugin makes, recorded."""
 
-    def __init__(self, service: dict | None = VERIFYING_SERVICE) -> None:
+    def __init__(self, service: dict | None = VERIFYING_SERVICE, route: dict | None = None) -> None:
         self.calls: list[tuple] = []
         self.shared: dict = {}
         self.exit: tuple | None = None
@@ -48,6 +48,8 @@ class FakeKong:
                         kong.exit = args
                     if f"{self.prefix}.{attr}" == "router.get_service":
                         return service
+                    if f"{self.prefix}.{attr}" == "router.get_route":
+                        return route
                     return None
                 return call
 
@@ -109,7 +111,7 @@ def test_refresh_ahead_serves_from_cache_and_probes_in_background(conf, upstream
     warm = FakeKong()
     plugin.access(warm)
     assert warm.exit is None and warm.names() == ["service.set_tls_verify", "router.get_service",
-                                                  "ctx.shared.set"]
+                                                  "router.get_route", "ctx.shared.set"]
     assert plugin._inflight, "a background refresh is running"
     wait_idle(plugin)
     assert upstream.connection_count == start + 2
@@ -229,3 +231,17 @@ def test_bad_config_names_the_field(conf, change, field):
     with pytest.raises(ConfigError) as err:
         Plugin(dict(conf, **change))
     assert err.value.field == field
+
+
+@pytest.mark.parametrize(("route", "refused"), [
+    ({"name": "r", "preserve_host": True}, True), ({"name": "r", "preserve_host": False}, False),
+    ({"name": "r"}, False), (None, False),
+])
+def test_a_route_preserving_the_clients_host_is_refused(route, refused):
+    """With preserve_host Kong sends and verifies the client's Host (upstream review): 502
+    UPSTREAM_HOST_CHANGED."""
+    from kong_mtls.core.upstream import preserved_host_problem
+    problem = preserved_host_problem(route, Target(HOST, 443))
+    assert (problem is not None) is refused
+    if refused:
+        assert problem.reason is Reason.UPSTREAM_HOST_CHANGED

@@ -97,6 +97,7 @@ class Reason(str, Enum):
     SERVICE_UNVERIFIED = "SERVICE_UNVERIFIED"          # the Service does not verify its upstream itself
     SERVICE_NO_CA_STORE = "SERVICE_NO_CA_STORE"        # ... or only against the system trust store
     SERVICE_POOL_SHARED = "SERVICE_POOL_SHARED"        # Kong may reuse another Service's connections
+    UPSTREAM_HOST_CHANGED = "UPSTREAM_HOST_CHANGED"    # the route's preserve_host: the client names the host
 
 
 #: Verdicts that say the upstream presented something other than the configured identity (as opposed
@@ -880,6 +881,17 @@ TLS_PROTOCOLS = frozenset({"https", "grpcs", "tls", "wss"})
 #: Service protocols whose pooled upstream connections Kong keys by the Service's client certificate
 #: too (`ip|port|SNI|client certificate id`, Kong 3.x's balancer); others by `ip|port` only.
 CERTIFICATE_POOLED_PROTOCOLS = frozenset({"https"})
+
+
+def preserved_host_problem(route: object, target: Target) -> Verdict | None:
+    """Why Kong will not send (as SNI) and verify the Service's host for this route, or None: with
+    the route's `preserve_host`, Kong uses the client's Host, so a client would reach whichever
+    virtual host behind the address it names, not the one the CA store and the probe vouch for."""
+    if isinstance(route, Mapping) and route.get("preserve_host") is True:
+        return Verdict.failure(target, Reason.UPSTREAM_HOST_CHANGED,
+                               f"route {route.get('name') or route.get('id')} has preserve_host: Kong "
+                               "would send and verify the client's Host, not the Service's host")
+    return None
 
 
 def service_tls_problem(service: object, target: Target) -> Verdict | None:

@@ -6,8 +6,9 @@ Per request (access phase):
    Service says otherwise;
 2. `kong.router.get_service()` (one call): the Service must be one whose connections only Kong's own
    verification against its own CAs protects (`core.upstream.service_tls_problem`: TLS, `tls_verify`,
-   `ca_certificates`, a `client_certificate` that gives it its own connection pool); the probe target
-   is the configured `host`/`port`, else the Service's;
+   `ca_certificates`, a `client_certificate` that gives it its own connection pool); then
+   `kong.router.get_route()`: a route with `preserve_host` is refused (Kong would send and verify
+   the client's Host); the probe target is the configured `host`/`port`, else the Service's;
 3. the verdict for that target comes from the instance's cache. The probe itself (connect, TLS
    handshake: blocking network I/O) runs in gevent's thread pool — the plugin server runs gevent
    without monkey-patching, so a blocking socket in a greenlet would stall every request. A fresh
@@ -19,7 +20,7 @@ Per request (access phase):
 4. pass: one `kong.ctx.shared.set` of the mark the fail-closed guard requires; refusal: 502 with the
    reason code in the log.
 
-A pass with a cached verdict costs 3 PDK calls (4 with `tls_verify_depth`). The identity logic is
+A pass with a cached verdict costs 4 PDK calls (5 with `tls_verify_depth`). The identity logic is
 kong_mtls.core.upstream; docs/upstream-identity.md.
 """
 
@@ -45,6 +46,7 @@ from kong_mtls.core.upstream import (
     VerdictCache,
     check,
     check_server_name,
+    preserved_host_problem,
     service_tls_problem,
 )
 from kong_mtls.kong.runtime import Refusal, log_line, pdk_log, phase
@@ -123,7 +125,8 @@ class Plugin:
         target = self.fixed_target or self._service_target(service)
         if isinstance(target, Verdict):
             return _refusal(target)
-        problem = service_tls_problem(service, target)
+        problem = (service_tls_problem(service, target)
+                   or preserved_host_problem(kong.router.get_route(), target))
         if problem is not None:
             return _refusal(problem)
         verdict = self._verdict(kong, target)
