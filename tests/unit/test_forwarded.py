@@ -574,8 +574,15 @@ def test_a_reissued_client_root_is_no_edge_ca(pki):
     assert info.value.field == "edge_ca_certificates"
 
 
-def test_trusted_proxies_together_no_wider_than_one_slash_8(pki):
-    many = [f"{i}.0.0.0/8" for i in range(1, 3)]
+def test_trusted_proxies_together_no_wider_than_four_slash_8s(pki):
+    assert compile_config(
+        {
+            **config(pki, "rfc9440", "Client-Cert"),
+            "trusted_proxies_presets": ["cloudflare"],
+            "trusted_proxies": ["10.0.0.0/8", "127.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"],
+        }
+    )
+    many = [f"{i}.0.0.0/8" for i in range(1, 6)]
     with pytest.raises(ConfigError) as info:
         compile_config({**config(pki, "rfc9440", "Client-Cert"), "trusted_proxies": many})
     assert info.value.field == "trusted_proxies" and "together" in info.value.problem

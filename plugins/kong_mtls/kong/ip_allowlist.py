@@ -120,6 +120,11 @@ class Presets:
         return self.loaded[name]
 
 
+#: Trusted proxies together: at most this many of the widest ranges (room for the private ranges,
+#: loopback and Cloudflare's, not for "everyone").
+MAX_TRUSTED_PROXY_RANGES = 4
+
+
 def address_set(conf: Mapping[str, Any], field: str, presets: Presets) -> AddressSet:
     """The CIDRs of `field` and `<field>_presets`. Trusted proxies are held to the presets' width
     limit: a wider range would make every peer in it a proxy whose headers are believed."""
@@ -129,7 +134,7 @@ def address_set(conf: Mapping[str, Any], field: str, presets: Presets) -> Addres
             problem = width_problem([network])
             if problem:
                 raise ConfigError(f"{field}[{i}]", f"{problem}: every peer in it would be a trusted proxy")
-        problem = width_problem(networks)
+        problem = width_problem(networks, ranges=MAX_TRUSTED_PROXY_RANGES)
         if problem:
             raise ConfigError(field, f"{problem}: every peer in them would be a trusted proxy")
     for i, name in enumerate(conf[f"{field}_presets"] or (), start=1):

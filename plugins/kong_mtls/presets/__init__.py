@@ -60,17 +60,20 @@ class CidrList:
 WIDEST_PREFIX = {4: 8, 6: 16}
 
 
-def width_problem(networks: Sequence[IPNetwork]) -> str | None:
+def width_problem(networks: Sequence[IPNetwork], ranges: int = 1) -> str | None:
     """Why CIDRs are implausibly wide for a list of proxies (their headers are believed), or None:
-    one range wider than WIDEST_PREFIX, or all of a family together covering more than one such."""
+    one range wider than WIDEST_PREFIX, or all of a family together covering more than `ranges`
+    such ranges (a preset: one; an operator's trusted proxies: a few, e.g. the private ranges and
+    Cloudflare's)."""
     for version, widest in WIDEST_PREFIX.items():
         family = [n for n in networks if n.version == version]
         for network in family:
             if network.prefixlen < widest:
                 return f"{network} is wider than /{widest}"
         covered = sum(n.num_addresses for n in ipaddress.collapse_addresses(family))
-        if covered > 2 ** ((32 if version == 4 else 128) - widest):
-            return f"the IPv{version} ranges together cover more addresses than one /{widest}"
+        if covered > ranges * 2 ** ((32 if version == 4 else 128) - widest):
+            count = "one" if ranges == 1 else str(ranges)
+            return f"the IPv{version} ranges together cover more addresses than {count} /{widest}"
     return None
 
 
