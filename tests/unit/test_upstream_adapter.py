@@ -186,6 +186,26 @@ def test_a_probe_that_sees_another_identity_alarms_once_per_verdict(conf):
     plugin.access(third)
     assert plugin.alarms == 2 and "alarms=2" in errors(third)[0]
 
+    # A background refresh that sees another identity, with no request using that verdict before
+    # a passing probe replaces it, is still logged by the next request (upstream review).
+    plugin.policy = Plugin(conf).policy                    # the upstream's identity is expected again
+    clock.t += 5
+    fourth = FakeKong()
+    plugin.access(fourth)
+    assert fourth.exit is None and not errors(fourth)
+    plugin.policy = Plugin(dict(conf, expected_dns_names=["someone-else.test"])).policy
+    clock.t += 60 * REFRESH_FRACTION + 1                  # due for refresh: served, probed behind
+    fifth = FakeKong()
+    plugin.access(fifth)
+    wait_idle(plugin)
+    assert fifth.exit is None and plugin.alarms == 3      # the refresh saw another identity
+    clock.t += 5 + 1                                       # its refusal expired unused
+    plugin.policy = Plugin(conf).policy
+    clock.t += 60
+    sixth = FakeKong()
+    plugin.access(sixth)
+    assert sixth.exit is None and any("alarms=3" in line for line in errors(sixth)), sixth.calls
+
     down = Plugin(dict(conf, port=closed_port()))
     unreachable = FakeKong()
     down.access(unreachable)

@@ -27,6 +27,7 @@ kong_mtls.core.upstream; docs/upstream-identity.md.
 from __future__ import annotations
 
 import sys
+from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -57,6 +58,8 @@ MARK = shared_mark(UPSTREAM_IDENTITY)
 DEFAULT_PORT = 443
 #: Extra time a waiting request allows beyond the probe timeout (thread hand-off, scheduling).
 WAIT_MARGIN = 0.5
+#: Alarms kept for the next request to log (beyond: the oldest go, `alarms=N` still counts them).
+MAX_UNLOGGED_ALARMS = 16
 
 Schema = [
     schema.string("host", len_min=1),
@@ -114,6 +117,9 @@ class Plugin:
         self._inflight: dict[Target, AsyncResult] = {}
         #: Probes of this instance that saw another identity than the configured one (IDENTITY_ALARMS).
         self.alarms = 0
+        #: Their verdicts, until a request logs them: a background refresh's alarm is logged even when
+        #: no request uses that verdict before the next probe replaces it.
+        self._unlogged_alarms: deque[tuple[int, Verdict]] = deque(maxlen=MAX_UNLOGGED_ALARMS)
 
     @phase(UPSTREAM_IDENTITY)
     def access(self, kong: Any) -> Refusal | None:
@@ -132,22 +138,23 @@ class Plugin:
         verdict = self._verdict(kong, target)
         if self.cache.first_use(target):
             self._announce(kong, verdict)
+        while self._unlogged_alarms:
+            count, seen = self._unlogged_alarms.popleft()
+            pdk_log(kong, UPSTREAM_IDENTITY, "err",
+                    log_line(UPSTREAM_IDENTITY, "alarm", reason=seen.reason.value, alarms=count,
+                             detail=seen.describe()))
         if not verdict.ok:
             return _refusal(verdict)
         kong.ctx.shared.set(MARK, verdict.mark())
         return None
 
     def _announce(self, kong: Any, verdict: Verdict) -> None:
-        """Once per verdict: its expiry warnings, and an alarm at err when the probe saw another
-        identity than the configured one (with the instance's count of such probes)."""
+        """Once per verdict: its expiry warnings. (Alarms are logged from `_unlogged_alarms`, once
+        per probe that saw another identity, by the next request whatever verdict it uses.)"""
         for notice in verdict.notices:
             pdk_log(kong, UPSTREAM_IDENTITY, "warn",
                     log_line(UPSTREAM_IDENTITY, "warning", reason=notice.notice.value,
                              target=str(verdict.target), detail=notice.describe()))
-        if verdict.alarm:
-            pdk_log(kong, UPSTREAM_IDENTITY, "err",
-                    log_line(UPSTREAM_IDENTITY, "alarm", reason=verdict.reason.value,
-                             alarms=self.alarms, detail=verdict.describe()))
 
     def _service_target(self, service: Any) -> Target | Verdict:
         placeholder = Target("service", self.port or DEFAULT_PORT)
@@ -193,6 +200,7 @@ class Plugin:
             verdict = Verdict.failure(target, Reason.PROBE_ERROR, f"{type(exc).__name__}: {exc}")
         if verdict.alarm:
             self.alarms += 1
+            self._unlogged_alarms.append((self.alarms, verdict))
         self.cache.store(target, verdict)
         self._inflight.pop(target, None)
         job.set(verdict)
