@@ -561,3 +561,19 @@ def test_upstream_identity_routes_neither_share_a_certificate_entity_nor_preserv
     assert len(messages) == 1 and "preserve_host" in messages[0]
     doc["services"][0]["routes"][0]["preserve_host"] = False
     assert "upstream-identity-service" not in rules(doc)
+
+
+def test_a_post_function_guard_behind_a_plugin_that_answers_first(pki) -> None:
+    """guard review: proxy-cache (priority 100) answers from its cache before post-function
+    (-1000): with the fallback guard, a cached answer reaches a client no plugin vouched for."""
+    plugins = [{"name": "ip-allowlist", "config": {"allow": ["10.0.0.0/8"]}},
+               {"name": "post-function", "config": {"access": [lua_guard(["ip-allowlist"])]}},
+               {"name": "proxy-cache", "config": {"strategy": "memory"}}]
+    doc = {"_format_version": "3.0",
+           "services": [{"name": "s", "url": "https://up:8443",
+                         "routes": [{"name": "r", "paths": ["/r"], "plugins": plugins}]}]}
+    found = rules(doc).get("guard-too-late", [])
+    assert found and "proxy-cache" in found[0].message
+    doc["plugins"] = [{"name": GUARD}]                    # the guard plugin runs before proxy-cache
+    plugins.pop(1)
+    assert "guard-too-late" not in rules(doc)

@@ -149,6 +149,10 @@ class KongConfig:
         """Every enabled config of plugin `name`."""
         return list(self._combos.get(name, {}).values())
 
+    def enabled_names(self) -> list[str]:
+        """The names of the plugins with at least one enabled config."""
+        return sorted(self._combos)
+
     def effective(self, name: str, route: str | None, service: str | None,
                   consumer: str | None = None) -> PluginConfig | None:
         """The config of `name` Kong runs for a request on `route` of `service` by `consumer`."""

@@ -250,6 +250,37 @@ def rule_guard_without_plugin(ctx: Context) -> Iterator[Finding]:
                     ctx.route_tags(route) | plugin.tags)
 
 
+#: Kong's bundled plugins that can answer a request (or send it elsewhere) in the access phase after
+#: our plugins (priority <= 779) but before post-function (-1000): the fallback guard comes too late.
+ANSWER_BEFORE_POST_FUNCTION = ("redirect", "standard-webhooks", "aws-lambda", "azure-functions",
+                               "proxy-cache", "request-termination")
+
+
+def rule_guard_too_late(ctx: Context) -> Iterator[Finding]:
+    """guard-too-late: a route guarded only by the post-function fallback, with a plugin that can
+    answer before it (proxy-cache serves a cached answer to a client our plugin never vouched for)."""
+    answering = [name for name in ctx.config.enabled_names()
+                 if name in ANSWER_BEFORE_POST_FUNCTION or name.startswith("ai-")]
+    if not answering:
+        return
+    for route, _service in ctx.routes():
+        ours = _ours(ctx, route)
+        running = _coverage(ctx, route, None)[1]
+        by_plugin = frozenset().union(*(_guard_covers(p) for p in running if p.name == GUARD))
+        by_fallback = frozenset().union(*(_guard_covers(p) for p in running if p.name == POST_FUNCTION))
+        if not (ours - by_plugin) & by_fallback:
+            continue  # the guard plugin covers it, or nothing does (unguarded-route says so)
+        early = [name for name in answering
+                 if ctx.config.effective(name, route.key, route.service) is not None]
+        if early:
+            yield Finding(
+                Severity.WARNING, "guard-too-late", route.path,
+                f"{_names(frozenset(early))} can answer before the post-function guard (priority -1000): "
+                "when a plugin server fails, that answer reaches a client no plugin of ours vouched for",
+                f"use `{GUARD}` (priority 780, before them) instead of the post-function guard",
+                ctx.route_tags(route))
+
+
 # -- asking for client certificates ------------------------------------------------------------------
 
 def rule_cert_auth_plain_http(ctx: Context) -> Iterator[Finding]:
@@ -601,6 +632,7 @@ RULES: tuple[Rule, ...] = (
     rule_invalid_plugin_config,
     rule_guard,
     rule_guard_without_plugin,
+    rule_guard_too_late,
     rule_cert_auth_plain_http,
     rule_certificate_request,
     rule_shared_upstream_pool,
@@ -618,6 +650,7 @@ RULE_IDS = {
     "unguarded-route": Severity.ERROR,
     "guard-displaced": Severity.ERROR,
     "guard-without-plugin": Severity.ERROR,
+    "guard-too-late": Severity.WARNING,
     "cert-auth-plain-http": Severity.ERROR,
     "no-certificate-request": Severity.ERROR,
     "session-resumption": Severity.ERROR,
