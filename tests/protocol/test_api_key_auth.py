@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from kong_mtls.constants import API_KEY_AUTH, CLIENT_CERT_AUTH, IP_ALLOWLIST, shared_mark
+from kong_mtls.constants import API_KEY_AUTH, CLIENT_CERT_AUTH, HEADER_CERT_AUTH, IP_ALLOWLIST, shared_mark
 from kong_mtls.core.api_keys import credential_entry, credential_identifier, generate_key
 from tests.harness.expect import assert_invalid_config
 from tests.harness.kong_side import Consumer, KongSide, Outcome, Request
@@ -194,6 +194,13 @@ def test_cert_bound_key(kong: KongSide, server) -> None:
     assert outcome.proxied and outcome.header("X-Consumer-ID") == ALICE.id
     other = {shared_mark(CLIENT_CERT_AUTH): cert_mark(BOB)}
     outcome = run(kong, server, header_request(CERT.key), ctx_shared=other)
+    assert outcome.status == 401 and "reason=CERT_CONSUMER_MISMATCH" in outcome.log_text()
+    # A certificate an edge forwarded (header-cert-auth) binds the key the same way.
+    forwarded = {shared_mark(HEADER_CERT_AUTH): cert_mark(ALICE)}
+    outcome = run(kong, server, header_request(CERT.key), ctx_shared=forwarded)
+    assert outcome.proxied and outcome.header("X-Consumer-ID") == ALICE.id
+    forwarded_bob = {shared_mark(HEADER_CERT_AUTH): cert_mark(BOB)}
+    outcome = run(kong, server, header_request(CERT.key), ctx_shared=forwarded_bob)
     assert outcome.status == 401 and "reason=CERT_CONSUMER_MISMATCH" in outcome.log_text()
 
 

@@ -16,7 +16,7 @@ from typing import Any
 from kong_pdk.exception import PDKException
 
 from kong_mtls import schema
-from kong_mtls.constants import API_KEY_AUTH, CLIENT_CERT_AUTH, IP_ALLOWLIST, shared_mark
+from kong_mtls.constants import API_KEY_AUTH, CLIENT_CERT_AUTH, HEADER_CERT_AUTH, IP_ALLOWLIST, shared_mark
 from kong_mtls.core.api_keys import (
     ApiKeyAuth,
     Outcome,
@@ -96,7 +96,10 @@ class Plugin:
             load_consumer=load_consumer,
             load_client_ip=lambda: resolve_client_ip(kong.ctx.shared.get(shared_mark(IP_ALLOWLIST)),
                                                      lambda: kong.client.get_forwarded_ip()),
-            load_cert_mark=lambda: kong.ctx.shared.get(shared_mark(CLIENT_CERT_AUTH)),
+            # The certificate of Kong's handshake, else one an edge forwarded (header-cert-auth): the
+            # same verification decided both.
+            load_cert_mark=lambda: (kong.ctx.shared.get(shared_mark(CLIENT_CERT_AUTH))
+                                    or kong.ctx.shared.get(shared_mark(HEADER_CERT_AUTH))),
             now=time.time(),
         )
         if decision.outcome is Outcome.REFUSED:
