@@ -325,3 +325,20 @@ def test_verdict_failure_is_not_ok_and_describes_itself():
     verdict = Verdict.failure(Target("h", 443), Reason.PROBE_TIMEOUT, "slow\nline")
     assert not verdict.ok and verdict.describe() == "target=h:443 slow line"
     assert verdict.checked_at <= dt.datetime.now(dt.timezone.utc)
+
+
+def test_an_upstream_chosen_subject_cannot_push_the_reason_out_of_the_log(pki):
+    """Review: a subject of ~300 characters put first would fill the log field (300 characters)
+    with text the upstream chose. The key and the reason come first; the subject last, shortened."""
+    from kong_mtls.kong.runtime import log_line
+    padded = pki.intermediate.issue(name("x" * 60, organizational_units=["pad" * 20] * 4),
+                                    sans=SubjectAltNames(dns=["api.internal"]),
+                                    extended_key_usage=(SERVER_AUTH,))
+    observed = seen(CertSummary.of(padded.cert))
+    verdict = evaluate(observed, policy(pki, expected_uris=["spiffe://example.org/echo"]))
+    assert verdict.reason is Reason.URI_SAN_MISMATCH
+    line = log_line("upstream-identity", "alarm", reason=verdict.reason.value, detail=verdict.describe())
+    field = line.split("detail=", 1)[1]
+    assert f"spki_sha256={observed.certificate.spki_b64}" in field
+    assert "spiffe://example.org/echo" in field
+    assert field.index("spki_sha256=") < field.index("subject=")

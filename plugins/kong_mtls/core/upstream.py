@@ -762,6 +762,15 @@ class ExpiryNotice:
                f"(in {left.days} days)"
 
 
+#: Log detail limits for what an upstream chooses (see `Verdict.describe`).
+MAX_DETAIL_CHARS = 200
+MAX_SUBJECT_CHARS = 60
+
+
+def _shortened(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 @dataclass(frozen=True)
 class Verdict:
     reason: Reason
@@ -788,16 +797,19 @@ class Verdict:
         return cls(reason, _short(detail), Observation(target, reason, _short(detail)))
 
     def describe(self) -> str:
-        """One line for the log: where, what was seen, why."""
+        """One line for the log: where, the key seen, why, then the subject. What the upstream
+        chooses (its subject, its names in the detail) comes last and shortened, so it cannot push
+        the reason and the key out of the log's field limit."""
         parts = [f"target={self.target}"]
         if self.target.server_name:
             parts.append(f"sni={self.target.server_name}")
         cert = self.observation.certificate
         if cert is not None:
-            parts.append(f"subject={cert.subject}")
             parts.append(f"spki_sha256={cert.spki_b64}")
         if self.detail:
-            parts.append(self.detail)
+            parts.append(_shortened(self.detail, MAX_DETAIL_CHARS))
+        if cert is not None:
+            parts.append(f"subject={_shortened(cert.subject, MAX_SUBJECT_CHARS)}")
         return " ".join(parts)
 
     def mark(self) -> dict[str, Any]:
