@@ -306,3 +306,19 @@ def test_a_python_that_cannot_return_the_chain_fails_closed():
     with pytest.raises(core._Failed) as failed:
         core._presented_chain(SimpleNamespace(_sslobj=object()))
     assert failed.value.reason is Reason.PROBE_ERROR and "3.10" in failed.value.detail
+
+
+@pytest.mark.parametrize("max_version", [None, ssl.TLSVersion.TLSv1_2], ids=["tls1.3", "tls1.2"])
+def test_refusing_kongs_certificate_does_not_hide_another_identity(certs, pki, files, max_version):
+    """Review: an upstream with another identity that also refuses Kong's client certificate was
+    reported as CLIENT_CERT_REJECTED (a warning), not as the identity alarm it is."""
+    with TLSUpstream(certs["upstream"], client_cas=[pki.root], max_version=max_version) as server:
+        wrong = check(target(server), build(pki, files, client="stranger",
+                                            expected_uris=["spiffe://example.org/someone-else"]))
+        if max_version is None:   # TLS 1.3: the chain is in hand before the upstream's verdict
+            assert wrong.reason is Reason.URI_SAN_MISMATCH and wrong.alarm, wrong.detail
+            assert "refused Kong's client certificate" in wrong.detail
+        else:                     # TLS 1.2: the handshake fails before any chain is shown
+            assert wrong.reason in (Reason.CLIENT_CERT_REJECTED, Reason.HANDSHAKE_FAILED)
+        right = check(target(server), build(pki, files, client="stranger"))
+        assert right.reason in (Reason.CLIENT_CERT_REJECTED, Reason.HANDSHAKE_FAILED) and not right.alarm

@@ -708,11 +708,19 @@ def probe(target: Target, settings: ProbeSettings) -> Observation:
                                certificate=_capture_unverified(target, settings, deadline),
                                client_certificate=client)
         try:
-            _await_client_cert_verdict(tls, settings, deadline)
+            # The chain first: an upstream that refuses Kong's certificate has still shown its own,
+            # and another identity than the expected one must be an alarm, not a client-cert warning.
+            chain = _presented_chain(tls)
+            try:
+                _await_client_cert_verdict(tls, settings, deadline)
+            except _Failed as failed:
+                if failed.reason is not Reason.CLIENT_CERT_REJECTED or not chain:
+                    raise
+                return Observation(target, failed.reason, failed.detail, certificate=CertSummary.of(chain[0]),
+                                   client_certificate=client)
             cipher = tls.cipher()
             seen = dict(tls_version=tls.version(), cipher=cipher[0] if cipher else None,
                         client_certificate=client)
-            chain = _presented_chain(tls)
             problem = None if anchors is None else webpki_problem(
                 chain, anchors, target.name if settings.verify_hostname else None)
             if problem is not None:
@@ -827,13 +835,24 @@ def evaluate(observation: Observation, policy: UpstreamPolicy, now: dt.datetime 
     """Judge an observation against the expected identity."""
     now = now or _now()
     notices = _notices(observation, policy.warn_within, now)
+    cert = observation.certificate
+    if observation.failure is Reason.CLIENT_CERT_REJECTED and cert is not None:
+        # It refused Kong's certificate after showing its own: another identity is the alarm.
+        reason, detail = _identity(cert, policy.expectation, now)
+        if reason in IDENTITY_ALARMS:
+            return Verdict(reason, _short(f"{detail}; it also refused Kong's client certificate"),
+                           observation, notices, now)
     if observation.failure is not None:
         return Verdict(observation.failure, observation.detail, observation, notices, now)
-    cert = observation.certificate
     if cert is None:
         return Verdict(Reason.HANDSHAKE_FAILED, "the upstream presented no certificate", observation,
                        notices, now)
-    expect = policy.expectation
+    reason, detail = _identity(cert, policy.expectation, now)
+    return Verdict(reason, _short(detail), observation, notices, now)
+
+
+def _identity(cert: CertSummary, expect: Expectation, now: dt.datetime) -> tuple[Reason, str]:
+    """The certificate's validity and names against the expected identity."""
     reason, detail = Reason.IDENTITY_OK, ""
     if now < cert.not_before:
         reason, detail = Reason.UPSTREAM_CERT_NOT_YET_VALID, f"valid from {cert.not_before.isoformat()}"
@@ -848,7 +867,7 @@ def evaluate(observation: Observation, policy: UpstreamPolicy, now: dt.datetime 
     elif expect.uris and not expect.uris.intersection(cert.uris):
         reason = Reason.URI_SAN_MISMATCH
         detail = f"SAN URI {list(cert.uris)} has none of {sorted(expect.uris)}"
-    return Verdict(reason, _short(detail), observation, notices, now)
+    return reason, detail
 
 
 def _notices(observation: Observation, window: dt.timedelta, now: dt.datetime) -> tuple[ExpiryNotice, ...]:
