@@ -577,3 +577,14 @@ def test_a_post_function_guard_behind_a_plugin_that_answers_first(pki) -> None:
     doc["plugins"] = [{"name": GUARD}]                    # the guard plugin runs before proxy-cache
     plugins.pop(1)
     assert "guard-too-late" not in rules(doc)
+
+
+def test_api_keys_on_a_route_that_accepts_plain_http() -> None:
+    """guard review: a key sent over plain HTTP can be read on the way."""
+    doc = {"_format_version": "3.0", "plugins": [{"name": GUARD}],
+           "services": [{"name": "s", "url": "https://up:8443",
+                         "routes": [{"name": "r", "paths": ["/r"], "protocols": ["http", "https"],
+                                     "plugins": [{"name": "api-key-auth"}]}]}]}
+    assert [f.path for f in rules(doc).get("api-key-plain-http", [])] == ["routes[r]"]
+    doc["services"][0]["routes"][0]["protocols"] = ["https"]
+    assert "api-key-plain-http" not in rules(doc)

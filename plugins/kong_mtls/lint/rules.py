@@ -44,7 +44,9 @@ VERIFY_CLIENT_SETTINGS = ("nginx_proxy_ssl_verify_client", "nginx_http_ssl_verif
 #: Kong's default `proxy_access_log`; nginx then logs in its `combined` format (the request line).
 DEFAULT_PROXY_ACCESS_LOG = "logs/access.log"
 #: Kong's bundled plugins that log the request's URI with its query string.
-LOGGING_PLUGINS = ("file-log", "http-log", "tcp-log", "udp-log", "syslog", "loggly", "kafka-log")
+#: opentelemetry: its request span carries the full URL, query included (`http.url`).
+LOGGING_PLUGINS = ("file-log", "http-log", "tcp-log", "udp-log", "syslog", "loggly", "kafka-log",
+                   "opentelemetry")
 #: nginx variables that hold the query string: the request line, the URI with its arguments.
 _QUERY_VARIABLES = re.compile(
     r"\$\{?(?:request|request_uri|args|query_string|arg_[A-Za-z0-9_]+)(?![A-Za-z0-9_])")
@@ -284,11 +286,20 @@ def rule_guard_too_late(ctx: Context) -> Iterator[Finding]:
 # -- asking for client certificates ------------------------------------------------------------------
 
 def rule_cert_auth_plain_http(ctx: Context) -> Iterator[Finding]:
-    """cert-auth-plain-http: a route with client-cert-auth that accepts plain HTTP."""
+    """cert-auth-plain-http: a route with client-cert-auth that accepts plain HTTP; api-key-plain-http:
+    one with api-key-auth (the key travels in clear)."""
     for route, _service in ctx.routes():
+        plain = [p for p in route.protocols if p in PLAINTEXT_PROTOCOLS]
+        if plain and ctx.on_route(API_KEY_AUTH, route) is not None:
+            yield Finding(
+                Severity.WARNING, "api-key-plain-http", route.path,
+                f"api-key-auth on a route that accepts {', '.join(plain)}: a key sent over it can be read "
+                "on the way (and, once seen, replayed)",
+                "set `protocols: [https]` on the route, unless only a TLS-terminating proxy on a private "
+                "network reaches Kong over HTTP (then tag the route kong-mtls-lint-allow:api-key-plain-http)",
+                ctx.route_tags(route))
         if ctx.on_route(CLIENT_CERT_AUTH, route) is None:
             continue
-        plain = [p for p in route.protocols if p in PLAINTEXT_PROTOCOLS]
         if plain:
             yield Finding(
                 Severity.ERROR, "cert-auth-plain-http", route.path,
@@ -652,6 +663,7 @@ RULE_IDS = {
     "guard-without-plugin": Severity.ERROR,
     "guard-too-late": Severity.WARNING,
     "cert-auth-plain-http": Severity.ERROR,
+    "api-key-plain-http": Severity.WARNING,
     "no-certificate-request": Severity.ERROR,
     "session-resumption": Severity.ERROR,
     "shared-upstream-pool": Severity.ERROR,
