@@ -118,9 +118,9 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
-def _short(text: str) -> str:
+def _short(text: str, limit: int = _MAX_DETAIL) -> str:
     text = " ".join(str(text).split())
-    return text if len(text) <= _MAX_DETAIL else text[:_MAX_DETAIL] + "..."
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 # -- certificates -----------------------------------------------------------------------------------
@@ -770,13 +770,8 @@ class ExpiryNotice:
                f"(in {left.days} days)"
 
 
-#: Log detail limits for what an upstream chooses (see `Verdict.describe`).
-MAX_DETAIL_CHARS = 200
+#: What `Verdict.describe` keeps of the texts an upstream chooses (its names, its subject).
 MAX_SUBJECT_CHARS = 60
-
-
-def _shortened(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 @dataclass(frozen=True)
@@ -815,9 +810,9 @@ class Verdict:
         if cert is not None:
             parts.append(f"spki_sha256={cert.spki_b64}")
         if self.detail:
-            parts.append(_shortened(self.detail, MAX_DETAIL_CHARS))
+            parts.append(_short(self.detail))
         if cert is not None:
-            parts.append(f"subject={_shortened(cert.subject, MAX_SUBJECT_CHARS)}")
+            parts.append(f"subject={_short(cert.subject, MAX_SUBJECT_CHARS)}")
         return " ".join(parts)
 
     def mark(self) -> dict[str, Any]:

@@ -50,14 +50,11 @@ from kong_mtls.core.forwarded import (
 from kong_mtls.core.headers import header_name_problem
 from kong_mtls.core.identity import HEADER_CLIENT_CERT_DN, HEADER_CLIENT_CERT_SAN
 from kong_mtls.kong import client_cert_auth
-from kong_mtls.kong.ip_allowlist import Presets, address_set
+from kong_mtls.kong.ip_allowlist import PEER_VARIABLE, Presets, address_set
 from kong_mtls.kong.runtime import Refusal, log_line, phase
 from kong_mtls.kong.server import serve
 from kong_mtls.presets import CA_PRESET_NAMES, CIDR_PRESET_NAMES, load_ca_preset, load_cidr_preset
 from kong_mtls.schema import ConfigError
-
-#: The nginx variable holding the TCP peer before any real-IP rewrite.
-PEER_VARIABLE = "realip_remote_addr"
 
 Schema = [
     # Where the certificate comes from: one header, one explicit format.
