@@ -138,7 +138,7 @@ def test_missing_target_is_an_argparse_error(capsys):
 
 def test_certificate_fields_cannot_act_on_the_terminal() -> None:
     """An upstream's subject like `x\\nverdict: OK\\x1b[8m` prints as one escaped line (review)."""
-    from kong_mtls.commands.upstream_check import _printable
-    shown = _printable("CN=x\nverdict:      OK (IDENTITY_OK)\x1b[8m")
+    from kong_mtls.kong.runtime import printable
+    shown = printable("CN=x\nverdict:      OK (IDENTITY_OK)\x1b[8m")
     assert "\n" not in shown and "\x1b" not in shown and shown.isprintable()
-    assert _printable("CN=plain, O=Example") == "CN=plain, O=Example"
+    assert printable("CN=plain, O=Example") == "CN=plain, O=Example"

@@ -30,6 +30,7 @@ from kong_mtls.core.upstream import (
     parse_target,
     probe,
 )
+from kong_mtls.kong.runtime import printable
 from kong_mtls.schema import ConfigError
 
 COMMAND = "upstream-check"
@@ -155,15 +156,8 @@ def _print(args: argparse.Namespace, observation: Observation, verdict: Verdict 
                                   "(the plugin logs this at err and counts it)"))
     width = max(len(label) for label, _ in rows) + 1
     for label, value in rows:
-        print(f"{label + ':':<{width}} {_printable(value)}")
+        print(f"{label + ':':<{width}} {printable(value)}")
 
-
-def _printable(text: str) -> str:
-    """Certificate fields come from the upstream (`--insecure` on an unknown server): nothing in
-    them may act on the terminal or start a line that looks like ours."""
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 def _chain_status(args: argparse.Namespace, observation: Observation) -> str:

@@ -66,11 +66,18 @@ def _log_value(value: Any) -> str:
     text = str(value)
     if len(text) > 300:
         text = text[:300] + "..."
-    if not text.isprintable():
-        text = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+    text = printable(text)
     if any(c in text for c in ' "=\\'):  # quoted, and nothing inside can end the quotes
         return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
     return text
+
+
+def printable(text: str) -> str:
+    """`text` with every non-printable character (control characters, escape sequences a terminal or
+    a log parser would act on) written as its Python escape."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 def pdk_log(kong: Any, plugin: str, level: str, line: str) -> None:
