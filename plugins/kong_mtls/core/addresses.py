@@ -21,7 +21,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import Enum
 from functools import lru_cache
-from typing import Union
+from typing import Any, Union
 
 from kong_mtls.schema import ConfigError
 
@@ -43,6 +43,16 @@ NO_ADDRESS_MESSAGE = "Cannot identify the client IP address"
 MAX_HEADER_LINES = 1000
 _MAX_ADDRESS_TEXT = 64  # longer than any IP literal (with brackets and port); anything longer is junk
 _DETAIL_VALUE_CHARS = 64
+
+
+def whole_header_map(headers: object) -> Mapping[str, Any] | None:
+    """Kong's `get_headers(MAX_HEADER_LINES)` map, or None when it is no map or may have been cut at
+    the limit (a line a trusted proxy added could be among those not returned)."""
+    if not isinstance(headers, Mapping):
+        return None
+    if sum(len(v) if isinstance(v, list) else 1 for v in headers.values()) >= MAX_HEADER_LINES:
+        return None
+    return headers
 
 
 class Source(str, Enum):
@@ -347,12 +357,10 @@ class Policy:
         a proxy that adds its own line rather than appending to the client's, the client would
         pick its own address. A map that is not a map, or may have been cut at MAX_HEADER_LINES,
         is refused."""
-        if not isinstance(headers, Mapping):
+        whole = whole_header_map(headers)
+        if whole is None:
             return self.decide(peer, header=_UNREADABLE)
-        lines = sum(len(v) if isinstance(v, list) else 1 for v in headers.values())
-        if lines >= MAX_HEADER_LINES:
-            return self.decide(peer, header=_UNREADABLE)
-        value = headers.get((self.header_name or "").lower())
+        value = whole.get((self.header_name or "").lower())
         if isinstance(value, list):
             value = ", ".join(value) if value and all(isinstance(v, str) for v in value) else _UNREADABLE
         return self.decide(peer, header=value)

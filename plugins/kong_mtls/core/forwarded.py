@@ -27,8 +27,9 @@ import textwrap
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any
 
-from kong_mtls.core.addresses import MAX_HEADER_LINES, AddressSet, parse_ip
+from kong_mtls.core.addresses import MAX_HEADER_LINES, AddressSet, parse_ip, whole_header_map
 from kong_mtls.core.chain import MAX_CHAIN_CERTIFICATES, MAX_CHAIN_PEM_CHARS, ChainVerifier, Reason
 from kong_mtls.core.consumers import LoadConsumer
 from kong_mtls.core.identity import Authenticator, Decision
@@ -83,13 +84,9 @@ def _malformed(detail: str) -> Forwarded:
     return Forwarded(reason=Reason.MALFORMED_CHAIN, detail=detail)
 
 
-def header_lines(headers: object, name: str) -> list[str] | None:
+def header_lines(headers: Mapping[str, Any], name: str) -> list[str] | None:
     """Every line of header `name` (exactly this spelling, lower-cased as Kong's `get_headers`
-    returns them) from a `get_headers` map; None when the map cannot be trusted to be whole."""
-    if not isinstance(headers, Mapping):
-        return None
-    if sum(len(v) if isinstance(v, list) else 1 for v in headers.values()) >= MAX_HEADER_LINES:
-        return None  # cut at the limit: the edge's own line may be among those not returned
+    returns them) from a whole `get_headers` map (`whole_header_map`); None when not text."""
     value = headers.get(name.lower())
     if value is None:
         return []
@@ -138,12 +135,12 @@ class ForwardedSource:
     chain_header: str | None = None
     xfcc_elements: int = 1
 
-    def read(self, headers: object) -> Forwarded:
-        """Decode the forwarded certificate from Kong's `get_headers` map; never raises."""
+    def read(self, headers: Mapping[str, Any]) -> Forwarded:
+        """Decode the forwarded certificate from a whole `get_headers` map; never raises."""
         lines = header_lines(headers, self.header)
         chain_lines = header_lines(headers, self.chain_header) if self.chain_header else []
         if lines is None or chain_lines is None:
-            return _malformed(f"header lines could not all be read ({MAX_HEADER_LINES} at most)")
+            return _malformed("a certificate header line is not text")
         size = sum(len(line) for line in (*lines, *chain_lines))
         if size > MAX_FORWARDED_CHARS:
             return Forwarded(reason=Reason.CHAIN_TOO_LARGE,
@@ -349,7 +346,7 @@ class EdgePolicy:
                                                "(ca_certificates): pin the edge's key in edge_spki_sha256")
         return None
 
-    def check_verdict(self, headers: object) -> tuple[Reason, str] | None:
+    def check_verdict(self, headers: Mapping[str, Any]) -> tuple[Reason, str] | None:
         """None when no verdict is required or the edge's says verified, else (reason, detail)."""
         if self.verdict_header is not None:
             lines = header_lines(headers, self.verdict_header)
@@ -384,7 +381,10 @@ class ForwardedAuthenticator:
         untrusted = self.edge.check_connection(peer, edge_chain_pem)
         if untrusted is not None:
             return self.authenticator.refuse(*untrusted, load_consumer)
-        headers = load_headers()
+        headers = whole_header_map(load_headers())
+        if headers is None:
+            return self.authenticator.refuse(Reason.MALFORMED_CHAIN, "header lines could not all be read "
+                                             f"({MAX_HEADER_LINES} at most)", load_consumer)
         unverified = self.edge.check_verdict(headers)
         if unverified is not None:
             return self.authenticator.refuse(*unverified, load_consumer)
