@@ -23,7 +23,6 @@ import base64
 import binascii
 import hashlib
 import re
-import textwrap
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -106,7 +105,8 @@ def percent_decode(text: str) -> str | None:
 
 
 def _pem(der: bytes) -> str:
-    body = "\n".join(textwrap.wrap(base64.b64encode(der).decode("ascii"), 64))
+    text = base64.b64encode(der).decode("ascii")
+    body = "\n".join(text[i:i + 64] for i in range(0, len(text), 64))
     return f"{_PEM_BEGIN}\n{body}\n-----END CERTIFICATE-----\n"
 
 

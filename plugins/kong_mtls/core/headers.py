@@ -44,9 +44,7 @@ def with_every_spelling(headers: Mapping[str, Any]) -> dict[str, Any]:
     """`headers` for one `set_headers` call, plus an empty list (remove) for every other spelling of
     each name. A spelling that is itself a key, in any case, keeps its own value: Kong applies the
     table in no set order, so one header name appears once."""
-    setting = {name.lower() for name in headers}
-    changes = {name: value for name, value in _removals(tuple(headers)).items()
-               if name.lower() not in setting}
+    changes = dict(_removals(tuple(headers)))
     changes.update(headers)
     return changes
 
@@ -54,5 +52,7 @@ def with_every_spelling(headers: Mapping[str, Any]) -> dict[str, Any]:
 @functools.lru_cache(maxsize=64)
 def _removals(names: tuple[str, ...]) -> dict[str, Any]:
     """The removals for a set of names: a plugin sends the same names on every request. Callers
-    copy it (its lists are shared, and never changed)."""
-    return {other: [] for name in names for other in other_spellings(name)}
+    copy it (its lists are shared, and never changed). A spelling that is one of the names, in any
+    case, is not removed."""
+    setting = {name.lower() for name in names}
+    return {other: [] for name in names for other in other_spellings(name) if other.lower() not in setting}
