@@ -58,13 +58,23 @@ local function kong_lookup()
 end
 
 
-local function handler_of(list, name)
-  for i = 1, list[0] or #list do
-    local plugin = list[i]
-    if type(plugin) == "table" and plugin.name == name then
-      return plugin.handler
+-- Our plugins' handlers by name, once per plugin list (Kong builds a new list when the
+-- configuration changes; the old one is then collected with its entry).
+local handlers_by_list = setmetatable({}, { __mode = "k" })
+
+local function our_handlers(list)
+  local handlers = handlers_by_list[list]
+  if not handlers then
+    handlers = {}
+    for i = 1, list[0] or #list do
+      local plugin = list[i]
+      if type(plugin) == "table" and MARKS[plugin.name] then
+        handlers[plugin.name] = plugin.handler
+      end
     end
+    handlers_by_list[list] = handlers
   end
+  return handlers
 end
 
 
@@ -93,10 +103,11 @@ local function selected(ctx)
   local service_id = id_of(ctx.service)
   local consumer_id = id_of(ctx.authenticated_consumer)
   local names = {}
+  local handlers = our_handlers(list)
   for _, name in ipairs(GUARDED_PLUGINS) do
     local configs = combos[name]
     if configs then
-      local handler = handler_of(list, name) or {}
+      local handler = handlers[name] or {}
       local route = not handler.no_route and route_id or nil
       local service = not handler.no_service and service_id or nil
       local consumer = not handler.no_consumer and consumer_id or nil
