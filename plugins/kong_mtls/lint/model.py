@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 from urllib.parse import urlsplit
 
 FORMAT_VERSIONS = ("1.1", "2.1", "3.0")
@@ -38,8 +38,20 @@ class InputError(ValueError):
     """A configuration that cannot be read as Kong's; the message says where."""
 
 
+class _Entity:
+    """An entity a finding names as `<table>[<label>]`."""
+
+    TABLE: ClassVar[str]
+    label: str
+
+    @property
+    def path(self) -> str:
+        return f"{self.TABLE}[{self.label}]"
+
+
 @dataclass(frozen=True)
-class Service:
+class Service(_Entity):
+    TABLE: ClassVar[str] = "services"
     key: str
     label: str
     name: str | None
@@ -53,10 +65,6 @@ class Service:
     client_certificate: str | None
     tags: frozenset[str]
 
-    @property
-    def path(self) -> str:
-        return f"services[{self.label}]"
-
     def as_kong(self) -> dict[str, Any]:
         """The fields `kong.router.get_service()` returns that the plugins read."""
         return {"name": self.name, "id": self.id, "protocol": self.protocol, "host": self.host,
@@ -67,7 +75,8 @@ class Service:
 
 
 @dataclass(frozen=True)
-class Route:
+class Route(_Entity):
+    TABLE: ClassVar[str] = "routes"
     key: str
     label: str
     service: str | None
@@ -75,33 +84,23 @@ class Route:
     tags: frozenset[str]
     preserve_host: bool = False
 
-    @property
-    def path(self) -> str:
-        return f"routes[{self.label}]"
-
 
 @dataclass(frozen=True)
-class Consumer:
+class Consumer(_Entity):
+    TABLE: ClassVar[str] = "consumers"
     key: str
     label: str
     id: str | None
     username: str | None
     custom_id: str | None
 
-    @property
-    def path(self) -> str:
-        return f"consumers[{self.label}]"
-
 
 @dataclass(frozen=True)
-class CaCertificate:
+class CaCertificate(_Entity):
+    TABLE: ClassVar[str] = "ca_certificates"
     label: str
     cert: Any
     tags: frozenset[str]
-
-    @property
-    def path(self) -> str:
-        return f"ca_certificates[{self.label}]"
 
 
 @dataclass(frozen=True)
