@@ -155,24 +155,16 @@ class KongConfig:
     def effective(self, name: str, route: str | None, service: str | None,
                   consumer: str | None = None) -> PluginConfig | None:
         """The config of `name` Kong runs for a request on `route` of `service` by `consumer`."""
-        combos = self._combos.get(name)
-        if not combos:
-            return None
-        for has_route, has_service, has_consumer in _PRECEDENCE:
-            if (has_route and route is None) or (has_service and service is None) or \
-                    (has_consumer and consumer is None):
-                continue
-            hit = combos.get((route if has_route else None, service if has_service else None,
-                              consumer if has_consumer else None))
-            if hit is not None:
-                return hit
-        return None
+        return next(self._applying(name, route, service, consumer), None)
 
     def candidates(self, name: str, route: str | None, service: str | None,
                    consumer: str | None = None) -> list[PluginConfig]:
         """Every config of `name` that could apply to such a request, most specific first."""
+        return list(self._applying(name, route, service, consumer))
+
+    def _applying(self, name: str, route: str | None, service: str | None,
+                  consumer: str | None) -> Iterator[PluginConfig]:
         combos = self._combos.get(name) or {}
-        out = []
         for has_route, has_service, has_consumer in _PRECEDENCE:
             if (has_route and route is None) or (has_service and service is None) or \
                     (has_consumer and consumer is None):
@@ -180,8 +172,7 @@ class KongConfig:
             hit = combos.get((route if has_route else None, service if has_service else None,
                               consumer if has_consumer else None))
             if hit is not None:
-                out.append(hit)
-        return out
+                yield hit
 
     def route_service(self, route: Route) -> Service | None:
         return self.services.get(route.service) if route.service else None
