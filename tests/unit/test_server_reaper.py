@@ -2,34 +2,50 @@
 
 from __future__ import annotations
 
-import time
+import json
 
-from kong_pdk.logger import Logger
+import gevent
 
-from kong_mtls.kong.server import SafePluginServer
+from kong_mtls.kong.runtime import phase
+from kong_mtls.kong.server import new_server
 
 
-class BusyHandlerChannel:
-    """An event's channel whose handler, after Kong's Step, works a long time (a probe, say) before
-    its next PDK call: the reaper runs meanwhile."""
+class BusyPlugin:
+    """After Kong's answer to its first PDK call, the handler works a long time (a probe, say)
+    before its next call: the reaper runs meanwhile."""
 
-    def __init__(self, server: SafePluginServer) -> None:
-        self.server = server
-        self.reaped_meanwhile: int | None = None
+    server = None
+    reaped_meanwhile: int | None = None
 
-    def put(self, _message: object) -> None:
+    def __init__(self, config: dict) -> None:
         pass
 
-    def get(self) -> dict:
-        self.reaped_meanwhile = self.server.reap_abandoned()
-        return {"Method": "kong.ctx.shared.set", "Args": ["k", "v"]}
+    @phase("busy")
+    def access(self, kong) -> None:
+        kong.request.get_header("x")
+        BusyPlugin.reaped_meanwhile = BusyPlugin.server.reap_abandoned()
+        kong.ctx.shared.set("k", "v")
 
 
 def test_an_event_kong_just_stepped_is_not_taken_for_abandoned():
-    server = SafePluginServer(loglevel=Logger.WARNING, use_gevent=True, lua_style=False, abandon_after=1)
-    channel = BusyHandlerChannel(server)
-    server.events[7] = channel
-    server._waiting_since[7] = time.monotonic() - 3600   # Kong took its time to answer the last call
-    answer = server._step({"EventId": 7, "Data": None}, False)
-    assert channel.reaped_meanwhile == 0 and 7 in server.events
-    assert answer["Data"]["Method"] == "kong.ctx.shared.set" and 7 in server._waiting_since
+    server = BusyPlugin.server = new_server("busy", BusyPlugin, abandon_after=1)
+    started = server.start_instance({"Name": "busy", "Config": json.dumps({})})
+    first = server.handle_event({"InstanceId": started["Id"], "EventName": "access"})
+    assert first["Data"]["Method"] == "kong.request.get_header"
+    event = server.events[first["EventId"]]
+    event.waiting_since -= 3600  # Kong took its time to answer the last call
+    answer = server.step({"EventId": first["EventId"], "Data": None})
+    assert BusyPlugin.reaped_meanwhile == 0 and first["EventId"] in server.events
+    assert answer["Data"]["Method"] == "kong.ctx.shared.set" and event.waiting_since is not None
+
+
+def test_an_event_kong_stopped_stepping_is_reaped_and_its_handler_finishes():
+    server = BusyPlugin.server = new_server("busy", BusyPlugin, abandon_after=1)
+    started = server.start_instance({"Name": "busy", "Config": json.dumps({})})
+    first = server.handle_event({"InstanceId": started["Id"], "EventName": "access"})
+    event = server.events[first["EventId"]]
+    event.waiting_since -= 3600
+    assert server.reap_abandoned() == 1
+    assert server.events == {}
+    gevent.sleep(0)  # the reaper resumed the handler with an error: it runs to its end
+    assert event.dead

@@ -481,10 +481,19 @@ class _BudgetSpent(FetchError):
 
 
 def _gevent_hub() -> Any:
-    """The gevent hub when called from a gevent greenlet (the plugin server's handlers), else None."""
-    gevent = sys.modules.get("gevent")
-    if gevent is not None and isinstance(gevent.getcurrent(), gevent.Greenlet):
-        return gevent.get_hub()
+    """The gevent hub when called from a greenlet its loop runs (the plugin server's handlers, whose
+    greenlets are resumed by the connection greenlets the hub schedules), else None."""
+    if "gevent" not in sys.modules:
+        return None
+    from gevent._hub_local import get_hub_if_exists
+    from greenlet import getcurrent
+
+    hub = get_hub_if_exists()
+    ancestor = getcurrent().parent
+    while ancestor is not None:
+        if ancestor is hub:
+            return hub
+        ancestor = ancestor.parent
     return None
 
 

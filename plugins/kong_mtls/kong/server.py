@@ -1,12 +1,12 @@
-"""One dedicated kong-pdk plugin server per Kong plugin.
+"""One dedicated plugin server per Kong plugin, on our own plugin-server core (`plugin_server`).
 
 Kong 3.9 registers only the first plugin of a multi-plugin server, so every plugin has its own
-entry point. This replaces kong-pdk's `start_dedicated_server` (same flags Kong uses: `--dump`,
-`-p <prefix>`) to fix what is unsafe in kong-pdk 0.36 for an auth plugin:
+entry point (same flags Kong uses with kong-pdk: `--dump`, `-p <prefix>`). kong-pdk 0.36's server
+is not used: what it does unsafely for an auth plugin is done safely here, and cheaply:
 
-* always gevent mode (the thread mode serialises events behind a global lock) and python-style
-  PDK return values (lua-style `(value, err)` tuples make `if kong.request.get_header(h):` always
-  true);
+* handlers run in greenlets (kong-pdk's thread mode serialises events behind a global lock) and PDK
+  calls return python-style values (lua-style `(value, err)` tuples make
+  `if kong.request.get_header(h):` always true); a PDK error raises kong-pdk's `PDKException`;
 * the socket reader decodes invalid UTF-8 (a header with raw bytes) with `surrogateescape` and
   packs it back the same way. kong-pdk's reader raises on it and drops the connection, which Kong
   answers by letting the request through (fail open);
@@ -18,6 +18,8 @@ entry point. This replaces kong-pdk's `start_dedicated_server` (same flags Kong 
   ("no plugin instance": Kong starts it again) or names the very same config;
 * events Kong gave up on (its socket timed out while the handler waited) are reaped after
   `--abandon-after` seconds without a Step from Kong; kong-pdk keeps their entry and greenlet forever;
+* a config the plugin refuses, or one scoped to a consumer, still starts an instance, which answers
+  every request 500 with reason INVALID_CONFIG (see `_accepting_every_config`);
 * `plugin.GetRuntimeStats` reports open events and greenlets (Kong never calls it; the soak test does).
 """
 
@@ -25,26 +27,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import hashlib
 import json
 import logging
 import os
-import re
 import sys
-import time
-import types
 from collections.abc import Sequence
 from typing import Any
 
-import gevent
-import msgpack
-from kong_pdk.listener import UnixStreamServer
-from kong_pdk.logger import Logger
-from kong_pdk.module import Module
-from kong_pdk.server import MSG_RET, PluginServer, terminal_methods
-
 from kong_mtls.constants import PLUGIN_VERSION, PRIORITIES
+from kong_mtls.kong import plugin_server
+from kong_mtls.kong.plugin_server import PHASES, PluginServer
 from kong_mtls.kong.runtime import (
     CONFIG_ERROR_ATTRIBUTE,
     REASON_INVALID_CONFIG,
@@ -57,7 +50,6 @@ DEFAULT_PREFIX = "/usr/local/kong"
 #: Seconds without a Step from Kong after which an event waiting for one is reaped. Kong waits at
 #: most nginx's lua_socket_read_timeout (default 60 s) for an answer; this must stay above it.
 DEFAULT_ABANDON_AFTER = 600.0
-_CAMEL = re.compile("([a-z])([A-Z])")
 
 
 def instance_id(name: str, config_json: str) -> int:
@@ -67,158 +59,21 @@ def instance_id(name: str, config_json: str) -> int:
     return int.from_bytes(digest[:6], "big")
 
 
-class SafePluginServer(PluginServer):
-    def __init__(self, *args: Any, abandon_after: float = DEFAULT_ABANDON_AFTER, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.abandon_after = abandon_after
-        #: event id -> when we handed Kong a PDK call it has not answered yet
-        self._waiting_since: dict[int, float] = {}
-
-    def start_instance(self, cfg: dict) -> dict:
-        name = cfg["Name"]
-        plugin = self.plugins.get(name)
-        if plugin is None:
-            raise ValueError(f"no plugin {name} in this server")
-        iid = instance_id(name, cfg["Config"])
-        config = json.loads(cfg["Config"])
-        if iid not in self.instances:  # the same config from another worker: one instance
-            self.instances[iid] = plugin.new(config)
-        return {"Name": name, "Id": iid, "Config": config, "StartTime": time.time()}
-
-    def handle_event(self, event: dict) -> dict:
-        answer = super().handle_event(event)
-        if _is_exit(answer):
-            self._finish_exited(self.events.pop(answer["EventId"], None))
-        self._note(answer)
-        return answer
-
-    def _step(self, data: dict, is_error: bool) -> dict:
-        channel = self.events.get(data.get("EventId"))
-        # Kong answered: from now until our next answer the event is ours, not waiting for Kong (a
-        # handler that takes long, waiting on a probe, is never taken for abandoned).
-        self._waiting_since.pop(data.get("EventId"), None)
-        answer = super()._step(data, is_error)
-        if _is_exit(answer):
-            self._finish_exited(channel)
-        self._note(answer)
-        return answer
-
-    def _note(self, answer: dict) -> None:
-        if answer["EventId"] in self.events:
-            self._waiting_since[answer["EventId"]] = time.monotonic()
-        else:
-            self._waiting_since.pop(answer["EventId"], None)
-
-    def reap_abandoned(self) -> int:
-        """Finish the events Kong stopped stepping `abandon_after` seconds ago; returns how many."""
-        deadline = time.monotonic() - self.abandon_after
-        stale = [eid for eid, since in self._waiting_since.items() if since < deadline]
-        for eid in stale:
-            del self._waiting_since[eid]
-            channel = self.events.pop(eid, None)
-            if channel is not None:  # its handler waits for the answer to a PDK call
-                gevent.spawn(_answer_abandoned, channel)
-        if stale:
-            logging.getLogger("kong_mtls").warning(
-                log_line("server", "reaped", reason="EVENT_ABANDONED", events=len(stale)))
-        return len(stale)
-
-    def reap_forever(self) -> None:
-        while True:
-            gevent.sleep(min(60.0, self.abandon_after / 2))
-            self.reap_abandoned()
-
-    @staticmethod
-    def _finish_exited(channel: Any) -> None:
-        """Kong never steps an event again after `exit`. kong-pdk's handler greenlet still ends by
-        handing "ret" to the event's channel and, in gevent mode, blocks there forever: one leaked
-        greenlet per refused request. Take its last messages so it can finish."""
-        if channel is not None:
-            gevent.spawn(_drain_exited, channel)
-
-    def get_runtime_stats(self, *_: Any) -> dict:
-        import greenlet  # gevent's dependency
-
-        return {
-            "Pid": os.getpid(),
-            "Events": len(self.events),
-            "Instances": len(self.instances),
-            "Greenlets": sum(1 for o in gc.get_objects() if isinstance(o, greenlet.greenlet)),
-        }
-
-
-def _is_exit(answer: dict) -> bool:
-    data = answer.get("Data")
-    return isinstance(data, dict) and data.get("Method") in terminal_methods
-
-
-def _drain_exited(channel: Any) -> None:
-    while channel.get() != MSG_RET:
-        # A PDK call after exit: answer it as an error (the request is already answered).
-        channel.put((None, "the request was already answered by kong.response.exit"))
-
-
-def _answer_abandoned(channel: Any) -> None:
-    """Answer the PDK call a handler of an abandoned event waits for with an error, then every
-    later one, until the handler returns."""
-    channel.put((None, "Kong abandoned this request"))
-    while channel.get() != MSG_RET:
-        channel.put((None, "Kong abandoned this request"))
-
-
-class _SocketReader:
-    def __init__(self, sock: Any) -> None:
-        self.sock = sock
-
-    def read(self, n: int) -> bytes:
-        return self.sock.recv(n)
-
-
-class SafeUnixStreamServer(UnixStreamServer):
-    """kong-pdk's listener with a byte-safe MessagePack codec."""
-
-    def handle(self, sock: Any, address: Any, *_: Any) -> None:
-        unpacker = msgpack.Unpacker(_SocketReader(sock), strict_map_key=False,
-                                    unicode_errors="surrogateescape")
-        packer = msgpack.Packer(unicode_errors="surrogateescape")
-        try:
-            for message in unpacker:
-                sock.sendall(packer.pack(self._answer(message)))
-        except (OSError, ValueError, msgpack.UnpackException) as exc:
-            self.logger.warn(f"closing plugin-server connection: {exc}")
-        finally:
-            sock.close()
-
-    def _answer(self, message: Any) -> list:
-        if not (isinstance(message, list) and len(message) == 4 and message[0] == 0):
-            return [1, None, "malformed request", None]
-        _, msgid, method, params = message
-        namespace, _, command = str(method).partition(".")
-        if namespace != "plugin" or not command:
-            return [1, msgid, f"RPC for {namespace} is not supported", None]
-        name = command[0].lower() + _CAMEL.sub(lambda m: f"{m.group(1)}_{m.group(2).lower()}", command[1:])
-        target = getattr(self.ps, name, None)
-        if target is None or name.startswith("_"):
-            return [1, msgid, f"no method {method}", None]
-        try:
-            return [1, msgid, None, target(*(params or []))]
-        except Exception as exc:  # reported to Kong as the RPC error, like kong-pdk
-            self.logger.warn(f"rpc {method} failed: {exc}")
-            return [1, msgid, str(exc), None]
+def new_server(name: str, plugin_cls: type, *, abandon_after: float = DEFAULT_ABANDON_AFTER) -> PluginServer:
+    """The plugin server for `plugin_cls`, whose instances start whatever the config."""
+    return PluginServer(name, _accepting_every_config(name, plugin_cls), abandon_after=abandon_after,
+                        instance_id=instance_id)
 
 
 def plugin_info(name: str, plugin_cls: type, schema: list, priority: int | None = None) -> dict:
     """What `--dump` prints for one plugin (Kong reads a JSON array of these)."""
-    server = SafePluginServer(loglevel=Logger.WARNING, use_gevent=True, lua_style=False)
-    server.plugins[name] = _module(name, plugin_cls, schema, priority)
-    return server.get_plugin_info(name)
-
-
-def _module(name: str, plugin_cls: type, schema: list, priority: int | None) -> Module:
-    definition = types.SimpleNamespace(Plugin=_accepting_every_config(name, plugin_cls), Schema=schema,
-                                       version=PLUGIN_VERSION,
-                                       priority=PRIORITIES[name] if priority is None else priority)
-    return Module(name, module=definition)
+    return {
+        "Name": name,
+        "Phases": [p for p in PHASES if hasattr(plugin_cls, p)],
+        "Priority": PRIORITIES[name] if priority is None else priority,
+        "Version": PLUGIN_VERSION,
+        "Schema": {"name": name, "fields": [{"config": {"type": "record", "fields": schema}}]},
+    }
 
 
 def _accepting_every_config(name: str, plugin_cls: type) -> type:
@@ -290,12 +145,8 @@ def serve(name: str, plugin_cls: type, schema: list, argv: Sequence[str] | None 
         sys.stderr.write(f"kong prefix {args.prefix} does not exist; cannot create the socket\n")
         return 2
     configure_stderr_logging(args.verbose)
-    loglevel = Logger.DEBUG if args.verbose else Logger.WARNING
-    server = SafePluginServer(loglevel=loglevel, use_gevent=True, name=f"{name} {PLUGIN_VERSION}",
-                              lua_style=False, abandon_after=args.abandon_after)
-    server.plugins[name] = _module(name, plugin_cls, schema, priority)
-    gevent.spawn(server.reap_forever)
-    listener = SafeUnixStreamServer(server, args.prefix, sock_name=f"{name}.sock", use_gevent=True)
+    server = new_server(name, plugin_cls, abandon_after=args.abandon_after)
+    listener = plugin_server.listen(os.path.join(args.prefix, f"{name}.sock"))
     with contextlib.suppress(KeyboardInterrupt):
-        listener.serve_forever()
+        plugin_server.run(server, listener)
     return 0

@@ -1,0 +1,342 @@
+"""The plugin-server core: Kong's MessagePack-RPC on a Unix socket, one greenlet per event.
+
+Kong (`kong/runloop/plugin_servers/rpc/mp_rpc.lua`) sends one request at a time on a pooled
+keepalive connection: `plugin.StartInstance`, `plugin.HandleEvent`, then one `plugin.Step*` per
+PDK call the handler makes, each on whichever pooled connection it takes, so a Step may arrive on
+another connection than its HandleEvent: events belong to the server, not to a connection.
+
+A handler runs in its own greenlet (an `Event`). A PDK call switches straight back to the greenlet
+that resumed the handler (the connection greenlet answering Kong's HandleEvent or Step), which sends
+the call to Kong; the Step that carries Kong's result switches straight back into the handler. No
+channel, queue or lock on the way. The handler may still block on gevent (a probe in the thread
+pool, a timeout): the connection greenlet that resumed it waits, as Kong waits for that answer.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import gevent
+import greenlet
+import msgpack
+from gevent import socket as gsocket
+from gevent.server import StreamServer
+from kong_pdk.exception import PDKException
+
+from kong_mtls.kong.runtime import log_line
+
+#: The event's last answer: the handler returned.
+RET = "ret"
+#: PDK functions after which Kong never steps the event again.
+TERMINAL_METHODS = frozenset({"kong.response.exit", "kong.response.error"})
+#: The phases a plugin class may implement, in the order `--dump` lists them (kong-pdk's order).
+PHASES = ("certificate", "rewrite", "log", "access", "preread", "response")
+#: Step variants Kong picks by the PDK result's type (mp_rpc.lua, `get_step_method`); all carry the
+#: result in `Data` and are handled alike.
+STEP_METHODS = ("plugin.Step", "plugin.StepConsumer", "plugin.StepCredential", "plugin.StepRoute",
+                "plugin.StepService", "plugin.StepPlugin", "plugin.StepMultiMap", "plugin.StepMemoryStats")
+
+_log = logging.getLogger("kong_mtls")
+_getcurrent = greenlet.getcurrent
+_monotonic = time.monotonic
+
+
+class PluginServerError(Exception):
+    """An RPC error sent back to Kong (Kong matches "no plugin instance" to start an instance again)."""
+
+
+class PdkPath:
+    """`kong` and every attribute path under it: calling `kong.request.get_header(h)` is one PDK
+    round trip with Method "kong.request.get_header". Children are made once and cached as plain
+    attributes, so a path costs attribute lookups only."""
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+
+    def __getattr__(self, name: str) -> PdkPath:
+        if name.startswith("__"):  # copy, pickle, inspect ... probe dunders: not PDK functions
+            raise AttributeError(name)
+        child = PdkPath(f"{self._path}.{name}")
+        self.__dict__[name] = child
+        return child
+
+    def __call__(self, *args: Any) -> Any:
+        event = _getcurrent()
+        if type(event) is not Event:
+            raise PDKException(f"{self._path} called outside a plugin event")
+        return event.pdk_call(self._path, args)
+
+    def __repr__(self) -> str:
+        return f"<PDK {self._path}>"
+
+
+#: The `kong` object every handler gets.
+KONG = PdkPath("kong")
+
+
+class Event(greenlet.greenlet):
+    """One plugin event: its handler's greenlet. Its parent is the greenlet that last resumed it,
+    to which a PDK call (and the handler's end) switches back."""
+
+    def __init__(self, event_id: int, handler: Callable[[Any], Any]) -> None:
+        super().__init__(self._run)
+        self.id = event_id
+        self.handler = handler
+        #: When we handed Kong the PDK call it has not answered yet; None while the handler runs.
+        self.waiting_since: float | None = None
+        #: Why no PDK call reaches Kong any more (exit sent, or Kong abandoned the event); None
+        #: while Kong steps the event.
+        self.closed: str | None = None
+
+    def _run(self, *_: Any) -> str:
+        self.handler(KONG)
+        return RET
+
+    def pdk_call(self, method: str, args: tuple) -> Any:
+        if self.closed is not None:
+            if method in TERMINAL_METHODS:
+                return None
+            raise PDKException(f"exception from {method}: {self.closed}")
+        if method.startswith("kong.log"):  # Kong logs any value; MessagePack cannot carry any
+            args = tuple(a if type(a) in (str, int, list, dict) else str(a) for a in args)
+        call = {"Method": method, "Args": args}
+        if method in TERMINAL_METHODS:
+            self.closed = "the request was already answered by kong.response.exit"
+            self.parent.switch(call)  # the server runs us to our end, then sends the exit
+            return None
+        data, err = self.parent.switch(call)
+        if err:
+            raise PDKException(f"exception from {method}: {err}")
+        return data
+
+
+class Instance:
+    """A started plugin instance: the plugin object built from one config."""
+
+    __slots__ = ("config", "name", "plugin", "start_time")
+
+    def __init__(self, name: str, config: Any, plugin: Any) -> None:
+        self.name = name
+        self.config = config
+        self.plugin = plugin
+        self.start_time = time.time()
+
+
+class PluginServer:
+    """Instances, events and the RPC methods Kong calls, for one plugin class."""
+
+    def __init__(self, name: str, plugin_cls: type, *, abandon_after: float,
+                 instance_id: Callable[[str, str], int]) -> None:
+        self.name = name
+        self.plugin_cls = plugin_cls
+        self.phases = frozenset(p for p in PHASES if hasattr(plugin_cls, p))
+        self.abandon_after = abandon_after
+        self.instance_id = instance_id
+        self.instances: dict[int, Instance] = {}
+        self.events: dict[int, Event] = {}
+        self._next_event = 0
+        self.methods: dict[str, Callable[..., Any]] = {
+            "plugin.StartInstance": self.start_instance,
+            "plugin.CloseInstance": self.close_instance,
+            "plugin.HandleEvent": self.handle_event,
+            "plugin.StepError": self.step_error,
+            "plugin.GetRuntimeStats": self.get_runtime_stats,
+            **dict.fromkeys(STEP_METHODS, self.step),
+        }
+
+    # -- instances ---------------------------------------------------------------------------
+    def start_instance(self, cfg: dict) -> dict:
+        name = cfg["Name"]
+        if name != self.name:
+            raise PluginServerError(f"no plugin {name} in this server")
+        config_json = cfg["Config"]
+        iid = self.instance_id(name, config_json)
+        instance = self.instances.get(iid)
+        if instance is None:  # the same config from another worker: one instance
+            config = json.loads(config_json)
+            instance = self.instances[iid] = Instance(name, config, self.plugin_cls(config))
+        return {"Name": name, "Id": iid, "Config": instance.config, "StartTime": time.time()}
+
+    def close_instance(self, iid: int) -> dict:
+        instance = self.instances.pop(iid, None)
+        if instance is None:
+            raise PluginServerError(f"no plugin instance #{iid}")  # Kong matches these words
+        return {"Name": instance.name, "Id": iid, "Config": instance.config}
+
+    # -- events ------------------------------------------------------------------------------
+    def handle_event(self, event: dict) -> dict:
+        iid = event["InstanceId"]
+        instance = self.instances.get(iid)
+        if instance is None:
+            raise PluginServerError(f"no plugin instance #{iid}")  # Kong starts it again
+        phase = event["EventName"]
+        if phase not in self.phases:
+            raise PluginServerError(f"{self.name} has no {phase} phase")
+        eid = self._next_event
+        self._next_event = eid + 1
+        return self._drive(Event(eid, getattr(instance.plugin, phase)), None)
+
+    def step(self, data: dict) -> dict:
+        return self._resume(data, False)
+
+    def step_error(self, data: dict) -> dict:
+        return self._resume(data, True)
+
+    def _resume(self, data: dict, is_error: bool) -> dict:
+        eid = data["EventId"]
+        event = self.events.get(eid)
+        if event is None or event.waiting_since is None:  # unknown, finished, or not waiting for Kong
+            raise PluginServerError(f"event id {eid} not found")
+        # Kong answered: until our next answer the event is ours (a handler that takes long,
+        # waiting on a probe, is never taken for abandoned).
+        event.waiting_since = None
+        value = data.get("Data")
+        return self._drive(event, (None, value) if is_error else (value, None))
+
+    def _drive(self, event: Event, result: tuple[Any, Any] | None) -> dict:
+        """Run the event's handler up to its next PDK call or its end: what Kong gets back."""
+        event.parent = _getcurrent()
+        try:
+            out = event.switch(result)
+        except Exception as exc:  # the handler raised: the phase wrapper should never let it
+            self.events.pop(event.id, None)
+            self._log_raised(exc)
+            raise PluginServerError("the plugin handler failed") from exc
+        if out is RET or event.closed is not None:  # returned, or exit: Kong never steps it again
+            self.events.pop(event.id, None)
+            if out is not RET:  # exit: the handler returns right after it; let it end before we answer
+                self._finish(event, (None, None))
+        else:
+            self.events[event.id] = event
+            event.waiting_since = _monotonic()
+        return {"Data": out, "EventId": event.id}
+
+    def _finish(self, event: Event, result: tuple[Any, Any]) -> None:
+        """Run a closed event's handler to its end: every later PDK call fails at once (exit
+        answers None), so no call reaches Kong any more."""
+        event.parent = _getcurrent()
+        try:
+            event.switch(result)
+        except Exception as exc:
+            self._log_raised(exc)
+
+    def _log_raised(self, exc: Exception) -> None:
+        detail = f"{type(exc).__name__}: {exc}"
+        _log.error(log_line(self.name, "error", reason="HANDLER_RAISED", detail=detail), exc_info=exc)
+
+    def fail_call(self, answer: dict, error: str) -> dict:
+        """The PDK call in `answer` cannot be sent to Kong (MessagePack cannot carry an argument):
+        raise it in the handler as a PDK error and return what the handler does next."""
+        event = self.events.get(answer["EventId"])
+        if event is None or event.waiting_since is None:
+            raise PluginServerError(f"cannot send the PDK call to Kong: {error}")
+        event.waiting_since = None
+        return self._drive(event, (None, f"cannot send the call to Kong: {error}"))
+
+    def reap_abandoned(self) -> int:
+        """Finish the events Kong stopped stepping `abandon_after` seconds ago; returns how many."""
+        deadline = _monotonic() - self.abandon_after
+        stale = [e for e in self.events.values()
+                 if e.waiting_since is not None and e.waiting_since < deadline]
+        for event in stale:
+            del self.events[event.id]
+            event.waiting_since = None
+            event.closed = "Kong abandoned this request"
+            gevent.spawn(self._finish, event, (None, event.closed))
+        if stale:
+            _log.warning(log_line("server", "reaped", reason="EVENT_ABANDONED", events=len(stale)))
+        return len(stale)
+
+    def reap_forever(self) -> None:
+        while True:
+            gevent.sleep(min(60.0, self.abandon_after / 2))
+            self.reap_abandoned()
+
+    def get_runtime_stats(self, *_: Any) -> dict:
+        """Open events and live greenlets (Kong never calls it; the soak test does)."""
+        return {
+            "Pid": os.getpid(),
+            "Events": len(self.events),
+            "Instances": len(self.instances),
+            "Greenlets": sum(1 for o in gc.get_objects() if isinstance(o, greenlet.greenlet)),
+        }
+
+    # -- the wire ----------------------------------------------------------------------------
+    def answer(self, message: Any) -> list:
+        """The response to one MessagePack-RPC request `[0, msgid, method, params]`."""
+        if not (type(message) is list and len(message) == 4 and message[0] == 0):
+            return [1, None, "malformed request", None]
+        _, msgid, method, params = message
+        target = self.methods.get(method) if type(method) is str else None
+        if target is None:
+            return [1, msgid, f"no method {method}", None]
+        try:
+            return [1, msgid, None, target(*(params if type(params) is list else [params]))]
+        except Exception as exc:  # reported to Kong as the RPC error
+            _log.warning(log_line(self.name, "rpc", method=method, error=str(exc)))
+            return [1, msgid, str(exc), None]
+
+    def serve_connection(self, sock: Any, _address: Any = None) -> None:
+        """Answer Kong's requests on one connection until Kong closes it."""
+        unpacker = msgpack.Unpacker(strict_map_key=False, unicode_errors="surrogateescape")
+        packer = msgpack.Packer(unicode_errors="surrogateescape")
+        try:
+            while True:
+                data = sock.recv(65536)
+                if not data:
+                    return
+                unpacker.feed(data)
+                for message in unpacker:
+                    sock.sendall(self._packed(packer, self.answer(message)))
+        except (OSError, ValueError, msgpack.UnpackException) as exc:
+            _log.warning(log_line("server", "connection-closed", error=str(exc)))
+        finally:
+            sock.close()
+
+    def _packed(self, packer: msgpack.Packer, response: list) -> bytes:
+        for _ in range(100):
+            try:
+                return packer.pack(response)
+            except (TypeError, ValueError, OverflowError) as exc:
+                result = response[3]
+                if not (type(result) is dict and type(result.get("Data")) is dict):
+                    return packer.pack([1, response[1], f"cannot encode the answer: {exc}", None])
+                try:
+                    response = [1, response[1], None, self.fail_call(result, str(exc))]
+                except PluginServerError as error:
+                    response = [1, response[1], str(error), None]
+        return packer.pack([1, response[1], "the plugin keeps making PDK calls that cannot be sent", None])
+
+
+def listen(path: str, backlog: int = 4096) -> gsocket.socket:
+    """A listening Unix stream socket at `path` (a stale one from a previous server is replaced)."""
+    if os.path.exists(path):
+        os.remove(path)
+    listener = gsocket.socket(gsocket.AF_UNIX, gsocket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(backlog)
+    return listener
+
+
+def exit_with_parent() -> None:
+    """Kong's process manager starts us and restarts us when we die: when Kong is gone (we were
+    re-parented), we go too."""
+    parent = os.getppid()
+    while True:
+        gevent.sleep(1)
+        if os.getppid() != parent:
+            _log.info(log_line("server", "exit", reason="PARENT_GONE"))
+            os._exit(0)
+
+
+def run(server: PluginServer, listener: gsocket.socket) -> None:
+    """Serve Kong's connections on `listener` forever."""
+    gevent.spawn(server.reap_forever)
+    gevent.spawn(exit_with_parent)
+    StreamServer(listener, server.serve_connection).serve_forever()
