@@ -17,6 +17,7 @@ import os
 import socket
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Sequence
 
@@ -86,24 +87,36 @@ def cpu_ns(pids: Sequence[int]) -> int:
     return total
 
 
-def measure(server: PluginServerProcess, calls: int, *, events: int, rounds: int, pool_size: int) -> float:
-    """Median over `rounds` of the server's CPU µs per event."""
-    pool = Pool(server.socket_path, pool_size)
+def measure(server: PluginServerProcess, calls: int, *, events: int, rounds: int, pool_size: int,
+            inflight: int = 1) -> float:
+    """Median over `rounds` of the server's CPU µs per event, with `inflight` events at a time
+    (one Kong-side thread and pool each, as concurrent requests in Kong's workers)."""
+    pools = [Pool(server.socket_path, pool_size) for _ in range(inflight)]
     try:
         config = {"calls": calls, "__plugin_id": f"bench-{calls}", "__seq__": 1}
-        instance = pool.call("plugin.StartInstance", {"Name": "bare", "Config": json.dumps(config)})["Id"]
+        instance = pools[0].call("plugin.StartInstance", {"Name": "bare", "Config": json.dumps(config)})["Id"]
         for _ in range(500):  # warm-up
-            assert event(pool, instance) == calls
+            assert event(pools[0], instance) == calls
         pids = process_tree(server.pid)
+        per_pool = max(1, events // inflight)
+
+        def drive(pool: Pool) -> None:
+            for _ in range(per_pool):
+                event(pool, instance)
+
         samples = []
         for _ in range(rounds):
+            threads = [threading.Thread(target=drive, args=(pool,)) for pool in pools]
             before = cpu_ns(pids)
-            for _ in range(events):
-                event(pool, instance)
-            samples.append((cpu_ns(pids) - before) / events / 1e3)
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            samples.append((cpu_ns(pids) - before) / (per_pool * inflight) / 1e3)
         return statistics.median(samples)
     finally:
-        pool.close()
+        for pool in pools:
+            pool.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -113,15 +126,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5, help="rounds, the median is reported")
     parser.add_argument("--pool", type=int, default=4, help="Kong-side connections (default %(default)s)")
     parser.add_argument("--calls", default="1,4", help="PDK calls per event to measure (default %(default)s)")
+    parser.add_argument("--inflight", default="1,4",
+                        help="events in flight at once, comma-separated (default %(default)s)")
     parser.add_argument("server_args", nargs="*", help="extra plugin-server arguments (after --)")
     args = parser.parse_args(argv)
     server = PluginServerProcess("bare", "bench.bare_plugin", extra_args=args.server_args).start()
     try:
         print(f"plugin-server CPU per event (bench.bare_plugin, {args.events} events x {args.rounds} rounds, "
               f"pool of {args.pool} connections, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d %H:%M')})")
-        for calls in (int(n) for n in args.calls.split(",")):
-            cpu = measure(server, calls, events=args.events, rounds=args.rounds, pool_size=args.pool)
-            print(f"  {calls} PDK call{'s' if calls > 1 else ''}: {cpu:.1f} µs")
+        for inflight in (int(n) for n in args.inflight.split(",")):
+            for calls in (int(n) for n in args.calls.split(",")):
+                cpu = measure(server, calls, events=args.events, rounds=args.rounds, pool_size=args.pool,
+                              inflight=inflight)
+                print(f"  {inflight} in flight, {calls} PDK call{'s' if calls > 1 else ''}: {cpu:.1f} µs")
     finally:
         server.close()
     return 0

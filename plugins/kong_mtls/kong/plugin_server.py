@@ -39,6 +39,8 @@ TERMINAL_METHODS = frozenset({"kong.response.exit", "kong.response.error"})
 PHASES = ("certificate", "rewrite", "log", "access", "preread", "response")
 #: Step variants Kong picks by the PDK result's type (mp_rpc.lua, `get_step_method`); all carry the
 #: result in `Data` and are handled alike.
+#: Idle worker greenlets kept for the next events (more are made when more events run at once).
+KEEP_IDLE_WORKERS = 64
 STEP_METHODS = ("plugin.Step", "plugin.StepConsumer", "plugin.StepCredential", "plugin.StepRoute",
                 "plugin.StepService", "plugin.StepPlugin", "plugin.StepMultiMap", "plugin.StepMemoryStats")
 
@@ -67,10 +69,10 @@ class PdkPath:
         return child
 
     def __call__(self, *args: Any) -> Any:
-        event = _getcurrent()
-        if type(event) is not Event:
+        worker = _getcurrent()
+        if type(worker) is not Worker or worker.event is None:
             raise PDKException(f"{self._path} called outside a plugin event")
-        return event.pdk_call(self._path, args)
+        return worker.event.pdk_call(self._path, args)
 
     def __repr__(self) -> str:
         return f"<PDK {self._path}>"
@@ -80,23 +82,55 @@ class PdkPath:
 KONG = PdkPath("kong")
 
 
-class Event(greenlet.greenlet):
-    """One plugin event: its handler's greenlet. Its parent is the greenlet that last resumed it,
-    to which a PDK call (and the handler's end) switches back."""
+class Raised:
+    """What a worker hands back when its handler raised (the phase wrapper should never let it)."""
 
-    def __init__(self, event_id: int, handler: Callable[[Any], Any]) -> None:
-        super().__init__(self._run)
+    __slots__ = ("exc",)
+
+    def __init__(self, exc: Exception) -> None:
+        self.exc = exc
+
+
+class Worker(greenlet.greenlet):
+    """A greenlet that runs one event's handler after another (a new greenlet costs far more than
+    a switch). Its parent is the greenlet that last resumed it, to which a PDK call and the
+    handler's end switch back."""
+
+    def __init__(self, idle: list[Worker], keep_idle: int) -> None:
+        super().__init__(self._serve)
+        self.event: Event | None = None
+        self._idle = idle
+        self._keep_idle = keep_idle
+
+    def _serve(self, event: Event) -> Any:
+        while True:
+            self.event = event
+            try:
+                event.handler(KONG)
+                out: Any = RET
+            except Exception as exc:
+                out = Raised(exc)
+            self.event = event.worker = None
+            if len(self._idle) >= self._keep_idle:
+                return out  # enough idle workers: this one ends
+            self._idle.append(self)
+            event = self.parent.switch(out)  # the next event's switch resumes us here
+
+
+class Event:
+    """One plugin event, run by a worker greenlet until its handler returns."""
+
+    __slots__ = ("closed", "handler", "id", "waiting_since", "worker")
+
+    def __init__(self, event_id: int, handler: Callable[[Any], Any], worker: Worker) -> None:
         self.id = event_id
         self.handler = handler
+        self.worker: Worker | None = worker
         #: When we handed Kong the PDK call it has not answered yet; None while the handler runs.
         self.waiting_since: float | None = None
         #: Why no PDK call reaches Kong any more (exit sent, or Kong abandoned the event); None
         #: while Kong steps the event.
         self.closed: str | None = None
-
-    def _run(self, *_: Any) -> str:
-        self.handler(KONG)
-        return RET
 
     def pdk_call(self, method: str, args: tuple) -> Any:
         if self.closed is not None:
@@ -106,11 +140,12 @@ class Event(greenlet.greenlet):
         if method.startswith("kong.log"):  # Kong logs any value; MessagePack cannot carry any
             args = tuple(a if type(a) in (str, int, list, dict) else str(a) for a in args)
         call = {"Method": method, "Args": args}
+        worker = self.worker
         if method in TERMINAL_METHODS:
             self.closed = "the request was already answered by kong.response.exit"
-            self.parent.switch(call)  # the server runs us to our end, then sends the exit
+            worker.parent.switch(call)  # the server runs us to our end, then sends the exit
             return None
-        data, err = self.parent.switch(call)
+        data, err = worker.parent.switch(call)
         if err:
             raise PDKException(f"exception from {method}: {err}")
         return data
@@ -141,6 +176,10 @@ class PluginServer:
         self.instances: dict[int, Instance] = {}
         self.events: dict[int, Event] = {}
         self._next_event = 0
+        #: Workers waiting for an event, and the fewest there were since the reaper last looked
+        #: (so many were not needed: it ends them).
+        self._idle: list[Worker] = []
+        self._idle_low = 0
         self.methods: dict[str, Callable[..., Any]] = {
             "plugin.StartInstance": self.start_instance,
             "plugin.CloseInstance": self.close_instance,
@@ -180,7 +219,15 @@ class PluginServer:
             raise PluginServerError(f"{self.name} has no {phase} phase")
         eid = self._next_event
         self._next_event = eid + 1
-        return self._drive(Event(eid, getattr(instance.plugin, phase)), None)
+        idle = self._idle
+        if idle:
+            worker = idle.pop()
+            if len(idle) < self._idle_low:
+                self._idle_low = len(idle)
+        else:
+            worker = Worker(idle, KEEP_IDLE_WORKERS)
+        event = Event(eid, getattr(instance.plugin, phase), worker)
+        return self._drive(event, event)
 
     def step(self, data: dict) -> dict:
         return self._resume(data, False)
@@ -199,36 +246,35 @@ class PluginServer:
         value = data.get("Data")
         return self._drive(event, (None, value) if is_error else (value, None))
 
-    def _drive(self, event: Event, result: tuple[Any, Any] | None) -> dict:
-        """Run the event's handler up to its next PDK call or its end: what Kong gets back."""
-        event.parent = _getcurrent()
-        try:
-            out = event.switch(result)
-        except Exception as exc:  # the handler raised: the phase wrapper should never let it
-            self.events.pop(event.id, None)
-            self._log_raised(exc)
-            raise PluginServerError("the plugin handler failed") from exc
-        if out is RET or event.closed is not None:  # returned, or exit: Kong never steps it again
-            self.events.pop(event.id, None)
-            if out is not RET:  # exit: the handler returns right after it; let it end before we answer
-                self._finish(event, (None, None))
-        else:
+    def _drive(self, event: Event, resume: Any) -> dict:
+        """Run the event's handler up to its next PDK call or its end: what Kong gets back.
+        `resume` is the event itself to start it, else the `(result, error)` of its PDK call."""
+        out = self._switch(event, resume)
+        if type(out) is dict and event.closed is None:  # a PDK call: Kong answers with a Step
             self.events[event.id] = event
             event.waiting_since = _monotonic()
+            return {"Data": out, "EventId": event.id}
+        self.events.pop(event.id, None)  # returned, raised, or exit: Kong never steps it again
+        if type(out) is Raised:
+            raise PluginServerError("the plugin handler failed") from out.exc
+        if out is not RET:  # exit: the handler returns right after it; let it end before we answer
+            self._finish(event, (None, None))
         return {"Data": out, "EventId": event.id}
+
+    def _switch(self, event: Event, resume: Any) -> Any:
+        worker = event.worker
+        worker.parent = _getcurrent()
+        out = worker.switch(resume)
+        if type(out) is Raised:
+            detail = f"{type(out.exc).__name__}: {out.exc}"
+            _log.error(log_line(self.name, "error", reason="HANDLER_RAISED", detail=detail), exc_info=out.exc)
+        return out
 
     def _finish(self, event: Event, result: tuple[Any, Any]) -> None:
         """Run a closed event's handler to its end: every later PDK call fails at once (exit
         answers None), so no call reaches Kong any more."""
-        event.parent = _getcurrent()
-        try:
-            event.switch(result)
-        except Exception as exc:
-            self._log_raised(exc)
-
-    def _log_raised(self, exc: Exception) -> None:
-        detail = f"{type(exc).__name__}: {exc}"
-        _log.error(log_line(self.name, "error", reason="HANDLER_RAISED", detail=detail), exc_info=exc)
+        if event.worker is not None:
+            self._switch(event, result)
 
     def fail_call(self, answer: dict, error: str) -> dict:
         """The PDK call in `answer` cannot be sent to Kong (MessagePack cannot carry an argument):
@@ -253,10 +299,21 @@ class PluginServer:
             _log.warning(log_line("server", "reaped", reason="EVENT_ABANDONED", events=len(stale)))
         return len(stale)
 
+    def trim_idle(self) -> int:
+        """End the workers that stayed idle since the last call; returns how many."""
+        surplus = self._idle[:self._idle_low]
+        del self._idle[:self._idle_low]
+        for worker in surplus:
+            worker.parent = _getcurrent()
+            worker.throw(greenlet.GreenletExit)
+        self._idle_low = len(self._idle)
+        return len(surplus)
+
     def reap_forever(self) -> None:
         while True:
             gevent.sleep(min(60.0, self.abandon_after / 2))
             self.reap_abandoned()
+            self.trim_idle()
 
     def get_runtime_stats(self, *_: Any) -> dict:
         """Open events and live greenlets (Kong never calls it; the soak test does)."""
@@ -283,20 +340,55 @@ class PluginServer:
             return [1, msgid, str(exc), None]
 
     def serve_connection(self, sock: Any, _address: Any = None) -> None:
-        """Answer Kong's requests on one connection until Kong closes it."""
+        """Answer Kong's requests on one connection until Kong closes it.
+
+        Kong sends its next request only after our answer and its own work. The loop waits on a
+        read watcher that stays registered for the connection's life (gevent's socket starts and
+        stops one for every read) and reads from the socket under gevent's wrapper."""
         unpacker = msgpack.Unpacker(strict_map_key=False, unicode_errors="surrogateescape")
         packer = msgpack.Packer(unicode_errors="surrogateescape")
+        raw = sock._sock  # gevent's socket wraps a non-blocking socket
+        recv, send = raw.recv, raw.send
+        hub = gevent.get_hub()
+        me = _getcurrent()
+        watcher = hub.loop.io(raw.fileno(), 1)
+        waiting = False
+
+        def readable() -> None:
+            nonlocal waiting
+            if waiting:
+                waiting = False
+                me.switch()
+            else:  # bytes while we work on a request (Kong never does that): look when we wait
+                watcher.stop()
+
         try:
             while True:
-                data = sock.recv(65536)
+                if not watcher.active:
+                    watcher.start(readable)
+                waiting = True
+                hub.switch()
+                try:
+                    data = recv(65536)
+                except BlockingIOError:
+                    continue
                 if not data:
                     return
                 unpacker.feed(data)
                 for message in unpacker:
-                    sock.sendall(self._packed(packer, self.answer(message)))
+                    out = self._packed(packer, self.answer(message))
+                    try:
+                        sent = send(out)
+                    except BlockingIOError:
+                        sent = 0
+                    if sent < len(out):
+                        sock.sendall(out[sent:])
         except (OSError, ValueError, msgpack.UnpackException) as exc:
             _log.warning(log_line("server", "connection-closed", error=str(exc)))
         finally:
+            waiting = False
+            watcher.stop()
+            watcher.close()
             sock.close()
 
     def _packed(self, packer: msgpack.Packer, response: list) -> bytes:
