@@ -113,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     real.add_argument("--warmup", type=float, default=2.0, help="wrk warm-up per route, seconds")
     real.add_argument("--connections", type=int, default=8, help="wrk connections (default %(default)s)")
     real.add_argument("--threads", type=int, default=1, help="wrk threads (default %(default)s)")
+    real.add_argument("--server-args", default="", metavar="ARGS",
+                      help="extra arguments for every plugin server's start_cmd, e.g. '--processes 2'")
     real.add_argument("--readme", action="store_true",
                       help="also write the table into README.md's Benchmarks section")
     args = parser.parse_args(argv)
@@ -129,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--workers: one or more counts of at least 1")
         return real_kong.main(binary, workers=workers, rounds=args.rounds, seconds=args.seconds,
                               warmup=args.warmup, connections=args.connections, threads=args.threads,
-                              readme=args.readme)
+                              readme=args.readme, server_args=args.server_args)
     started = time.time()
     out = [f"# kong-mtls benchmarks ({time.strftime('%Y-%m-%d')})", "", f"Machine: {machine()}", ""]
     out += core.section()

@@ -196,8 +196,18 @@ def parse_proc_stat(text: str) -> tuple[int, int]:
 
 
 def cpu_ticks(pid: int) -> int:
+    """CPU ticks of `pid` and its children (a plugin server with `--processes` forks them)."""
     with open(f"/proc/{pid}/stat") as f:
-        return parse_proc_stat(f.read())[1]
+        ticks = parse_proc_stat(f.read())[1]
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            children = [int(p) for p in f.read().split()]
+    except OSError:
+        children = []
+    for child in children:
+        with contextlib.suppress(OSError):
+            ticks += cpu_ticks(child)
+    return ticks
 
 
 # -- processes -------------------------------------------------------------------------------------
@@ -223,6 +233,14 @@ def _cmdline(pid: int) -> str:
             return f.read().replace(b"\0", b" ").decode("utf-8", "replace").strip()
     except OSError:
         return ""
+
+
+def _ppid(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def _pids() -> Iterator[int]:
@@ -298,6 +316,8 @@ class Kong:
 
     binary: str
     workers: int
+    #: Extra arguments for every plugin server's start_cmd (`--processes 2`, say).
+    server_args: str = ""
     root: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="kmb-kong-")))
     started: bool = False
 
@@ -306,7 +326,12 @@ class Kong:
         return self.root / "prefix"
 
     def start(self, config: Mapping, pki: Path, ports: Mapping[str, int]) -> None:
-        from tests.integration.support import KONG_CONF_EXAMPLE, local_kong_conf, parse_kong_conf
+        from tests.integration.support import (
+            KONG_CONF_EXAMPLE,
+            local_kong_conf,
+            parse_kong_conf,
+            pluginserver_key,
+        )
 
         version = tuple(int(n) for n in kong_version(self.binary).split("."))
         declarative = self.root / "kong.json"
@@ -329,8 +354,10 @@ class Kong:
                    "plugins": ",".join(["bundled", *PLUGINS, BARE]),
                    "pluginserver_names": ",".join([*PLUGINS, BARE]),
                    f"pluginserver_{BARE}_socket": f"{self.prefix}/{BARE}.sock",
-                   f"pluginserver_{BARE}_start_cmd": f"{sys.executable} {BARE_SCRIPT} -p {self.prefix}",
-                   f"pluginserver_{BARE}_query_cmd": f"{sys.executable} {BARE_SCRIPT} --dump"})
+                   f"pluginserver_{BARE}_start_cmd": self._start_cmd(str(BARE_SCRIPT)),
+                   f"pluginserver_{BARE}_query_cmd": f"{sys.executable} {BARE_SCRIPT} --dump",
+                   **{pluginserver_key(name, "start_cmd"): self._start_cmd(f"-m {PLUGIN_MODULES[name]}")
+                      for name in PLUGINS}})
         (self.root / "kong.conf").write_text(conf)
         self.prefix.mkdir()
         done = subprocess.run([self.binary, "start", "-c", str(self.root / "kong.conf"),
@@ -339,6 +366,9 @@ class Kong:
         if done.returncode != 0:
             raise RuntimeError(f"kong start failed:\n{done.stdout}\n{done.stderr}\n"
                                f"{self.error_log()[-3000:]}")
+
+    def _start_cmd(self, entry: str) -> str:
+        return f"{sys.executable} {entry} -p {self.prefix} {self.server_args}".rstrip()
 
     def error_log(self) -> str:
         try:
@@ -366,13 +396,15 @@ class Kong:
         """Plugin name -> pid of its server (Kong starts them with `-m <module> -p <prefix>`)."""
         needles = {name: f"-m {PLUGIN_MODULES[name]} -p {self.prefix}" for name in PLUGINS}
         needles[BARE] = f"{BARE_SCRIPT} -p {self.prefix}"
-        found = {}
+        found: dict[str, list[int]] = {}
         for pid in _pids():
             line = _cmdline(pid)
             for name, needle in needles.items():
                 if needle in line:
-                    found[name] = pid
-        return found
+                    found.setdefault(name, []).append(pid)
+        # With --processes, the server's children share its command line: the server is the one
+        # whose parent is not one of them.
+        return {name: next(p for p in pids if _ppid(p) not in pids) for name, pids in found.items()}
 
     def stop(self) -> None:
         if self.started:
@@ -422,7 +454,8 @@ def pinning(workers: int) -> tuple[int | None, int | None]:
 
 
 @contextlib.contextmanager
-def running(binary: str, workers: int, route_list: Sequence[Route], pki: Path, key: str) -> Iterator[Setup]:
+def running(binary: str, workers: int, route_list: Sequence[Route], pki: Path, key: str,
+            server_args: str = "") -> Iterator[Setup]:
     kong_cpu, load_cpu = pinning(workers)
     ports = {name: free_port() for name in ("http", "https", "admin", "upstream", "proxy")}
     binary_or = openresty()
@@ -430,7 +463,7 @@ def running(binary: str, workers: int, route_list: Sequence[Route], pki: Path, k
     proxy = Openresty(binary_or, "tlsproxy", tls_proxy_servers(ports["proxy"], ports["https"],
                                                                pki / "clients" / "alice.pem",
                                                                pki / "clients" / "alice.key"), load_cpu)
-    kong = Kong(binary, workers)
+    kong = Kong(binary, workers, server_args)
     try:
         kong.start(kong_config(route_list, ports["upstream"], key), pki, ports)
         workers_found = wait_for(lambda: kong.workers_pids() if len(kong.workers_pids()) == workers else None,
@@ -539,13 +572,13 @@ def summarise(route: Route, samples: Sequence[Sample]) -> RouteSummary:
 
 def run(binary: str, *, workers: int, route_keys: Sequence[str] | None, rounds: int, seconds: float,
         warmup: float, connections: int, threads: int, pki: Path, key: str, key_hash: str,
-        log=print) -> list[RouteSummary]:
+        server_args: str = "", log=print) -> list[RouteSummary]:
     wrk = check_tools()
     key_id = key.split(".", 1)[0]
     route_list = [r for r in routes(pki, key_id, key_hash) if route_keys is None or r.key in route_keys]
     load_cpu = pinning(workers)[1]
     samples: dict[str, list[Sample]] = {r.key: [] for r in route_list}
-    with running(binary, workers, route_list, pki, key) as setup:
+    with running(binary, workers, route_list, pki, key, server_args) as setup:
         for r in route_list:  # caches, JIT, keep-alive pools
             measure(setup, r, wrk, warmup, connections, threads, load_cpu)
         for n in range(rounds):
@@ -675,7 +708,7 @@ def update_readme(text: str, version: str, block: Sequence[str]) -> str:
 
 
 def main(binary: str, *, workers: Sequence[int], rounds: int, seconds: float, warmup: float,
-         connections: int, threads: int, readme: bool) -> int:
+         connections: int, threads: int, readme: bool, server_args: str = "") -> int:
     check_tools()
     if not os.access(binary, os.X_OK) and shutil.which(binary) is None:
         raise SystemExit(f"bench: no Kong at {binary!r}")
@@ -692,11 +725,13 @@ def main(binary: str, *, workers: Sequence[int], rounds: int, seconds: float, wa
             print(f"Kong {version}, {count} worker(s):", file=sys.stderr)
             runs[count] = run(binary, workers=count, route_keys=None if count == 1 else MULTI_WORKER_ROUTES,
                               rounds=rounds, seconds=seconds, warmup=warmup, connections=connections,
-                              threads=threads, pki=pki, key=key, key_hash=key_hash,
+                              threads=threads, pki=pki, key=key, key_hash=key_hash, server_args=server_args,
                               log=lambda line: print(line, file=sys.stderr))
     finally:
         shutil.rmtree(root, ignore_errors=True)
     note += f", after it {load_average()} (the bench itself keeps both cores busy)"
+    if server_args:
+        note += f"; plugin servers started with `{server_args}`"
     block = report(version, runs, rounds=rounds, seconds=seconds, connections=connections, note=note)
     text = "\n".join(block) + "\n"
     os.makedirs("bench/results", exist_ok=True)

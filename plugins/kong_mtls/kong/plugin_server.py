@@ -18,6 +18,7 @@ import gc
 import json
 import logging
 import os
+import socket
 import time
 from collections.abc import Callable
 from typing import Any
@@ -406,11 +407,11 @@ class PluginServer:
         return packer.pack([1, response[1], "the plugin keeps making PDK calls that cannot be sent", None])
 
 
-def listen(path: str, backlog: int = 4096) -> gsocket.socket:
+def listen(path: str, backlog: int = 4096) -> socket.socket:
     """A listening Unix stream socket at `path` (a stale one from a previous server is replaced)."""
     if os.path.exists(path):
         os.remove(path)
-    listener = gsocket.socket(gsocket.AF_UNIX, gsocket.SOCK_STREAM)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
     listener.listen(backlog)
     return listener
@@ -418,7 +419,7 @@ def listen(path: str, backlog: int = 4096) -> gsocket.socket:
 
 def exit_with_parent() -> None:
     """Kong's process manager starts us and restarts us when we die: when Kong is gone (we were
-    re-parented), we go too."""
+    re-parented), we go too. (A child of `--processes` watches the parent that forked it.)"""
     parent = os.getppid()
     while True:
         gevent.sleep(1)
@@ -427,8 +428,22 @@ def exit_with_parent() -> None:
             os._exit(0)
 
 
-def run(server: PluginServer, listener: gsocket.socket) -> None:
+def run(server: PluginServer, listener: socket.socket) -> None:
     """Serve Kong's connections on `listener` forever."""
     gevent.spawn(server.reap_forever)
     gevent.spawn(exit_with_parent)
-    StreamServer(listener, server.serve_connection).serve_forever()
+    StreamServer(gsocket.socket(fileno=listener.detach()), server.serve_connection).serve_forever()
+
+
+def run_handed(server: PluginServer, channel: socket.socket) -> None:
+    """A child of `--processes`: serve the connections the parent hands over `channel` (one
+    SOCK_SEQPACKET message with one descriptor each) until the parent is gone."""
+    gevent.spawn(server.reap_forever)
+    gevent.spawn(exit_with_parent)
+    handed = gsocket.socket(fileno=channel.detach())
+    while True:
+        message, fds, _flags, _address = socket.recv_fds(handed, 16, 4)
+        if not message and not fds:
+            return
+        for fd in fds:
+            gevent.spawn(server.serve_connection, gsocket.socket(fileno=fd))

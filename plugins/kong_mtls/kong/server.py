@@ -38,6 +38,7 @@ from typing import Any
 from kong_mtls.constants import PLUGIN_VERSION, PRIORITIES
 from kong_mtls.kong import plugin_server
 from kong_mtls.kong.plugin_server import PHASES, PluginServer
+from kong_mtls.kong.processes import MAX_PROCESSES, Supervisor
 from kong_mtls.kong.runtime import (
     CONFIG_ERROR_ATTRIBUTE,
     REASON_INVALID_CONFIG,
@@ -116,6 +117,16 @@ def _seconds_at_least_one(text: str) -> float:
     return value
 
 
+def _process_count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of processes: {text!r}") from None
+    if not 1 <= value <= MAX_PROCESSES:
+        raise argparse.ArgumentTypeError(f"between 1 and {MAX_PROCESSES}")
+    return value
+
+
 def _arguments(name: str, argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=f"kong-mtls-{name}",
                                      description=f"Kong plugin server for the {name} plugin.")
@@ -129,6 +140,9 @@ def _arguments(name: str, argv: Sequence[str] | None) -> argparse.Namespace:
                         metavar="SECONDS",
                         help="reap an event Kong has not stepped for this long (above nginx's "
                              "lua_socket_read_timeout; default %(default)g)")
+    parser.add_argument("--processes", type=_process_count, default=1, metavar="N",
+                        help="serve from N processes, each Kong worker served by one of them "
+                             "(default %(default)s; about one per nginx worker)")
     # Accepted for compatibility with kong-pdk command lines; gevent mode is always on.
     parser.add_argument("-g", "--gevent", action="store_true", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -147,6 +161,9 @@ def serve(name: str, plugin_cls: type, schema: list, argv: Sequence[str] | None 
     configure_stderr_logging(args.verbose)
     server = new_server(name, plugin_cls, abandon_after=args.abandon_after)
     listener = plugin_server.listen(os.path.join(args.prefix, f"{name}.sock"))
-    with contextlib.suppress(KeyboardInterrupt):
-        plugin_server.run(server, listener)
+    if args.processes == 1:
+        with contextlib.suppress(KeyboardInterrupt):
+            plugin_server.run(server, listener)
+    else:
+        Supervisor(listener, args.processes, lambda channel: plugin_server.run_handed(server, channel)).run()
     return 0

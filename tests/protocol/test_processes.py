@@ -1,0 +1,119 @@
+"""`--processes 2`: every RPC of a Kong worker reaches one process, whichever connection it takes."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import signal
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.harness.kong_side import KongSide, PluginServerProcess, Request, RpcConnection
+
+
+@pytest.fixture
+def server() -> Iterator[PluginServerProcess]:
+    process = PluginServerProcess("trivial", "tests.plugins.trivial", extra_args=["--processes", "2"]).start()
+    try:
+        yield process
+    finally:
+        process.close()
+
+
+def children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except FileNotFoundError:
+        return []
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def wait_until(condition, seconds: float = 15.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def kong_worker(socket_path: str, tag: str, events: int, results: multiprocessing.Queue) -> None:
+    """One Kong worker (its own process, hence its own pid): a pool of three connections, each RPC
+    on the next one, so every Step of an event arrives on another connection than the one before."""
+    try:
+        pool = [RpcConnection(socket_path, 10.0) for _ in range(3)]
+        config = json.dumps({"calls": 2, "route_id": tag, "__plugin_id": tag, "__seq__": 1})
+        instance = pool[0].call("plugin.StartInstance", {"Name": "trivial", "Config": config})["Id"]
+        turn = 0
+        echoed, pids = [], set()
+        for i in range(events):
+            step = pool[turn % 3].call("plugin.HandleEvent", {"InstanceId": instance, "EventName": "access"})
+            while step["Data"] != "ret":
+                turn += 1
+                if step["Data"]["Method"] == "kong.service.request.set_header":
+                    echoed.append(step["Data"]["Args"][1])
+                step = pool[turn % 3].call("plugin.Step", {"EventId": step["EventId"], "Data": f"{tag}-{i}"})
+            pids.add(pool[turn % 3].call("plugin.GetRuntimeStats")["Pid"])
+        results.put((tag, echoed == [f"{tag}-{i}" for i in range(events)], sorted(pids)))
+    except Exception as exc:  # reported to the test
+        results.put((tag, repr(exc), []))
+
+
+def run_workers(server: PluginServerProcess, tags: list[str], events: int = 150) -> dict[str, tuple]:
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+    workers = [context.Process(target=kong_worker, args=(server.socket_path, tag, events, results))
+               for tag in tags]
+    for worker in workers:
+        worker.start()
+    out = {}
+    for _ in workers:
+        tag, ok, pids = results.get(timeout=60)
+        out[tag] = (ok, pids)
+    for worker in workers:
+        worker.join(10)
+    return out
+
+
+def test_each_kong_worker_is_served_by_one_process_and_every_step_finds_its_event(server):
+    out = run_workers(server, ["worker-a", "worker-b"])
+    assert out["worker-a"][0] is True and out["worker-b"][0] is True, out
+    (a,), (b,) = out["worker-a"][1], out["worker-b"][1]  # one serving process each
+    assert a != b and {a, b} == set(children(server.pid)), (out, children(server.pid))
+
+
+def test_the_server_serves_kong_as_one_process_does(server):
+    with KongSide() as kong:
+        outcome = kong.run(Request(headers={"x-echo": "hello"}), [(server, {})])
+        assert outcome.upstream_headers["x-echoed"] == ["hello"]
+        assert kong.run(Request(), [(server, {"mode": "refuse"})]).status == 403
+
+
+def test_a_child_that_dies_is_started_again(server):
+    first = children(server.pid)
+    assert len(first) == 2
+    os.kill(first[0], signal.SIGKILL)
+    assert wait_until(lambda: len(children(server.pid)) == 2 and first[0] not in children(server.pid))
+    out = run_workers(server, ["after-a", "after-b"], events=20)
+    assert all(ok is True for ok, _ in out.values()), out
+    assert "reason=CHILD_DIED" in server.output()
+
+
+@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL])
+def test_the_children_end_with_the_parent(server, how):
+    kids = children(server.pid)
+    assert len(kids) == 2
+    server.proc.send_signal(how)
+    server.proc.wait(10)
+    assert wait_until(lambda: not any(alive(pid) for pid in kids)), "a child outlived its parent"
