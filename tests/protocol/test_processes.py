@@ -18,9 +18,20 @@ from tests.harness.kong_side import KongSide, PluginServerProcess, Request, RpcC
 def server() -> Iterator[PluginServerProcess]:
     process = PluginServerProcess("trivial", "tests.plugins.trivial", extra_args=["--processes", "2"]).start()
     try:
+        # The socket listens before the children are forked.
+        assert wait_until(lambda: len(children(process.pid)) == 2), process.output()
         yield process
     finally:
         process.close()
+
+
+def wait_until(condition, seconds: float = 15.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def children(pid: int) -> list[int]:
@@ -37,15 +48,6 @@ def alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
-
-
-def wait_until(condition, seconds: float = 15.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 def kong_worker(socket_path: str, tag: str, events: int, results: multiprocessing.Queue) -> None:
