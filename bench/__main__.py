@@ -115,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     real.add_argument("--threads", type=int, default=1, help="wrk threads (default %(default)s)")
     real.add_argument("--server-args", default="", metavar="ARGS",
                       help="extra arguments for every plugin server's start_cmd, e.g. '--processes 2'")
+    real.add_argument("--routes", default="", metavar="KEYS",
+                      help="only these routes, comma-separated (e.g. plain,bare-1,bare-4; default: all with "
+                           "one worker, a subset with more)")
     real.add_argument("--readme", action="store_true",
                       help="also write the table into README.md's Benchmarks section")
     args = parser.parse_args(argv)
@@ -131,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--workers: one or more counts of at least 1")
         return real_kong.main(binary, workers=workers, rounds=args.rounds, seconds=args.seconds,
                               warmup=args.warmup, connections=args.connections, threads=args.threads,
-                              readme=args.readme, server_args=args.server_args)
+                              readme=args.readme, server_args=args.server_args,
+                              route_keys=[k for k in args.routes.split(",") if k] or None)
     started = time.time()
     out = [f"# kong-mtls benchmarks ({time.strftime('%Y-%m-%d')})", "", f"Machine: {machine()}", ""]
     out += core.section()

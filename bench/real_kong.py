@@ -7,8 +7,8 @@ worker unless asked, our plugin servers started by Kong from this Python environ
 (keep-alive, 8 connections, pinned to the last core, Kong's worker pinned to the first) measures
 every route once per round, in a rotating order, for several rounds, and the table gives medians:
 requests/s, p50 and p99 latency, the ratio to the route without plugins (plain HTTP, or TLS with a
-client certificate for the mTLS route), and CPU per request of each process, from /proc/<pid>/stat
-(utime + stime) before and after each measurement.
+client certificate for the mTLS route), and CPU per request of each process, from the scheduler's
+count (/proc/<pid>/task/*/schedstat, children included) before and after each measurement.
 
 Every measured answer must be a 2xx (wrk's own count), and every route with one of our plugins must
 have used CPU in its plugin servers: a refusal or a route without its plugins would be fast and wrong.
@@ -51,10 +51,8 @@ BARE = "bare"
 BARE_SCRIPT = Path(__file__).resolve().parent / "bare_plugin.py"
 LOOPBACK = ["127.0.0.0/8"]
 START_TIMEOUT = 120.0
-#: CPU per request above which a plugin server not on the route is shown anyway: µs, and clock
-#: ticks (10 ms each, usually) over one measurement.
+#: CPU per request above which a plugin server not on the route is shown anyway, µs.
 BUSY_US = 5.0
-BUSY_TICKS = 3
 
 
 @dataclass(frozen=True)
@@ -195,10 +193,15 @@ def parse_proc_stat(text: str) -> tuple[int, int]:
     return int(fields[1]), int(fields[11]) + int(fields[12])
 
 
-def cpu_ticks(pid: int) -> int:
-    """CPU ticks of `pid` and its children (a plugin server with `--processes` forks them)."""
-    with open(f"/proc/{pid}/stat") as f:
-        ticks = parse_proc_stat(f.read())[1]
+def cpu_ns(pid: int) -> int:
+    """CPU time of `pid` (every thread) and of its children (a plugin server with `--processes`
+    forks them), in ns: the scheduler's own count (/proc/<pid>/task/<tid>/schedstat). utime and
+    stime in /proc/<pid>/stat are sampled at clock ticks, which misjudges a process that wakes for
+    a few µs thousands of times a second (a plugin server) by tens of percent either way."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+            total += int(f.read().split()[0])
     try:
         with open(f"/proc/{pid}/task/{pid}/children") as f:
             children = [int(p) for p in f.read().split()]
@@ -206,8 +209,8 @@ def cpu_ticks(pid: int) -> int:
         children = []
     for child in children:
         with contextlib.suppress(OSError):
-            ticks += cpu_ticks(child)
-    return ticks
+            total += cpu_ns(child)
+    return total
 
 
 # -- processes -------------------------------------------------------------------------------------
@@ -535,15 +538,14 @@ def run_wrk(wrk: str, url: str, api_key: str | None, seconds: float, connections
 
 def measure(setup: Setup, route: Route, wrk: str, seconds: float, connections: int, threads: int,
             cpu: int | None) -> Sample:
-    before = {label: cpu_ticks(pid) for label, pid in setup.processes.items()}
+    before = {label: cpu_ns(pid) for label, pid in setup.processes.items()}
     result = run_wrk(wrk, setup.urls[route.key], setup.api_key if route.api_key else None, seconds,
                      connections, threads, cpu)
-    after = {label: cpu_ticks(pid) for label, pid in setup.processes.items()}
+    after = {label: cpu_ns(pid) for label, pid in setup.processes.items()}
     if result.non_2xx or result.socket_errors:
         raise RuntimeError(f"route {route.key}: {result.non_2xx} non-2xx answers, {result.socket_errors} "
                            f"socket errors\n{setup.kong.error_log()[-3000:]}")
-    tick_us = 1e6 / os.sysconf("SC_CLK_TCK")
-    cpu_us = {label: (after[label] - before[label]) * tick_us / max(1, result.requests) for label in before}
+    cpu_us = {label: (after[label] - before[label]) / 1e3 / max(1, result.requests) for label in before}
     idle = [name for name in route.served if cpu_us[f"{name} server"] == 0]
     if idle:
         raise RuntimeError(f"route {route.key}: plugin servers {idle} used no CPU: did the plugin run?")
@@ -615,11 +617,10 @@ def table(summaries: Sequence[RouteSummary]) -> list[str]:
         worker_cpu = " + ".join(f"{s.cpu_us[w]:.0f}" for w in workers)
         total = sum(s.cpu_us[w] for w in workers)
         worker_cpu += (f" = {total:.0f}" if len(workers) > 1 else "") + f" ({total * s.rps / 1e4:.0f}%)"
-        # The route's own servers, and any other that was busy beyond the clock tick's noise.
-        busy = max(BUSY_US, BUSY_TICKS * 1e6 / os.sysconf("SC_CLK_TCK") / max(1, s.requests))
+        # The route's own servers, and any other that was busy.
         servers = [(label.removesuffix(" server"), us) for label, us in s.cpu_us.items()
                    if label.endswith(" server")
-                   and (label.removesuffix(" server") in s.route.served or us >= busy)]
+                   and (label.removesuffix(" server") in s.route.served or us >= BUSY_US)]
         # µs per request x requests/s: the share of one core the (single-process) server used.
         server_text = ", ".join(f"{name} {us:.0f} ({us * s.rps / 1e4:.0f}%)" for name, us in servers) or "-"
         lines.append(f"| {s.route.label} | {s.rps:,.0f} | {ratio} | {_ms(s.p50_us)} | {_ms(s.p99_us)} | "
@@ -653,10 +654,10 @@ def report(version: str, runs: Mapping[int, Sequence[RouteSummary]], *, rounds: 
            f"median of {rounds} interleaved rounds. Upstream: a static openresty `return 200` on loopback. "
            "TLS routes go through a local openresty that presents alice's client certificate to Kong "
            "(wrk cannot), so their latency includes that hop; compare them with each other. CPU from "
-           "/proc/<pid>/stat over each measurement; *gateway CPU* is Kong's workers plus every plugin "
-           "server, per request, and *by CPU* the baseline's gateway CPU over the route's: the "
-           "throughput ratio a gateway with cores of its own would see, less sensitive than req/s to "
-           "the load generator and other work sharing these cores.", ""]
+           "the scheduler's count (schedstat) over each measurement; *gateway CPU* is Kong's workers "
+           "plus every plugin server, per request, and *by CPU* the baseline's gateway CPU over the "
+           "route's: the throughput ratio a gateway with cores of its own would see, less sensitive "
+           "than req/s to the load generator and other work sharing these cores.", ""]
     for workers, summaries in runs.items():
         pinned = ("Kong's worker pinned to the first core, wrk, the upstream and the TLS proxy to the last"
                   if workers == 1 else "nothing pinned")
@@ -708,7 +709,8 @@ def update_readme(text: str, version: str, block: Sequence[str]) -> str:
 
 
 def main(binary: str, *, workers: Sequence[int], rounds: int, seconds: float, warmup: float,
-         connections: int, threads: int, readme: bool, server_args: str = "") -> int:
+         connections: int, threads: int, readme: bool, server_args: str = "",
+         route_keys: Sequence[str] | None = None) -> int:
     check_tools()
     if not os.access(binary, os.X_OK) and shutil.which(binary) is None:
         raise SystemExit(f"bench: no Kong at {binary!r}")
@@ -723,7 +725,8 @@ def main(binary: str, *, workers: Sequence[int], rounds: int, seconds: float, wa
         runs: dict[int, list[RouteSummary]] = {}
         for count in workers:
             print(f"Kong {version}, {count} worker(s):", file=sys.stderr)
-            runs[count] = run(binary, workers=count, route_keys=None if count == 1 else MULTI_WORKER_ROUTES,
+            default = None if count == 1 else MULTI_WORKER_ROUTES
+            runs[count] = run(binary, workers=count, route_keys=route_keys or default,
                               rounds=rounds, seconds=seconds, warmup=warmup, connections=connections,
                               threads=threads, pki=pki, key=key, key_hash=key_hash, server_args=server_args,
                               log=lambda line: print(line, file=sys.stderr))

@@ -46,3 +46,16 @@ def untrusted_lua_off(request: pytest.FixtureRequest,
         yield gw
     finally:
         gw.stop()
+
+
+@pytest.fixture(scope="module")
+def two_processes(request: pytest.FixtureRequest,
+                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    """A Kong of the same runner with two nginx workers, each plugin server run with `--processes 2`."""
+    runner = request.module.RUNNER
+    gw = runner.start(tmp_path_factory.mktemp(f"kong-{runner.kind}-two-processes"),
+                      settings={"nginx_worker_processes": "2"}, server_args="--processes 2")
+    try:
+        yield gw
+    finally:
+        gw.stop()

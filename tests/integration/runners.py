@@ -372,7 +372,8 @@ class LocalRunner:
 
     @classmethod
     def start(cls, workdir: Path, **options: Any) -> LocalGateway:
-        """`options` are LocalGateway's: `option_a`, `database`, `role`, `control_plane`, `settings`."""
+        """`options` are LocalGateway's: `option_a`, `database`, `role`, `control_plane`, `settings`,
+        `server_args`."""
         gateway = LocalGateway(cls.kong_bin() or "kong", **options)
         try:
             gateway.boot()
@@ -392,17 +393,19 @@ class LocalGateway(Gateway):
       with `role="control_plane"` too: a hybrid control plane (no proxy, no plugin servers started,
       only their schemas queried);
     * `control_plane` (another LocalGateway): a hybrid data plane that takes its config from it;
-    * `settings`: more kong.conf settings (e.g. `untrusted_lua = off`).
+    * `settings`: more kong.conf settings (e.g. `untrusted_lua = off`);
+    * `server_args`: more arguments for every plugin server (`--processes 2`).
     """
 
     kind = "local"
 
     def __init__(self, kong: str, *, option_a: bool = False, database: Mapping[str, str] | None = None,
                  role: str = "traditional", control_plane: LocalGateway | None = None,
-                 settings: Mapping[str, str] | None = None) -> None:
+                 settings: Mapping[str, str] | None = None, server_args: str = "") -> None:
         self.kong = kong  # other attributes set by boot()
         self.option_a = option_a
         self.settings = dict(settings or {})
+        self.server_args = server_args
         self.database = database
         self.role = "data_plane" if control_plane is not None else role
         self.control_plane = control_plane
@@ -449,7 +452,7 @@ class LocalGateway(Gateway):
             plugins=plugins, declarative_config=str(declarative), ports=ports,
             ssl_cert=str(pki / "kong" / "server.pem"), ssl_cert_key=str(pki / "kong" / "server.key"),
             kong_version=version, nginx_user="root root" if os.geteuid() == 0 else None,
-            serve_plugins=self.role != "control_plane", extra=extra)
+            serve_plugins=self.role != "control_plane", extra=extra, server_args=self.server_args)
         self.conf_file.write_text(conf)
         self.prefix.mkdir()
         if self.role == "control_plane":

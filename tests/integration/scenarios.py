@@ -1050,3 +1050,30 @@ class OptionAScenarios:
         assert b"The SSL certificate error" in answer.body
         assert answer.headers["content-type"].startswith("text/html")
         assert not option_a.seen_upstream(headers["X-Test-Nonce"])
+
+
+class ProcessesScenarios:
+    """Two nginx workers, every plugin server with `--processes 2` (docs/architecture.md, "Several
+    processes"): each worker's RPCs, Steps included, reach the process holding its events."""
+
+    def test_p1_two_workers_two_processes_answer_every_request_right(self, two_processes: Gateway) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        gateway = two_processes
+        requires(gateway, "api-key-auth", "client-cert-auth")
+        assert len(gateway.signal_plugin_server("api-key-auth", 0)) == 3  # the parent and two children
+        valid = {"apikey": gateway.api_key("ak_alice_dev")}
+
+        def one(i: int) -> tuple[int, int, int]:
+            sent = {**(valid if i % 2 == 0 else {}), **nonce()}
+            key = gateway.https("/key", headers=sent)
+            mtls = gateway.https("/mtls", cert="clients/alice" if i % 3 else None)
+            return key.status, mtls.status, i
+
+        with ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(one, range(240)))
+        wrong = [(i, key, mtls) for key, mtls, i in results
+                 if key != (200 if i % 2 == 0 else 401) or mtls != (200 if i % 3 else 401)]
+        assert not wrong, wrong[:10]
+        log = gateway.error_log()
+        assert "not found" not in log and "[kong-mtls] guard refused" not in log, log[-3000:]

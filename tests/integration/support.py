@@ -123,10 +123,12 @@ def parse_kong_version(output: str) -> tuple[int, int, int]:
 def local_kong_conf(example: Mapping[str, str], *, prefix: str, python: str, plugins: Sequence[str],
                     declarative_config: str, ports: Mapping[str, int], ssl_cert: str, ssl_cert_key: str,
                     kong_version: tuple[int, int, int], nginx_user: str | None = None,
-                    serve_plugins: bool = True, extra: Mapping[str, str | None] | None = None) -> str:
+                    serve_plugins: bool = True, extra: Mapping[str, str | None] | None = None,
+                    server_args: str = "") -> str:
     """The kong.conf of the local runner: kong.conf.example's settings, with the plugin servers
-    started from this Python environment, the guard's Lua from this checkout (`LUA_DIR`, before
-    Kong's default path), everything else in `prefix`, then `extra` (None removes a setting).
+    started from this Python environment (`server_args` added to their start_cmd), the guard's Lua
+    from this checkout (`LUA_DIR`, before Kong's default path), everything else in `prefix`, then
+    `extra` (None removes a setting).
     Without `serve_plugins` (a hybrid control plane), Kong only queries the plugin servers for
     their schemas and starts none."""
     settings: dict[str, str] = {
@@ -158,7 +160,8 @@ def local_kong_conf(example: Mapping[str, str], *, prefix: str, python: str, plu
         module = PLUGIN_MODULES[name]
         if serve_plugins:
             settings[pluginserver_key(name, "socket")] = f"{prefix}/{name}.sock"
-            settings[pluginserver_key(name, "start_cmd")] = f"{python} -m {module} -p {prefix}"
+            start = f"{python} -m {module} -p {prefix} {server_args}"
+            settings[pluginserver_key(name, "start_cmd")] = start.rstrip()
         settings[pluginserver_key(name, "query_cmd")] = f"{python} -m {module} --dump"
     for key, value in (extra or {}).items():
         if value is None:

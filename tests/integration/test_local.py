@@ -6,7 +6,12 @@ from __future__ import annotations
 import pytest
 
 from tests.integration.runners import LocalRunner
-from tests.integration.scenarios import OptionAScenarios, Scenarios, UntrustedLuaOffScenarios
+from tests.integration.scenarios import (
+    OptionAScenarios,
+    ProcessesScenarios,
+    Scenarios,
+    UntrustedLuaOffScenarios,
+)
 
 RUNNER = LocalRunner
 _reason = RUNNER.unavailable()
@@ -25,4 +30,8 @@ class TestLocalOptionA(OptionAScenarios):
 
 
 class TestLocalUntrustedLuaOff(UntrustedLuaOffScenarios):
+    pass
+
+
+class TestLocalProcesses(ProcessesScenarios):
     pass

@@ -21,6 +21,8 @@ is not used: what it does unsafely for an auth plugin is done safely here, and c
 * a config the plugin refuses, or one scoped to a consumer, still starts an instance, which answers
   every request 500 with reason INVALID_CONFIG (see `_accepting_every_config`);
 * `plugin.GetRuntimeStats` reports open events and greenlets (Kong never calls it; the soak test does).
+
+`--processes N` serves from N processes, each Kong worker served by one (`processes`).
 """
 
 from __future__ import annotations
