@@ -151,6 +151,10 @@ class Supervisor:
                     conn, _ = self.listener.accept()
                 except socket.timeout:
                     continue
+                except OSError as exc:  # out of descriptors, say: Kong retries; do not spin
+                    _log.error(log_line("server", "accept-failed", error=str(exc)))
+                    time.sleep(0.1)
+                    continue
                 conn.settimeout(None)
                 self._hand(conn)
         finally:
