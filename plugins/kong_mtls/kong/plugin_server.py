@@ -5,11 +5,12 @@ keepalive connection: `plugin.StartInstance`, `plugin.HandleEvent`, then one `pl
 PDK call the handler makes, each on whichever pooled connection it takes, so a Step may arrive on
 another connection than its HandleEvent: events belong to the server, not to a connection.
 
-A handler runs in its own greenlet (an `Event`). A PDK call switches straight back to the greenlet
-that resumed the handler (the connection greenlet answering Kong's HandleEvent or Step), which sends
-the call to Kong; the Step that carries Kong's result switches straight back into the handler. No
-channel, queue or lock on the way. The handler may still block on gevent (a probe in the thread
-pool, a timeout): the connection greenlet that resumed it waits, as Kong waits for that answer.
+Each event's handler runs in a greenlet of its own (a `Worker`, reused from event to event). A PDK
+call switches straight back to the greenlet that resumed the handler (the connection greenlet
+answering Kong's HandleEvent or Step), which sends the call to Kong; the Step that carries Kong's
+result switches straight back into the handler. No channel, queue or lock on the way. The handler
+may still block on gevent (a probe in the thread pool, a timeout): the connection greenlet that
+resumed it waits, as Kong waits for that answer.
 """
 
 from __future__ import annotations
@@ -38,10 +39,10 @@ RET = "ret"
 TERMINAL_METHODS = frozenset({"kong.response.exit", "kong.response.error"})
 #: The phases a plugin class may implement, in the order `--dump` lists them (kong-pdk's order).
 PHASES = ("certificate", "rewrite", "log", "access", "preread", "response")
-#: Step variants Kong picks by the PDK result's type (mp_rpc.lua, `get_step_method`); all carry the
-#: result in `Data` and are handled alike.
 #: Idle worker greenlets kept for the next events (more are made when more events run at once).
 KEEP_IDLE_WORKERS = 64
+#: Step variants Kong picks by the PDK result's type (mp_rpc.lua, `get_step_method`); all carry the
+#: result in `Data` and are handled alike.
 STEP_METHODS = ("plugin.Step", "plugin.StepConsumer", "plugin.StepCredential", "plugin.StepRoute",
                 "plugin.StepService", "plugin.StepPlugin", "plugin.StepMultiMap", "plugin.StepMemoryStats")
 
@@ -393,6 +394,8 @@ class PluginServer:
             sock.close()
 
     def _packed(self, packer: msgpack.Packer, response: list) -> bytes:
+        """`response` packed. A PDK call MessagePack cannot carry is raised in its handler instead,
+        and what the handler does next is packed (a handler that keeps doing it gets an error)."""
         for _ in range(100):
             try:
                 return packer.pack(response)
