@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 
 import pytest
 
-from tests.harness.kong_side import KongSide, PluginServerProcess, Request, RpcConnection
+from tests.harness.kong_side import ROOT, KongSide, PluginServerProcess, Request, RpcConnection
 
 
 @pytest.fixture
@@ -119,3 +122,22 @@ def test_the_children_end_with_the_parent(server, how):
     server.proc.send_signal(how)
     server.proc.wait(10)
     assert wait_until(lambda: not any(alive(pid) for pid in kids)), "a child outlived its parent"
+
+
+def test_the_server_ends_when_kong_is_gone(tmp_path):
+    """Kong's process manager starts the server; when Kong goes (the server is re-parented), the
+    server and its children go too, and Kong's next start makes a new one."""
+    command = f"{sys.executable} -m tests.plugins.trivial -p {tmp_path} --processes 2 & echo $!; read line"
+    kong = subprocess.Popen(["sh", "-c", command],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    server = int(kong.stdout.readline())
+    try:
+        assert wait_until(lambda: len(children(server)) == 2)
+        kids = children(server)
+        kong.stdin.close()  # "Kong" exits
+        kong.wait(10)
+        assert wait_until(lambda: not alive(server) and not any(alive(pid) for pid in kids))
+    finally:
+        for pid in [server, *children(server)]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)

@@ -67,3 +67,14 @@ def test_a_pdk_call_kong_cannot_be_sent_raises_in_the_handler():
     assert (msgid, error) == (7, None)
     assert result["Data"]["Method"] == "kong.log.notice"  # the handler went on after the PDK error
     assert Recorder.seen[0].startswith("raised: exception from kong.request.get_header: cannot send")
+
+
+@pytest.mark.parametrize("count", ["0", "65", "two"])
+def test_a_process_count_out_of_range_is_refused_before_anything_starts(count, tmp_path, capsys):
+    from kong_mtls.kong.server import serve
+
+    with pytest.raises(SystemExit) as exited:
+        serve("recorder", Recorder, [], ["-p", str(tmp_path), "--processes", count])
+    assert exited.value.code == 2
+    assert "--processes" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # no socket
