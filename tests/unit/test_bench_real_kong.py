@@ -20,7 +20,7 @@ from bench.real_kong import (
     update_readme,
     wrk_duration_us,
 )
-from kong_mtls.constants import PLUGIN_MODULES, shared_mark
+from kong_mtls.constants import GUARD, PLUGIN_MODULES
 
 WRK_OUTPUT = """\
 Running 5s test @ http://127.0.0.1:41235/api-key-auth
@@ -122,17 +122,25 @@ def test_every_route_with_our_plugins_is_guarded_for_exactly_them() -> None:
         ours = [n for n in names if n in PLUGIN_MODULES]
         assert [n for n in route.served if n != BARE] == ours
         if not ours:
-            assert "post-function" not in names
+            assert GUARD not in names
             continue
         guarded += 1
-        assert names[-1] == "post-function"
-        code = declared["plugins"][-1]["config"]["access"][0]
-        marks_line = next(line for line in code.splitlines() if line.startswith("local marks"))
-        for name in PLUGIN_MODULES:
-            assert (f'"{shared_mark(name)}"' in marks_line) == (name in ours)
-    assert guarded == 4
+        assert declared["plugins"][-1]["name"] == GUARD
+        assert sorted(declared["plugins"][-1]["config"]["require"]) == sorted(ours)
+    assert guarded == 8
     assert sorted(r.key for r in route_list if BARE in r.served) == ["bare-1", "bare-2", "bare-4"]
     assert {r["name"]: r["protocols"] for r in served}["mtls"] == ["https"]
+
+
+def test_the_cache_off_rows_ask_their_plugin_servers_on_every_request() -> None:
+    by_key = {r.key: r for r in routes(Path("/pki"), "bench", "hmac-sha256:x:y")}
+    for key in ("ip-allowlist", "api-key-auth", "our-chain", "mtls"):
+        assert by_key[key].asked == []
+        assert by_key[f"{key}-rpc"].asked == by_key[key].served
+        assert [p for p in by_key[f"{key}-rpc"].plugins if p["name"] != GUARD] == [
+            {**p, "config": {**p["config"], "verdict_cache_ttl": 0}} for p in by_key[key].plugins
+            if p["name"] != GUARD]
+    assert by_key["bare-1"].asked == ["bare"]
 
 
 def _summary(route, rps: float, worker: float, servers: dict[str, float]) -> RouteSummary:

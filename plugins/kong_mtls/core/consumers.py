@@ -48,3 +48,9 @@ class ConsumerCache:
         else:
             self._lru.pop(ref)
         return row
+
+    def remaining(self, ref: str) -> float:
+        """Seconds the cached row of `ref` is still used (0 when none is cached): how long a verdict
+        carrying that row may be kept elsewhere."""
+        entry = self._lru.get(ref)
+        return max(0.0, entry[0] - self.clock()) if entry is not None else 0.0

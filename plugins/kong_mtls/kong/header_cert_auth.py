@@ -75,7 +75,7 @@ Schema = [
     schema.string("edge_verdict_header", len_min=1),
     schema.strings("edge_verdict_values", default=["true"], len_min=1),
     # Everything client-cert-auth has: trust anchors, revocation, mapping, headers upstream.
-    *client_cert_auth.Schema,
+    *client_cert_auth.CERTIFICATE_FIELDS,
 ]
 
 
