@@ -90,7 +90,7 @@ VERDICT_REPLAYABLE = frozenset({
     "kong.service.request.set_headers",
 })
 #: The plugins that offer their verdicts to the cache (a `verdict_cache_ttl` field in their schema).
-VERDICT_CACHED_PLUGINS = (IP_ALLOWLIST, CLIENT_CERT_AUTH, API_KEY_AUTH)
+VERDICT_CACHED_PLUGINS = (IP_ALLOWLIST, CLIENT_CERT_AUTH, HEADER_CERT_AUTH, API_KEY_AUTH)
 #: `verdict_cache_ttl`: its default and its largest value (verdicts.lua's MAX_TTL), in seconds.
 DEFAULT_VERDICT_CACHE_TTL = 60
 MAX_VERDICT_CACHE_TTL = 3600

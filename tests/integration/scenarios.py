@@ -606,6 +606,24 @@ class Scenarios:
                        **nonce()}
             assert edge("/alb", headers, cert=None).status == 401
             assert not gateway.seen_upstream(headers["X-Test-Nonce"])
+
+            # The verdict cache, with the plugin server stopped: what it decided, Kong decides alike.
+            def from_kong_alone() -> None:
+                again = edge("/cloudflare", {**cloudflare(alice), **forged, **nonce()})
+                assert (again.status, again.upstream_headers["x-consumer-username"]) == (200, "alice")
+                assert edge("/cloudflare", {**cloudflare(stranger), **nonce()}).status == 401
+                assert edge("/alb", alb, cert=None).upstream_headers["x-consumer-username"] == "bob"
+                unseen = {"X-Amzn-Mtls-Clientcert": quote(gateway.cert("clients/alice")[0].read_text(),
+                                                          safe="+=/"), **nonce()}
+                answer = edge("/alb", unseen, cert=None)
+                assert (answer.status, answer.json()) == (GUARD_STATUS, {"message": GUARD_MESSAGE}), answer
+                assert not gateway.seen_upstream(unseen["X-Test-Nonce"])
+
+            gateway.signal_plugin_server("header-cert-auth", signal.SIGSTOP)
+            try:
+                from_kong_alone()
+            finally:   # Kong starts a new one; restore() below waits until every server answers
+                gateway.signal_plugin_server("header-cert-auth", signal.SIGKILL)
         finally:
             gateway.restore()
 

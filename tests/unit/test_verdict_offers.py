@@ -8,6 +8,7 @@ Lua side in tests/unit/test_verdict_cache.py; real Kong in the integration scena
 
 from __future__ import annotations
 
+import datetime as dt
 import time
 from typing import Any
 
@@ -17,6 +18,7 @@ from kong_mtls.constants import (
     API_KEY_AUTH,
     CLIENT_CERT_AUTH,
     DEFAULT_VERDICT_CACHE_TTL,
+    HEADER_CERT_AUTH,
     IP_ALLOWLIST,
     VERDICT_REPLAYABLE,
     shared_mark,
@@ -24,7 +26,9 @@ from kong_mtls.constants import (
 )
 from kong_mtls.core.addresses import MAX_HEADER_LINES
 from kong_mtls.core.api_keys import credential_entry, generate_key
-from kong_mtls.kong import api_key_auth, client_cert_auth, ip_allowlist
+from kong_mtls.core.chain import spki_sha256
+from kong_mtls.devpki import Authority
+from kong_mtls.kong import api_key_auth, client_cert_auth, header_cert_auth, ip_allowlist
 from kong_mtls.kong.runtime import PLAIN_READS, VerdictInputs, phase
 from tests.harness.recording_kong import RecordingKong
 
@@ -236,3 +240,60 @@ def test_a_verdict_with_a_call_the_cache_cannot_replay_is_not_offered() -> None:
         record, _ = offer(Writer(call), {"nginx.get_var": lambda _: "192.0.2.1"}, "writer")
         assert (record is not None) == offered, call
     assert "kong.request.get_header" in PLAIN_READS
+
+
+# -- header-cert-auth ------------------------------------------------------------------------------
+
+def rfc9440(cert: Any) -> str:
+    import base64
+
+    from cryptography.hazmat.primitives.serialization import Encoding
+    return f":{base64.b64encode(cert.public_bytes(Encoding.DER)).decode()}:"
+
+
+def edge_plugin(pki: Any, **config: Any) -> header_cert_auth.Plugin:
+    return header_cert_auth.Plugin({
+        "certificate_header": "Client-Cert", "certificate_header_format": "rfc9440",
+        "chain_header": "Client-Cert-Chain", "trusted_proxies": ["10.0.0.0/8"],
+        "ca_certificates": [pki.root.cert_pem], "allow_partial_chain": False,
+        "revocation_check_mode": "SKIP", "remove_headers": ["X-Client-Verify"], **config})
+
+
+def edge_answers(pki: Any, peer: str, headers: dict) -> dict:
+    chain = ", ".join(rfc9440(c) for c in pki.alice.intermediates) if pki.alice.intermediates else None
+    base = {"client-cert": [rfc9440(pki.alice.cert)], **({"client-cert-chain": [chain]} if chain else {})}
+    return {"nginx.get_var": lambda name: peer if name == PEER else None,
+            "request.get_headers": lambda *_: {**base, **headers},
+            "client.load_consumer": lambda ref, _: ALICE if ref == "alice" else None}
+
+
+def test_header_cert_auth_offers_a_pass_decided_by_the_peer_and_the_edges_headers(pki: Any) -> None:
+    records = [offer(edge_plugin(pki), edge_answers(pki, "10.0.0.5", other), HEADER_CERT_AUTH)[0]
+               for other in ({}, {"x-client-verify": ["SUCCESS"], "user-agent": ["b"]})]
+    assert records[0] == records[1]                      # other headers (removed ones too) decide nothing
+    record = records[0]
+    assert [input_[:2] for input_ in record["inputs"]] == [
+        ["var", PEER], ["header", "client-cert"], ["header", "client-cert-chain"]]
+    assert record["inputs"][1][2] == [rfc9440(pki.alice.cert)]
+    assert 0 < record["ttl"] <= DEFAULT_VERDICT_CACHE_TTL
+    assert [call[0] for call in record["calls"]][-1] == "kong.ctx.shared.set"
+
+
+def test_header_cert_auth_offers_a_strangers_refusal_by_its_peer_alone(pki: Any) -> None:
+    record, kong = offer(edge_plugin(pki), edge_answers(pki, "203.0.113.9", {}), HEADER_CERT_AUTH)
+    assert "request.get_headers" not in kong.calls and kong.calls[-1] == "response.exit"
+    assert record["inputs"] == [["var", PEER, "203.0.113.9"]]
+
+
+def test_header_cert_auth_names_the_edges_certificate_and_holds_no_longer_than_it(pki: Any) -> None:
+    edge_ca = Authority.root("edge origin-pull CA")
+    expiring = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=600)
+    edge = edge_ca.client("edge.example", dns=["edge.example"], not_after=expiring)
+    plugin = edge_plugin(pki, trusted_proxies=None, edge_ca_certificates=[edge_ca.cert_pem],
+                         edge_spki_sha256=[spki_sha256(edge.cert)], verdict_cache_ttl=3600,
+                         consumer_cache_ttl=3600)
+    answers = {**edge_answers(pki, "203.0.113.9", {}),
+               "client.tls.get_full_client_certificate_chain": lambda: edge.chain_pem}
+    record, _ = offer(plugin, answers, HEADER_CERT_AUTH)
+    assert record["inputs"][0] == ["chain", "", edge.chain_pem]
+    assert 500 < record["ttl"] <= edge.cert.not_valid_after_utc.timestamp() - time.time() + 1
