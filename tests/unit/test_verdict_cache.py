@@ -16,7 +16,12 @@ from typing import Any
 
 import pytest
 
-from kong_mtls.constants import MAX_VERDICT_CACHE_TTL, VERDICT_REPLAYABLE, VERDICT_SLOT_PREFIX
+from kong_mtls.constants import (
+    MAX_VERDICT_CACHE_TTL,
+    VERDICT_CACHED_PLUGINS,
+    VERDICT_REPLAYABLE,
+    VERDICT_SLOT_PREFIX,
+)
 from kong_mtls.core.addresses import MAX_HEADER_LINES
 from kong_mtls.guard import GUARDED_PLUGINS
 from tests.harness.luajit import PLUGIN_DIR, lua_value, python_value, runtime
@@ -97,13 +102,14 @@ local function access(self, conf)
 end
 
 local handlers = {}
-for _, name in ipairs({ "ip-allowlist", "client-cert-auth", "api-key-auth" }) do
+for _, name in ipairs({ "ip-allowlist", "client-cert-auth", "api-key-auth", "upstream-identity" }) do
   handlers[name] = { name = name, access = access }
 end
 return {
-  install = function(names)
-    return verdicts.install(handlers, names)
+  install = function()
+    return verdicts.install(handlers)
   end,
+  wrapped = function(name) return handlers[name].access ~= access end,
   -- One request: fresh ngx.ctx and kong.ctx.shared, then the plugin's access handler.
   request = function(name, conf, var, headers, chain, verdict)
     calls, logs = {}, {}
@@ -145,7 +151,7 @@ class Kong:
         self.lua = runtime()
         self.side = self.lua.execute(STAND_IN)
         self.confs: dict[str, Any] = {}
-        assert self.side.install(self.lua.table("ip-allowlist", "client-cert-auth", "api-key-auth")) == 3
+        assert self.side.install() == 3              # header-cert-auth is not loaded in this Kong
 
     def conf(self, name: str = "a") -> Any:
         """A plugin config table (Kong's `conf`): the same name gives the same table."""
@@ -189,9 +195,11 @@ def test_the_lua_side_replays_and_limits_what_the_python_side_says() -> None:
     assert _lua_constant("SLOT_PREFIX") == f'"{VERDICT_SLOT_PREFIX}"'
     assert int(_lua_constant("MAX_TTL")) == MAX_VERDICT_CACHE_TTL
     assert int(_lua_constant("MAX_HEADER_LINES")) == MAX_HEADER_LINES
-    assert "verdicts.install(db and db.plugins and db.plugins.handlers, GUARDED_PLUGINS)" in \
-        (PLUGIN_DIR / "handler.lua").read_text()
-    assert "ip-allowlist" in GUARDED_PLUGINS
+    handler = (PLUGIN_DIR / "handler.lua").read_text()
+    assert "verdicts.install(db and db.plugins and db.plugins.handlers)" in handler
+    cached = re.search(r"^local CACHED_PLUGINS = \{ (.*) \}$", SOURCE, re.MULTILINE)
+    assert cached and tuple(re.findall(r'"([^"]+)"', cached.group(1))) == VERDICT_CACHED_PLUGINS
+    assert set(VERDICT_CACHED_PLUGINS) <= set(GUARDED_PLUGINS)
 
 
 # -- kept, replayed --------------------------------------------------------------------------------
@@ -396,7 +404,8 @@ def test_at_most_four_input_sets_per_config(kong: Kong) -> None:
 
 
 def test_install_wraps_each_handler_once(kong: Kong) -> None:
-    assert kong.side.install(kong.lua.table("ip-allowlist", "api-key-auth", "not-loaded")) == 0
+    assert kong.side.install() == 0
+    assert kong.side.wrapped("api-key-auth") and not kong.side.wrapped("upstream-identity")
     kong.request(var={PEER: "192.0.2.1"}, offer=allow("192.0.2.1"))
     kong.request(var={PEER: "192.0.2.1"})
     assert kong.events == 1

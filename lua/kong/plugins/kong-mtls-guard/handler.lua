@@ -132,7 +132,7 @@ end
 -- runs init_worker for every loaded plugin, configured or not.
 function KongMtlsGuard:init_worker()
   local db = kong.db
-  verdicts.install(db and db.plugins and db.plugins.handlers, GUARDED_PLUGINS)
+  verdicts.install(db and db.plugins and db.plugins.handlers)
 end
 
 

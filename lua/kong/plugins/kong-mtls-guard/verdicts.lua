@@ -41,6 +41,9 @@ local MAX_ENTRIES = 10000
 -- with its header): a verdict naming yet another set is not kept.
 local MAX_INPUT_SETS = 4
 
+-- The plugins that offer verdicts (kong_mtls.constants.VERDICT_CACHED_PLUGINS says the same).
+local CACHED_PLUGINS = { "ip-allowlist", "client-cert-auth", "header-cert-auth", "api-key-auth" }
+
 -- The PDK calls a verdict may carry (kong_mtls.constants.VERDICT_REPLAYABLE says the same).
 local REPLAYABLE = {
   "kong.client.authenticate",
@@ -332,14 +335,14 @@ end
 
 local installed = setmetatable({}, { __mode = "k" })
 
--- Put the cache in front of the access handler of each named plugin Kong loaded (`handlers`: Kong's
--- name -> handler table, kong.db.plugins.handlers). Once per handler, in each worker.
-local function install(handlers, plugin_names)
+-- Put the cache in front of the access handler of each of CACHED_PLUGINS Kong loaded (`handlers`:
+-- Kong's name -> handler table, kong.db.plugins.handlers). Once per handler, in each worker.
+local function install(handlers)
   if type(handlers) ~= "table" then
     return 0
   end
   local count = 0
-  for _, name in ipairs(plugin_names) do
+  for _, name in ipairs(CACHED_PLUGINS) do
     local handler = handlers[name]
     if type(handler) == "table" and type(handler.access) == "function" and not installed[handler] then
       handler.access = cached_access(name, handler.access)
@@ -353,6 +356,7 @@ end
 
 return {
   install = install,
+  CACHED_PLUGINS = CACHED_PLUGINS,
   REPLAYABLE = REPLAYABLE,
   SLOT_PREFIX = SLOT_PREFIX,
 }
