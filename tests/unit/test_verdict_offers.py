@@ -236,3 +236,46 @@ def test_a_verdict_with_a_call_the_cache_cannot_replay_is_not_offered() -> None:
         record, _ = offer(Writer(call), {"nginx.get_var": lambda _: "192.0.2.1"}, "writer")
         assert (record is not None) == offered, call
     assert "kong.request.get_header" in PLAIN_READS
+
+
+# -- review: how long a verdict holds ---------------------------------------------------------------
+
+class Clock:
+    """The consumer cache's clock, moved by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_client_cert_verdict_never_outlives_the_consumer_row_it_carries(pki: Any) -> None:
+    """docs/guard.md: a client-cert-auth verdict holds "no longer than the consumer row is cached"
+    (as api-key-auth's: the row's time left, not consumer_cache_ttl from now). Alice's row is read
+    at t=0 and cached until t=60; at t=50 a second certificate of hers, and her first one again
+    (remembered), may hold 10 s at most; at t=100 her row must be read again."""
+    plugin = cert_plugin(pki)
+    clock = Clock()
+    plugin.authenticator.consumers.clock = clock
+    loads: list[str] = []
+
+    def ask(chain: str) -> dict:
+        def load(ref: str, _: Any) -> Any:
+            loads.append(ref)
+            return ALICE if ref == "alice" else None
+        answers = {"client.tls.get_full_client_certificate_chain": lambda: chain,
+                   "client.load_consumer": load}
+        record, _ = offer(plugin, answers, CLIENT_CERT_AUTH)
+        assert record is not None
+        return record
+
+    second = pki.client("alice", dns=["alice2.clients.example"]).chain_pem
+    assert ask(pki.alice.chain_pem)["ttl"] <= DEFAULT_VERDICT_CACHE_TTL and loads == ["alice"]
+    clock.now += 50
+    assert ask(second)["ttl"] <= 10                     # the row read at t=0, 10 s left
+    assert ask(pki.alice.chain_pem)["ttl"] <= 10        # the same row, remembered with the chain
+    assert loads == ["alice"]
+    clock.now += 50
+    ask(second)
+    assert loads == ["alice", "alice"]                  # t=100: the row is read anew
