@@ -365,6 +365,8 @@ def test_a_failed_plugin_server_leaves_nothing_to_keep(kong: Kong) -> None:
 @pytest.mark.parametrize("offer", [
     {"inputs": [["var", PEER, "192.0.2.1"]], "calls": [["kong.response.exit", [403], 1]]},          # no ttl
     {"ttl": 0, "inputs": [["var", PEER, "192.0.2.1"]], "calls": [["kong.response.exit", [403], 1]]},
+    {"ttl": float("nan"), "inputs": [["var", PEER, "192.0.2.1"]],
+     "calls": [["kong.response.exit", [403], 1]]},
     {"ttl": 60, "inputs": [], "calls": [["kong.response.exit", [403], 1]]},                        # no input
     {"ttl": 60, "inputs": [["cookie", "a", "1"]], "calls": [["kong.response.exit", [403], 1]]},
     {"ttl": 60, "inputs": [["var", PEER, "192.0.2.1"]], "calls": []},                             # no call
@@ -372,7 +374,8 @@ def test_a_failed_plugin_server_leaves_nothing_to_keep(kong: Kong) -> None:
      "calls": [["kong.service.request.set_body", [{"a": 1}], 1]]},                       # not replayable
     {"ttl": 60, "inputs": [["var", PEER, "192.0.2.1"]], "calls": [["kong.response.exit", 403, 1]]},
     "a string",
-], ids=["no-ttl", "zero-ttl", "no-input", "unknown-input", "no-call", "set_body", "bad-args", "not-a-table"])
+], ids=["no-ttl", "zero-ttl", "nan-ttl", "no-input", "unknown-input", "no-call", "set_body", "bad-args",
+        "not-a-table"])
 def test_a_malformed_or_unreplayable_verdict_is_not_kept(kong: Kong, offer: Any) -> None:
     _, logs, shared = kong.request(var={PEER: "192.0.2.1"}, offer=offer)
     assert logs == ["notice [kong-mtls] verdict not cached reason=VERDICT_MALFORMED"]

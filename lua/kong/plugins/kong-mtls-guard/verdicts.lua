@@ -196,7 +196,8 @@ local function checked(record)
     return nil
   end
   local ttl, inputs, calls = record.ttl, record.inputs, record.calls
-  if type(ttl) ~= "number" or ttl <= 0 or type(inputs) ~= "table" or type(calls) ~= "table"
+  -- `not (ttl > 0)`: a NaN is no TTL (compared, it would pass for the longest one).
+  if type(ttl) ~= "number" or not (ttl > 0) or type(inputs) ~= "table" or type(calls) ~= "table"
      or #inputs == 0 or #calls == 0 then
     return nil
   end
