@@ -141,8 +141,10 @@ def allow(peer: str, client_ip: str | None = None, ttl: float = 60) -> dict[str,
 class Kong:
     """verdicts.lua in a fresh LuaJIT with the stand-in Kong."""
 
-    def __init__(self) -> None:
+    def __init__(self, prelude: str = "") -> None:
         self.lua = runtime()
+        if prelude:  # Lua run before verdicts.lua is loaded (stand-ins of its own)
+            self.lua.execute(prelude, SOURCE)
         self.side = self.lua.execute(STAND_IN)
         self.confs: dict[str, Any] = {}
         assert self.side.install(self.lua.table("ip-allowlist", "client-cert-auth", "api-key-auth")) == 3
@@ -403,3 +405,40 @@ def test_install_wraps_each_handler_once(kong: Kong) -> None:
     kong.request(var={PEER: "192.0.2.1"}, offer=allow("192.0.2.1"))
     kong.request(var={PEER: "192.0.2.1"})
     assert kong.events == 1
+
+
+# -- review findings -------------------------------------------------------------------------------
+
+#: verdicts.lua with MAX_ENTRIES at 10, and every LRU it builds listed in CACHES (to count entries).
+SMALL_AND_COUNTED = r"""
+local source = ...
+source = source:gsub("local MAX_ENTRIES = %d+", "local MAX_ENTRIES = 10")
+package.preload["kong.plugins.kong-mtls-guard.verdicts"] = function()
+  return assert(loadstring(source, "=verdicts.lua"))()
+end
+local lrucache = require "resty.lrucache"
+local new = lrucache.new
+CACHES = {}
+lrucache.new = function(max)
+  local cache = new(max)
+  CACHES[#CACHES + 1] = cache
+  return cache
+end
+"""
+
+
+@pytest.mark.xfail(strict=True, reason="review: verdicts are bounded per plugin config only; a client "
+                   "with many addresses (IPv6) grows a worker by MAX_ENTRIES (~1 KB each, ~10 MB) per "
+                   "route with its own ip-allowlist config")
+def test_a_worker_keeps_a_bounded_number_of_verdicts_whatever_the_number_of_configs() -> None:
+    kong = Kong(SMALL_AND_COUNTED)
+    line = "[kong-mtls] ip-allowlist refused status=403 reason=ADDRESS_NOT_ALLOWED"
+    for route in range(20):                          # 20 routes, each with its own ip-allowlist config
+        for i in range(10):
+            peer = f"2001:db8::{route:x}:{i:x}"
+            offer = verdict([["var", PEER, peer]], [("kong.log.warn", (line,)),
+                                                    ("kong.response.exit", (403, {"message": "no"}, {}))])
+            kong.request(conf=f"route-{route}", var={PEER: peer}, offer=offer)
+    kept = kong.lua.eval("(function() local n = 0 for _, c in ipairs(CACHES) do n = n + c:count() end "
+                         "return n end)()")
+    assert kept <= 10, f"{kept} verdicts kept for one plugin (at most 10 per config)"
