@@ -442,3 +442,17 @@ def test_a_worker_keeps_a_bounded_number_of_verdicts_whatever_the_number_of_conf
     kept = kong.lua.eval("(function() local n = 0 for _, c in ipairs(CACHES) do n = n + c:count() end "
                          "return n end)()")
     assert kept <= 10, f"{kept} verdicts kept for one plugin (at most 10 per config)"
+
+
+def test_a_request_with_more_lines_than_api_key_auth_reads_can_still_be_answered(kong: Kong) -> None:
+    """api-key-auth offers no verdict from a request of 100 header lines or more (Kong's default
+    get_headers may have cut its key), but Kong reads up to 1,000 lines itself: such a request is
+    answered by a verdict kept from a shorter one when every key line is the same (docs/guard.md)."""
+    offer = verdict([["header", "apikey", ["k1"]]],
+                    [("kong.ctx.shared.set", ("kong_mtls.api-key-auth", {"key_id": "k1"}))])
+    kong.request(plugin="api-key-auth", headers=[("apikey", "k1")], offer=offer)
+    padding = [(f"x-h{i}", "v") for i in range(150)]
+    _, _, shared = kong.request(plugin="api-key-auth", headers=[*padding, ("apikey", "k1")])
+    assert shared == {"kong_mtls.api-key-auth": {"key_id": "k1"}} and kong.events == 1
+    kong.request(plugin="api-key-auth", headers=[("apikey", "k1"), *padding, ("apikey", "k2")])
+    assert kong.events == 2                                       # a second key line past line 100
