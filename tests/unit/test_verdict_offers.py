@@ -25,7 +25,7 @@ from kong_mtls.constants import (
 from kong_mtls.core.addresses import MAX_HEADER_LINES
 from kong_mtls.core.api_keys import credential_entry, generate_key
 from kong_mtls.kong import api_key_auth, client_cert_auth, ip_allowlist
-from kong_mtls.kong.runtime import PLAIN_READS, VerdictInputs, phase
+from kong_mtls.kong.runtime import PLAIN_READS, Refusal, VerdictInputs, phase
 from tests.harness.recording_kong import RecordingKong
 
 ALICE = {"id": "5d0b9a36-1c5e-4f0e-9a8b-3f2d1c0b0a01", "username": "alice"}
@@ -232,10 +232,64 @@ class Writer:
 
 def test_a_verdict_with_a_call_the_cache_cannot_replay_is_not_offered() -> None:
     for call, offered in (("service.request.set_headers", True), ("service.request.set_body", False),
-                          ("service.set_target", False), ("request.get_header", True)):
+                          ("service.set_target", False)):
         record, _ = offer(Writer(call), {"nginx.get_var": lambda _: "192.0.2.1"}, "writer")
         assert (record is not None) == offered, call
-    assert "kong.request.get_header" in PLAIN_READS
+
+
+class Reader:
+    """A plugin that names the peer as its only input, then reads `read(*args)` (dotted, after
+    `kong.`) and refuses unless it answers something."""
+
+    verdict_cache_ttl = 60
+
+    def __init__(self, read: str, *args: Any) -> None:
+        self.read, self.args = read, args
+
+    @phase("reader", verdicts=True)
+    def access(self, kong: Any, inputs: VerdictInputs) -> Refusal | None:
+        inputs.var(PEER, kong.nginx.get_var(PEER))
+        inputs.holds_for(60)
+        target = kong
+        for name in self.read.split("."):
+            target = getattr(target, name)
+        if not target(*self.args):
+            return Refusal(403, "no", "NO")
+        kong.ctx.shared.set("kong_mtls.reader", {"ok": True})
+        return None
+
+
+READS = [
+    ("nginx.get_var", (PEER,), True),                     # the input itself
+    ("client.load_consumer", ("alice", True), True),      # a consumer row: its cache time bounds it
+    ("nginx.get_var", ("remote_addr",), False),           # another variable
+    ("client.get_forwarded_ip", (), False),               # = $remote_addr, not named
+    ("request.get_header", ("x-role",), False),
+    ("request.get_headers", (), False),                   # no header named
+    ("request.get_method", (), False),
+    ("ctx.shared.get", ("kong_mtls.client-cert-auth",), False),     # another plugin's mark
+    ("client.get_credential", (), False),
+    ("request.get_query", (), False),
+]
+
+
+@pytest.mark.parametrize(("read", "args", "offered"), READS, ids=[f"{r}{a}" for r, a, _ in READS])
+def test_a_verdict_resting_on_a_read_it_does_not_name_is_not_offered(read: str, args: tuple,
+                                                                     offered: bool) -> None:
+    """"Inputs the Python side forgot to declare": whatever a handler read and did not name as an
+    input (another plugin's mark, a header, the credential ...) may have decided, so the wrapper
+    offers no verdict (runtime.READ_INPUTS), pass or refusal."""
+    for answer in ("yes", None):
+        answers = {"nginx.get_var": lambda name: "192.0.2.1" if name == PEER else None,
+                   **{read: lambda *_, answer=answer: answer}}
+        if read == "ctx.shared.get":
+            shared = {"kong_mtls.client-cert-auth": {"verified": True}} if answer else {}
+        else:
+            shared = {}
+        record, kong = offer(Reader(read, *args), answers, "reader", shared)
+        assert (record is not None) == offered, (read, answer)
+        assert kong.calls[-1] == ("ctx.shared.set" if answer else "response.exit")
+    assert {f"kong.{read}" for read, _, _ in READS} <= PLAIN_READS
 
 
 # -- review: how long a verdict holds ---------------------------------------------------------------
