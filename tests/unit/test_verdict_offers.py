@@ -333,3 +333,15 @@ def test_a_client_cert_verdict_never_outlives_the_consumer_row_it_carries(pki: A
     clock.now += 50
     ask(second)
     assert loads == ["alice", "alice"]                  # t=100: the row is read anew
+
+
+@pytest.mark.xfail(strict=True, reason="review: a valid client appends any extra certificate to its chain "
+                   "and gets a new cache entry each time (~5 KB with forward_client_cert), 10,000 per config "
+                   "and worker; a chain with certificates outside its verified path could go uncached")
+def test_a_chain_padded_with_certificates_outside_its_path_is_not_offered(pki: Any) -> None:
+    plugin = cert_plugin(pki, skip_consumer_lookup=True, forward_client_cert=["rfc9440", "xfcc"])
+    padded = pki.alice.chain_pem + pki.self_signed("padding").cert_pem
+    answers = {"client.tls.get_full_client_certificate_chain": lambda: padded}
+    record, kong = offer(plugin, answers, CLIENT_CERT_AUTH)
+    assert kong.shared[shared_mark(CLIENT_CERT_AUTH)]["verified"] is True      # a pass
+    assert record is None
