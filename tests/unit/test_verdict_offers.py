@@ -345,3 +345,23 @@ def test_a_chain_padded_with_certificates_outside_its_path_is_not_offered(pki: A
     record, kong = offer(plugin, answers, CLIENT_CERT_AUTH)
     assert kong.shared[shared_mark(CLIENT_CERT_AUTH)]["verified"] is True      # a pass
     assert record is None
+
+
+def test_an_api_key_verdict_holds_no_longer_than_the_row_it_carries_even_if_another_request_reloads_it(
+        ) -> None:
+    """The server runs requests concurrently (gevent): while this one waits on its PDK calls,
+    another may reload the consumer row. The verdict carries the row this request read, cached until
+    t=60: it may hold until then, not for the reloaded row's time."""
+    plugin = key_plugin()
+    clock = Clock()
+    plugin.consumers.clock = clock
+    offer(plugin, key_answers(), API_KEY_AUTH)                   # t=0: alice's row read, until t=60
+    clock.now += 59.9
+
+    def meanwhile(*_: Any) -> None:                             # another request, during this one's call
+        clock.now += 0.2
+        plugin.consumers.get("alice", lambda _: {**ALICE, "custom_id": "reloaded"})
+
+    record, kong = offer(plugin, {**key_answers(), "client.authenticate": meanwhile}, API_KEY_AUTH)
+    assert kong.calls.count("client.authenticate") == 1 and clock.now > 1060       # passed at t=60.1
+    assert record is None, record["ttl"]                        # with alice's row of t=0, past its time

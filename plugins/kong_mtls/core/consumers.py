@@ -54,11 +54,7 @@ class ConsumerCache:
         entry = self._lru.get(ref)
         return entry[0] if entry is not None else None
 
-    def remaining(self, ref: str) -> float:
-        """Seconds the cached row of `ref` is still used (0 when none is cached): how long a verdict
-        carrying that row may be kept elsewhere."""
-        return self.left(self.until(ref))
-
     def left(self, until: float | None) -> float:
-        """Seconds from now to `until` (an `until` answer), 0 for None or the past."""
+        """Seconds from now to `until` (an `until` answer), 0 for None or the past: how long a
+        verdict carrying that row may be kept elsewhere."""
         return max(0.0, until - self.clock()) if until is not None else 0.0
