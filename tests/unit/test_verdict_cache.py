@@ -147,8 +147,10 @@ def allow(peer: str, client_ip: str | None = None, ttl: float = 60) -> dict[str,
 class Kong:
     """verdicts.lua in a fresh LuaJIT with the stand-in Kong."""
 
-    def __init__(self) -> None:
+    def __init__(self, prelude: str = "") -> None:
         self.lua = runtime()
+        if prelude:  # Lua run before verdicts.lua is loaded (stand-ins of its own)
+            self.lua.execute(prelude, SOURCE)
         self.side = self.lua.execute(STAND_IN)
         self.confs: dict[str, Any] = {}
         assert self.side.install() == 3              # header-cert-auth is not loaded in this Kong
@@ -373,6 +375,8 @@ def test_a_failed_plugin_server_leaves_nothing_to_keep(kong: Kong) -> None:
 @pytest.mark.parametrize("offer", [
     {"inputs": [["var", PEER, "192.0.2.1"]], "calls": [["kong.response.exit", [403], 1]]},          # no ttl
     {"ttl": 0, "inputs": [["var", PEER, "192.0.2.1"]], "calls": [["kong.response.exit", [403], 1]]},
+    {"ttl": float("nan"), "inputs": [["var", PEER, "192.0.2.1"]],
+     "calls": [["kong.response.exit", [403], 1]]},
     {"ttl": 60, "inputs": [], "calls": [["kong.response.exit", [403], 1]]},                        # no input
     {"ttl": 60, "inputs": [["cookie", "a", "1"]], "calls": [["kong.response.exit", [403], 1]]},
     {"ttl": 60, "inputs": [["var", PEER, "192.0.2.1"]], "calls": []},                             # no call
@@ -380,7 +384,8 @@ def test_a_failed_plugin_server_leaves_nothing_to_keep(kong: Kong) -> None:
      "calls": [["kong.service.request.set_body", [{"a": 1}], 1]]},                       # not replayable
     {"ttl": 60, "inputs": [["var", PEER, "192.0.2.1"]], "calls": [["kong.response.exit", 403, 1]]},
     "a string",
-], ids=["no-ttl", "zero-ttl", "no-input", "unknown-input", "no-call", "set_body", "bad-args", "not-a-table"])
+], ids=["no-ttl", "zero-ttl", "nan-ttl", "no-input", "unknown-input", "no-call", "set_body", "bad-args",
+        "not-a-table"])
 def test_a_malformed_or_unreplayable_verdict_is_not_kept(kong: Kong, offer: Any) -> None:
     _, logs, shared = kong.request(var={PEER: "192.0.2.1"}, offer=offer)
     assert logs == ["notice [kong-mtls] verdict not cached reason=VERDICT_MALFORMED"]
@@ -409,3 +414,53 @@ def test_install_wraps_each_handler_once(kong: Kong) -> None:
     kong.request(var={PEER: "192.0.2.1"}, offer=allow("192.0.2.1"))
     kong.request(var={PEER: "192.0.2.1"})
     assert kong.events == 1
+
+
+# -- review findings -------------------------------------------------------------------------------
+
+#: verdicts.lua with MAX_ENTRIES at 10, and every LRU it builds listed in CACHES (to count entries).
+SMALL_AND_COUNTED = r"""
+local source = ...
+source = source:gsub("local MAX_ENTRIES = %d+", "local MAX_ENTRIES = 10")
+package.preload["kong.plugins.kong-mtls-guard.verdicts"] = function()
+  return assert(loadstring(source, "=verdicts.lua"))()
+end
+local lrucache = require "resty.lrucache"
+local new = lrucache.new
+CACHES = {}
+lrucache.new = function(max)
+  local cache = new(max)
+  CACHES[#CACHES + 1] = cache
+  return cache
+end
+"""
+
+
+def test_a_worker_keeps_a_bounded_number_of_verdicts_whatever_the_number_of_configs() -> None:
+    """review: a client with many addresses (IPv6) on many routes, each with its own config, does
+    not grow a worker beyond MAX_ENTRIES verdicts (one LRU per worker)."""
+    kong = Kong(SMALL_AND_COUNTED)
+    line = "[kong-mtls] ip-allowlist refused status=403 reason=ADDRESS_NOT_ALLOWED"
+    for route in range(20):                          # 20 routes, each with its own ip-allowlist config
+        for i in range(10):
+            peer = f"2001:db8::{route:x}:{i:x}"
+            offer = verdict([["var", PEER, peer]], [("kong.log.warn", (line,)),
+                                                    ("kong.response.exit", (403, {"message": "no"}, {}))])
+            kong.request(conf=f"route-{route}", var={PEER: peer}, offer=offer)
+    kept = kong.lua.eval("(function() local n = 0 for _, c in ipairs(CACHES) do n = n + c:count() end "
+                         "return n end)()")
+    assert kept <= 10, f"{kept} verdicts kept in one worker (at most MAX_ENTRIES, 10 here)"
+
+
+def test_a_request_with_more_lines_than_api_key_auth_reads_can_still_be_answered(kong: Kong) -> None:
+    """api-key-auth offers no verdict from a request of 100 header lines or more (Kong's default
+    get_headers may have cut its key), but Kong reads up to 1,000 lines itself: such a request is
+    answered by a verdict kept from a shorter one when every key line is the same (docs/guard.md)."""
+    offer = verdict([["header", "apikey", ["k1"]]],
+                    [("kong.ctx.shared.set", ("kong_mtls.api-key-auth", {"key_id": "k1"}))])
+    kong.request(plugin="api-key-auth", headers=[("apikey", "k1")], offer=offer)
+    padding = [(f"x-h{i}", "v") for i in range(150)]
+    _, _, shared = kong.request(plugin="api-key-auth", headers=[*padding, ("apikey", "k1")])
+    assert shared == {"kong_mtls.api-key-auth": {"key_id": "k1"}} and kong.events == 1
+    kong.request(plugin="api-key-auth", headers=[("apikey", "k1"), *padding, ("apikey", "k2")])
+    assert kong.events == 2                                       # a second key line past line 100

@@ -29,7 +29,7 @@ from kong_mtls.core.api_keys import credential_entry, generate_key
 from kong_mtls.core.chain import spki_sha256
 from kong_mtls.devpki import Authority
 from kong_mtls.kong import api_key_auth, client_cert_auth, header_cert_auth, ip_allowlist
-from kong_mtls.kong.runtime import PLAIN_READS, VerdictInputs, phase
+from kong_mtls.kong.runtime import PLAIN_READS, Refusal, VerdictInputs, phase
 from tests.harness.recording_kong import RecordingKong
 
 ALICE = {"id": "5d0b9a36-1c5e-4f0e-9a8b-3f2d1c0b0a01", "username": "alice"}
@@ -236,7 +236,7 @@ class Writer:
 
 def test_a_verdict_with_a_call_the_cache_cannot_replay_is_not_offered() -> None:
     for call, offered in (("service.request.set_headers", True), ("service.request.set_body", False),
-                          ("service.set_target", False), ("request.get_header", True)):
+                          ("service.set_target", False)):
         record, _ = offer(Writer(call), {"nginx.get_var": lambda _: "192.0.2.1"}, "writer")
         assert (record is not None) == offered, call
     assert "kong.request.get_header" in PLAIN_READS
@@ -270,8 +270,9 @@ def edge_answers(pki: Any, peer: str, headers: dict) -> dict:
 def test_header_cert_auth_offers_a_pass_decided_by_the_peer_and_the_edges_headers(pki: Any) -> None:
     records = [offer(edge_plugin(pki), edge_answers(pki, "10.0.0.5", other), HEADER_CERT_AUTH)[0]
                for other in ({}, {"x-client-verify": ["SUCCESS"], "user-agent": ["b"]})]
-    assert records[0] == records[1]                      # other headers (removed ones too) decide nothing
     record = records[0]
+    # Other headers (removed ones too) decide nothing (the TTL is the consumer row's time left).
+    assert {**records[1], "ttl": record["ttl"]} == record
     assert [input_[:2] for input_ in record["inputs"]] == [
         ["var", PEER], ["header", "client-cert"], ["header", "client-cert-chain"]]
     assert record["inputs"][1][2] == [rfc9440(pki.alice.cert)]
@@ -297,3 +298,134 @@ def test_header_cert_auth_names_the_edges_certificate_and_holds_no_longer_than_i
     record, _ = offer(plugin, answers, HEADER_CERT_AUTH)
     assert record["inputs"][0] == ["chain", "", edge.chain_pem]
     assert 500 < record["ttl"] <= edge.cert.not_valid_after_utc.timestamp() - time.time() + 1
+
+
+
+
+class Reader:
+    """A plugin that names the peer as its only input, then reads `read(*args)` (dotted, after
+    `kong.`) and refuses unless it answers something."""
+
+    verdict_cache_ttl = 60
+
+    def __init__(self, read: str, *args: Any) -> None:
+        self.read, self.args = read, args
+
+    @phase("reader", verdicts=True)
+    def access(self, kong: Any, inputs: VerdictInputs) -> Refusal | None:
+        inputs.var(PEER, kong.nginx.get_var(PEER))
+        inputs.holds_for(60)
+        target = kong
+        for name in self.read.split("."):
+            target = getattr(target, name)
+        if not target(*self.args):
+            return Refusal(403, "no", "NO")
+        kong.ctx.shared.set("kong_mtls.reader", {"ok": True})
+        return None
+
+
+READS = [
+    ("nginx.get_var", (PEER,), True),                     # the input itself
+    ("client.load_consumer", ("alice", True), True),      # a consumer row: its cache time bounds it
+    ("nginx.get_var", ("remote_addr",), False),           # another variable
+    ("client.get_forwarded_ip", (), False),               # = $remote_addr, not named
+    ("request.get_header", ("x-role",), False),
+    ("request.get_headers", (), False),                   # no header named
+    ("request.get_method", (), False),
+    ("ctx.shared.get", ("kong_mtls.client-cert-auth",), False),     # another plugin's mark
+    ("client.get_credential", (), False),
+    ("request.get_query", (), False),
+]
+
+
+@pytest.mark.parametrize(("read", "args", "offered"), READS, ids=[f"{r}{a}" for r, a, _ in READS])
+def test_a_verdict_resting_on_a_read_it_does_not_name_is_not_offered(read: str, args: tuple,
+                                                                     offered: bool) -> None:
+    """"Inputs the Python side forgot to declare": whatever a handler read and did not name as an
+    input (another plugin's mark, a header, the credential ...) may have decided, so the wrapper
+    offers no verdict (runtime.READ_INPUTS), pass or refusal."""
+    for answer in ("yes", None):
+        answers = {"nginx.get_var": lambda name: "192.0.2.1" if name == PEER else None,
+                   **{read: lambda *_, answer=answer: answer}}
+        if read == "ctx.shared.get":
+            shared = {"kong_mtls.client-cert-auth": {"verified": True}} if answer else {}
+        else:
+            shared = {}
+        record, kong = offer(Reader(read, *args), answers, "reader", shared)
+        assert (record is not None) == offered, (read, answer)
+        assert kong.calls[-1] == ("ctx.shared.set" if answer else "response.exit")
+    assert {f"kong.{read}" for read, _, _ in READS} <= PLAIN_READS
+
+
+# -- review: how long a verdict holds ---------------------------------------------------------------
+
+class Clock:
+    """The consumer cache's clock, moved by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_client_cert_verdict_never_outlives_the_consumer_row_it_carries(pki: Any) -> None:
+    """docs/guard.md: a client-cert-auth verdict holds "no longer than the consumer row is cached"
+    (as api-key-auth's: the row's time left, not consumer_cache_ttl from now). Alice's row is read
+    at t=0 and cached until t=60; at t=50 a second certificate of hers, and her first one again
+    (remembered), may hold 10 s at most; at t=100 her row must be read again."""
+    plugin = cert_plugin(pki)
+    clock = Clock()
+    plugin.authenticator.consumers.clock = clock
+    loads: list[str] = []
+
+    def ask(chain: str) -> dict:
+        def load(ref: str, _: Any) -> Any:
+            loads.append(ref)
+            return ALICE if ref == "alice" else None
+        answers = {"client.tls.get_full_client_certificate_chain": lambda: chain,
+                   "client.load_consumer": load}
+        record, _ = offer(plugin, answers, CLIENT_CERT_AUTH)
+        assert record is not None
+        return record
+
+    second = pki.client("alice", dns=["alice2.clients.example"]).chain_pem
+    assert ask(pki.alice.chain_pem)["ttl"] <= DEFAULT_VERDICT_CACHE_TTL and loads == ["alice"]
+    clock.now += 50
+    assert ask(second)["ttl"] <= 10                     # the row read at t=0, 10 s left
+    assert ask(pki.alice.chain_pem)["ttl"] <= 10        # the same row, remembered with the chain
+    assert loads == ["alice"]
+    clock.now += 50
+    ask(second)
+    assert loads == ["alice", "alice"]                  # t=100: the row is read anew
+
+
+def test_a_chain_padded_with_certificates_outside_its_path_is_not_offered(pki: Any) -> None:
+    """review: a valid client appending any extra certificate would get a new entry (~5 KB with
+    forward_client_cert) per padding; a chain with certificates outside its path is not offered."""
+    plugin = cert_plugin(pki, skip_consumer_lookup=True, forward_client_cert=["rfc9440", "xfcc"])
+    padded = pki.alice.chain_pem + pki.self_signed("padding").cert_pem
+    answers = {"client.tls.get_full_client_certificate_chain": lambda: padded}
+    record, kong = offer(plugin, answers, CLIENT_CERT_AUTH)
+    assert kong.shared[shared_mark(CLIENT_CERT_AUTH)]["verified"] is True      # a pass
+    assert record is None
+
+
+def test_an_api_key_verdict_holds_no_longer_than_the_row_it_carries_even_if_another_request_reloads_it(
+        ) -> None:
+    """The server runs requests concurrently (gevent): while this one waits on its PDK calls,
+    another may reload the consumer row. The verdict carries the row this request read, cached until
+    t=60: it may hold until then, not for the reloaded row's time."""
+    plugin = key_plugin()
+    clock = Clock()
+    plugin.consumers.clock = clock
+    offer(plugin, key_answers(), API_KEY_AUTH)                   # t=0: alice's row read, until t=60
+    clock.now += 59.9
+
+    def meanwhile(*_: Any) -> None:                             # another request, during this one's call
+        clock.now += 0.2
+        plugin.consumers.get("alice", lambda _: {**ALICE, "custom_id": "reloaded"})
+
+    record, kong = offer(plugin, {**key_answers(), "client.authenticate": meanwhile}, API_KEY_AUTH)
+    assert kong.calls.count("client.authenticate") == 1 and clock.now > 1060       # passed at t=60.1
+    assert record is None, record["ttl"]                        # with alice's row of t=0, past its time

@@ -126,6 +126,9 @@ class Plugin:
         if decision.outcome is Outcome.REFUSED:
             return Refusal(decision.status, decision.message, decision.reason.value,
                            detail=decision.log_detail(), headers=decision.headers)
+        # Now: during the calls below, another request may reload the row this decision carries.
+        row_until = (self.consumers.until(decision.credential.consumer)
+                     if decision.outcome is Outcome.AUTHENTICATED else None)
 
         credential = kong_credential(decision)
         if credential is None:  # a nil credential would leave a hole in the RPC argument list
@@ -139,13 +142,15 @@ class Plugin:
             kong.service.request.set_body(dict(decision.rewrite.body))
         kong.ctx.shared.set(MARK, pass_mark(decision))
         if self.cacheable and decision.outcome is Outcome.AUTHENTICATED:
-            self._declare(inputs, decision.credential, read)
+            self._declare(inputs, decision.credential, read, row_until)
         return None
 
-    def _declare(self, inputs: VerdictInputs, credential: Any, read: Mapping[str, Any]) -> None:
+    def _declare(self, inputs: VerdictInputs, credential: Any, read: Mapping[str, Any],
+                 row_until: float | None) -> None:
         """The inputs of a pass decided by a key header alone: every spelling of every key name
-        (and the method, read when preflights are not authenticated). A key bound to addresses or
-        to the certificate depends on more, and is not cached."""
+        (and the method, read when preflights are not authenticated), holding no longer than the
+        consumer row it carries (cached until `row_until`). A key bound to addresses or to the
+        certificate depends on more, and is not cached."""
         headers = whole_header_map(read.get("headers"), KONG_DEFAULT_HEADER_LINES)
         if credential.needs_client_ip or credential.needs_certificate or headers is None:
             return
@@ -154,7 +159,7 @@ class Plugin:
         for name in self.auth.settings.key_names:
             for spelling in dict.fromkeys((name.lower(), name.lower().replace("_", "-"))):
                 inputs.header(spelling, headers.get(spelling))
-        ttl = min(self.verdict_cache_ttl, self.consumers.remaining(credential.consumer))
+        ttl = min(self.verdict_cache_ttl, self.consumers.left(row_until))
         if credential.expires_at is not None:
             ttl = min(ttl, credential.expires_at - time.time())
         inputs.holds_for(ttl)

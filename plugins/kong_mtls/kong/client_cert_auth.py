@@ -225,7 +225,7 @@ class Plugin:
         pem = kong.client.tls.get_full_client_certificate_chain()
         inputs.chain(pem)
         decision = self.authenticator.authenticate(pem, lambda ref: kong.client.load_consumer(ref, True))
-        inputs.holds_for(verdict_ttl(decision, self.verdict_cache_ttl, self.authenticator.consumers.ttl))
+        inputs.holds_for(verdict_ttl(decision, self.verdict_cache_ttl, self.authenticator.consumers.left))
         if decision.client_verify is not None:
             kong.client.tls.set_client_verify(decision.client_verify)
         if not decision.allowed:
@@ -235,14 +235,18 @@ class Plugin:
         return None
 
 
-def verdict_ttl(decision: Decision, cache_ttl: float, consumer_ttl: float) -> float:
+def verdict_ttl(decision: Decision, cache_ttl: float, left: Callable[[float | None], float]) -> float:
     """How long a decision holds for the same presented chain: `verdict_cache_ttl`, no longer than
-    the consumer row it carries is cached, nor than the path is valid."""
+    the consumer row it carries is still cached (`left(decision.consumer_until)`, the consumer
+    cache's `left`), nor than the path is valid; not at all when the client sent certificates
+    outside the verified path."""
     ttl = cache_ttl
     if decision.consumer is not None:
-        ttl = min(ttl, consumer_ttl)
+        ttl = min(ttl, left(decision.consumer_until))
     if decision.chain is not None:
         ttl = min(ttl, decision.chain.valid_until - time.time())
+        if set(decision.chain.presented) - set(decision.chain.path):
+            return 0.0  # padded with certificates of no use: each padding would be an entry of its own
     return ttl
 
 

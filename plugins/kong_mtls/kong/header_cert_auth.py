@@ -235,7 +235,7 @@ class Plugin:
             for name in self.authenticator.deciding_headers:
                 inputs.header(name, headers.get(name.lower()))
         ttl = client_cert_auth.verdict_ttl(decision, self.verdict_cache_ttl,
-                                           self.authenticator.authenticator.consumers.ttl)
+                                           self.authenticator.authenticator.consumers.left)
         edge_until = self.authenticator.edge.edge_valid_until(edge_chain)
         if edge_until is not None:
             ttl = min(ttl, edge_until - time.time())

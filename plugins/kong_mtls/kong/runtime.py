@@ -135,6 +135,22 @@ PLAIN_READS = frozenset({
 })
 
 
+#: What each plain read a verdict may rest on needs among its inputs: the (kind, name) of the input
+#: that holds the value read (the name of the read's first argument when None), or, for
+#: `kong.request.get_headers`, an input of that kind (the handler names the lines that decided).
+#: A consumer row needs none: each adapter bounds the verdict by the row's cache time. A verdict
+#: resting on any other read (kong.ctx.shared, the credential, the query, the body ...) is not
+#: offered, whatever the handler declared.
+READ_INPUTS: dict[str, tuple[str, str | None] | None] = {
+    "kong.nginx.get_var": ("var", None),
+    "kong.client.get_forwarded_ip": ("var", "remote_addr"),
+    "kong.request.get_method": ("var", "request_method"),
+    "kong.client.tls.get_full_client_certificate_chain": ("chain", ""),
+    "kong.request.get_headers": ("header", None),
+    "kong.client.load_consumer": None,
+}
+
+
 class VerdictInputs:
     """What decided one request, as a handler declares it for the guard plugin's verdict cache
     (docs/guard.md#the-verdict-cache): every input the decision read, with the value read, and, once
@@ -172,9 +188,23 @@ class VerdictInputs:
             self.usable = False
         self.inputs.append((kind, name, value))
 
+    def covers(self, method: str, args: tuple) -> bool:
+        """Whether the plain read `method(*args)` is one these inputs hold (see READ_INPUTS)."""
+        if method not in READ_INPUTS:
+            return False
+        need = READ_INPUTS[method]
+        if need is None:
+            return True
+        kind, name = need
+        if method == "kong.request.get_headers":
+            return any(k == kind for k, _, _ in self.inputs)
+        if name is None:
+            name = args[0] if args and isinstance(args[0], str) else ""
+        return any(k == kind and n == name for k, n, _ in self.inputs)
+
 
 class _Recording:
-    """Kong's PDK object, noting each call that is not a plain read, in order, once it returned."""
+    """Kong's PDK object, noting each call (plain reads too), in order, once it returned."""
 
     __slots__ = ("_calls", "_names", "_target")
 
@@ -188,18 +218,20 @@ class _Recording:
 
     def __call__(self, *args: Any) -> Any:
         result = self._target(*args)
-        method = _method(self._names)
-        if method not in PLAIN_READS:
-            self._calls.append((method, args))
+        self._calls.append((_method(self._names), args))
         return result
 
 
-def _offer_verdict(kong: Any, plugin: str, inputs: VerdictInputs, calls: list[tuple[str, tuple]]) -> None:
+def _offer_verdict(kong: Any, plugin: str, inputs: VerdictInputs, made: list[tuple[str, tuple]]) -> None:
     """Leave the verdict where the guard plugin's cache takes it (one `kong.ctx.shared.set`) when
-    the handler declared how long it holds and every call is one the cache replays."""
-    if inputs.ttl <= 0 or not inputs.usable or not inputs.inputs or not calls:
+    the handler declared how long it holds, every read it made is one of its inputs (READ_INPUTS),
+    and every other call is one the cache replays."""
+    if inputs.ttl <= 0 or not inputs.usable or not inputs.inputs:
         return
-    if any(method not in VERDICT_REPLAYABLE for method, _ in calls):
+    calls = [(method, args) for method, args in made if method not in PLAIN_READS]
+    if not calls or any(method not in VERDICT_REPLAYABLE for method, _ in calls):
+        return
+    if not all(inputs.covers(method, args) for method, args in made if method in PLAIN_READS):
         return
     kong.ctx.shared.set(verdict_slot(plugin), {
         "ttl": inputs.ttl,

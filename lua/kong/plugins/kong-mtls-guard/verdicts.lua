@@ -35,7 +35,7 @@ local SLOT_PREFIX = "kong_mtls.verdict."
 local MAX_HEADER_LINES = 1000
 -- Longest a verdict is kept (kong_mtls.constants.MAX_VERDICT_CACHE_TTL), whatever it says.
 local MAX_TTL = 3600
--- Verdicts kept per plugin config and input set (least recently used ones go first).
+-- Verdicts kept per worker, of every plugin config (least recently used ones go first).
 local MAX_ENTRIES = 10000
 -- Different input sets per plugin config (e.g. an untrusted peer decided alone, a trusted proxy
 -- with its header): a verdict naming yet another set is not kept.
@@ -199,7 +199,8 @@ local function checked(record)
     return nil
   end
   local ttl, inputs, calls = record.ttl, record.inputs, record.calls
-  if type(ttl) ~= "number" or ttl <= 0 or type(inputs) ~= "table" or type(calls) ~= "table"
+  -- `not (ttl > 0)`: a NaN is no TTL (compared, it would pass for the longest one).
+  if type(ttl) ~= "number" or not (ttl > 0) or type(inputs) ~= "table" or type(calls) ~= "table"
      or #inputs == 0 or #calls == 0 then
     return nil
   end
@@ -229,8 +230,11 @@ local function input_set_name(inputs)
 end
 
 
--- conf -> its input sets, each { inputs = {{kind, name}, ...}, name = ..., cache = lrucache }
+-- conf -> its input sets, each { inputs = {{kind, name}, ...}, name = ..., prefix = ... }. A set's
+-- verdicts are in `entries` under its prefix (a number never given twice in a worker) and the key.
 local by_conf = setmetatable({}, { __mode = "k" })
+local entries
+local sets_made = 0
 
 
 local function lookup(conf, view)
@@ -239,7 +243,7 @@ local function lookup(conf, view)
     for i = 1, #sets do
       local set = sets[i]
       local key = key_of(set.inputs, view)
-      local calls = key and set.cache:get(key)
+      local calls = key and entries:get(set.prefix .. key)
       if calls then
         return calls
       end
@@ -291,15 +295,16 @@ local function keep(plugin_name, conf, view)
     if #sets >= MAX_INPUT_SETS then
       return
     end
-    local cache = assert(lrucache.new(MAX_ENTRIES))
     local names = {}
     for i = 1, #inputs do
       names[i] = { inputs[i][1], inputs[i][2] }
     end
-    set = { inputs = names, name = name, cache = cache }
+    sets_made = sets_made + 1
+    set = { inputs = names, name = name, prefix = sets_made .. ":" }
     sets[#sets + 1] = set
   end
-  set.cache:set(digest(ours), calls, ttl)
+  entries = entries or assert(lrucache.new(MAX_ENTRIES))
+  entries:set(set.prefix .. digest(ours), calls, ttl)
 end
 
 
