@@ -24,5 +24,6 @@ build = {
   modules = {
     ["kong.plugins.kong-mtls-guard.handler"] = "lua/kong/plugins/kong-mtls-guard/handler.lua",
     ["kong.plugins.kong-mtls-guard.schema"] = "lua/kong/plugins/kong-mtls-guard/schema.lua",
+    ["kong.plugins.kong-mtls-guard.verdicts"] = "lua/kong/plugins/kong-mtls-guard/verdicts.lua",
   },
 }

@@ -35,12 +35,14 @@ from kong_mtls.constants import (
     API_KEY_AUTH,
     CLIENT_CERT_AUTH,
     CLIENT_CERT_REQUEST,
+    GUARD,
     IP_ALLOWLIST,
     PLUGIN_MODULES,
+    VERDICT_CACHED_PLUGINS,
 )
 from kong_mtls.core.api_keys import generate_key, hash_key
 from kong_mtls.devpki import write_dev_pki
-from kong_mtls.guard import lua_guard
+from kong_mtls.guard import guard_plugin
 
 #: Kong's bundled openresty, used for the static upstream and the TLS client proxy.
 OPENRESTY_CANDIDATES = ("/opt/kong/openresty/nginx/sbin/nginx", "/usr/local/openresty/nginx/sbin/nginx")
@@ -50,6 +52,17 @@ PLUGINS = (IP_ALLOWLIST, CLIENT_CERT_AUTH, API_KEY_AUTH, CLIENT_CERT_REQUEST)
 BARE = "bare"
 BARE_SCRIPT = Path(__file__).resolve().parent / "bare_plugin.py"
 LOOPBACK = ["127.0.0.0/8"]
+#: Client addresses of the many-clients route (10.0.0.0 up), at random per request.
+DISTINCT_CLIENTS = 65536
+#: wrk's request function for that route: `%d` is the number of addresses.
+DISTINCT_CLIENTS_SCRIPT = """
+math.randomseed(os.time())
+request = function()
+  local n = math.random(0, %d - 1)
+  local ip = string.format("10.0.%%d.%%d", math.floor(n / 256) %% 256, n %% 256)
+  return wrk.format(nil, nil, { ["X-Forwarded-For"] = ip })
+end
+"""
 START_TIMEOUT = 120.0
 #: CPU per request above which a plugin server not on the route is shown anyway, µs.
 BUSY_US = 5.0
@@ -66,15 +79,30 @@ class Route:
     tls: bool = False
     api_key: bool = False
     baseline: str = "plain"
+    #: When not 0: each request's X-Forwarded-For is one of this many client addresses, at random.
+    distinct_clients: int = 0
 
     @property
     def served(self) -> list[str]:
         """The plugins of this route served by a plugin server (ours and the bare baseline)."""
         return [p["name"] for p in self.plugins if p["name"] in PLUGIN_MODULES or p["name"] == BARE]
 
+    @property
+    def asked(self) -> list[str]:
+        """The plugins whose server every request asks (no verdict cache answers for them)."""
+        return [p["name"] for p in self.plugins if p["name"] in self.served
+                and (p["name"] not in VERDICT_CACHED_PLUGINS or p["config"].get("verdict_cache_ttl") == 0)]
+
 
 def guard(*plugins: str) -> dict:
-    return {"name": "post-function", "config": {"access": [lua_guard(plugins)]}}
+    """The route's kong-mtls-guard (the Lua plugin: its verdict cache answers warm requests)."""
+    return guard_plugin(plugins)
+
+
+def uncached(plugin: dict) -> dict:
+    """`plugin` with the verdict cache off: every request asks its plugin server (the protocol's
+    floor for the path)."""
+    return {**plugin, "config": {**plugin["config"], "verdict_cache_ttl": 0}}
 
 
 def bare(calls: int) -> dict:
@@ -85,6 +113,9 @@ def routes(pki: Path, key_id: str, key_hash: str) -> list[Route]:
     ip_restriction = {"name": "ip-restriction", "config": {"allow": LOOPBACK}}
     key_auth = {"name": "key-auth", "config": {"key_names": ["apikey"]}}
     ip_allowlist = {"name": IP_ALLOWLIST, "config": {"allow": LOOPBACK}}
+    by_forwarded_for = {"name": IP_ALLOWLIST, "config": {
+        "source": "header", "header_name": "X-Forwarded-For", "trusted_proxies": LOOPBACK,
+        "allow": ["10.0.0.0/8"]}}
     api_key_auth = {"name": API_KEY_AUTH, "config": {
         "key_names": ["apikey"],
         "credentials": [{"id": key_id, "hash": key_hash, "consumer": "alice"}]}}
@@ -111,11 +142,25 @@ def routes(pki: Path, key_id: str, key_hash: str) -> list[Route]:
         Route("tls", "TLS with a client certificate, no plugins", tls=True),
         Route("mtls", "our `client-cert-auth` + guard, warm", (client_cert_auth, guard(CLIENT_CERT_AUTH)),
               tls=True, baseline="tls"),
+        # The same, with every request asking the plugin servers (verdict cache off).
+        Route("ip-allowlist-rpc", "our `ip-allowlist` + guard, cache off",
+              (uncached(ip_allowlist), guard(IP_ALLOWLIST))),
+        Route("api-key-auth-rpc", "our `api-key-auth` + guard, cache off",
+              (uncached(api_key_auth), guard(API_KEY_AUTH)), api_key=True),
+        Route("our-chain-rpc", "our `ip-allowlist` + `api-key-auth` + guard, cache off",
+              (uncached(ip_allowlist), uncached(api_key_auth), guard(IP_ALLOWLIST, API_KEY_AUTH)),
+              api_key=True),
+        Route("mtls-rpc", "our `client-cert-auth` + guard, warm, cache off",
+              (uncached(client_cert_auth), guard(CLIENT_CERT_AUTH)), tls=True, baseline="tls"),
+        # Many clients behind a trusted proxy: most requests are new to the verdict cache (which
+        # keeps 10,000 per config), so they ask the plugin server; the cache's memory stays bounded.
+        Route("ip-allowlist-clients", f"our `ip-allowlist` + guard, {DISTINCT_CLIENTS:,} clients by "
+              "X-Forwarded-For", (by_forwarded_for, guard(IP_ALLOWLIST)), distinct_clients=DISTINCT_CLIENTS),
     ]
 
 
 #: The routes of the run with several nginx workers.
-MULTI_WORKER_ROUTES = ("plain", "kong-chain", "ip-allowlist", "our-chain", "mtls", "tls")
+MULTI_WORKER_ROUTES = ("plain", "kong-chain", "ip-allowlist", "our-chain", "our-chain-rpc", "mtls", "tls")
 
 
 def kong_config(route_list: Sequence[Route], upstream_port: int, api_key: str) -> dict:
@@ -354,7 +399,7 @@ class Kong:
                    "nginx_http_keepalive_requests": "1000000",
                    "upstream_keepalive_max_requests": "1000000",
                    "proxy_access_log": "off",
-                   "plugins": ",".join(["bundled", *PLUGINS, BARE]),
+                   "plugins": ",".join(["bundled", *PLUGINS, BARE, GUARD]),
                    "pluginserver_names": ",".join([*PLUGINS, BARE]),
                    f"pluginserver_{BARE}_socket": f"{self.prefix}/{BARE}.sock",
                    f"pluginserver_{BARE}_start_cmd": self._start_cmd(str(BARE_SCRIPT)),
@@ -436,6 +481,8 @@ class Setup:
     urls: dict[str, str]
     api_key: str
     processes: dict[str, int]
+    #: Route key -> wrk script (the many-clients route).
+    scripts: dict[str, str]
 
 
 def check_tools() -> str:
@@ -477,7 +524,9 @@ def running(binary: str, workers: int, route_list: Sequence[Route], pki: Path, k
         urls = {r.key: (f"http://127.0.0.1:{ports['proxy']}/{r.key}" if r.tls
                         else f"http://127.0.0.1:{ports['http']}/{r.key}") for r in route_list}
         for r in route_list:
-            wait_for(lambda r=r: http_status(urls[r.key], key if r.api_key else None) == 200,
+            probe = {"X-Forwarded-For": "10.0.0.1"} if r.distinct_clients else {}
+            wait_for(lambda r=r, probe=probe: http_status(urls[r.key], key if r.api_key else None,
+                                                          probe) == 200,
                      f"route {r.key} answering 200", kong)
             if r.api_key and http_status(urls[r.key], None) != 401:
                 raise RuntimeError(f"route {r.key} let a request without an API key through")
@@ -491,7 +540,13 @@ def running(binary: str, workers: int, route_list: Sequence[Route], pki: Path, k
                      for n, pid in enumerate(workers_found, start=1)}
         processes.update({f"{name} server": pid for name, pid in servers.items()})
         processes.update({"upstream nginx": upstream.pid, "TLS client proxy": proxy.pid})
-        yield Setup(kong, upstream, proxy, urls, key, processes)
+        scripts = {}
+        for r in route_list:
+            if r.distinct_clients:
+                path = kong.root / f"{r.key}.lua"
+                path.write_text(DISTINCT_CLIENTS_SCRIPT % r.distinct_clients)
+                scripts[r.key] = str(path)
+        yield Setup(kong, upstream, proxy, urls, key, processes, scripts)
     finally:
         kong.stop()
         upstream.stop()
@@ -512,11 +567,11 @@ def wait_for(check, what: str, kong: Kong, timeout: float = START_TIMEOUT):
     raise RuntimeError(f"timed out waiting for {what} ({last!r})\n{kong.error_log()[-3000:]}")
 
 
-def http_status(url: str, api_key: str | None) -> int:
+def http_status(url: str, api_key: str | None, headers: Mapping[str, str] | None = None) -> int:
     import urllib.error
     import urllib.request
 
-    req = urllib.request.Request(url, headers={"apikey": api_key} if api_key else {})
+    req = urllib.request.Request(url, headers={**({"apikey": api_key} if api_key else {}), **(headers or {})})
     try:
         with urllib.request.urlopen(req, timeout=10) as answer:
             return answer.status
@@ -525,10 +580,12 @@ def http_status(url: str, api_key: str | None) -> int:
 
 
 def run_wrk(wrk: str, url: str, api_key: str | None, seconds: float, connections: int, threads: int,
-            cpu: int | None) -> WrkResult:
+            cpu: int | None, script: str | None = None) -> WrkResult:
     command = [wrk, f"-t{threads}", f"-c{connections}", f"-d{seconds:g}s", "--latency"]
     if api_key:
         command += ["-H", f"apikey: {api_key}"]
+    if script:
+        command += ["-s", script]
     done = subprocess.run([*command, url], capture_output=True, text=True, timeout=seconds + 60,
                           preexec_fn=_pin(cpu))
     if done.returncode != 0:
@@ -540,13 +597,15 @@ def measure(setup: Setup, route: Route, wrk: str, seconds: float, connections: i
             cpu: int | None) -> Sample:
     before = {label: cpu_ns(pid) for label, pid in setup.processes.items()}
     result = run_wrk(wrk, setup.urls[route.key], setup.api_key if route.api_key else None, seconds,
-                     connections, threads, cpu)
+                     connections, threads, cpu, setup.scripts.get(route.key))
     after = {label: cpu_ns(pid) for label, pid in setup.processes.items()}
     if result.non_2xx or result.socket_errors:
         raise RuntimeError(f"route {route.key}: {result.non_2xx} non-2xx answers, {result.socket_errors} "
                            f"socket errors\n{setup.kong.error_log()[-3000:]}")
     cpu_us = {label: (after[label] - before[label]) / 1e3 / max(1, result.requests) for label in before}
-    idle = [name for name in route.served if cpu_us[f"{name} server"] == 0]
+    # (A route the verdict cache answers shows that it ran by its 2xx answers: its guard plugin
+    # answers 503 to a request its plugins left no mark on.)
+    idle = [name for name in route.asked if cpu_us[f"{name} server"] == 0]
     if idle:
         raise RuntimeError(f"route {route.key}: plugin servers {idle} used no CPU: did the plugin run?")
     return Sample(result, cpu_us)
@@ -572,9 +631,22 @@ def summarise(route: Route, samples: Sequence[Sample]) -> RouteSummary:
                         len(samples), int(statistics.median(s.wrk.requests for s in samples)))
 
 
+def rss_kb(pid: int) -> int:
+    """Resident memory of a process (VmRSS, kB)."""
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+@dataclass
+class RunResult:
+    summaries: list[RouteSummary]
+    #: Process label -> resident memory (kB) after the warm-up and after the last round.
+    rss_kb: dict[str, tuple[int, int]]
+
+
 def run(binary: str, *, workers: int, route_keys: Sequence[str] | None, rounds: int, seconds: float,
         warmup: float, connections: int, threads: int, pki: Path, key: str, key_hash: str,
-        server_args: str = "", log=print) -> list[RouteSummary]:
+        server_args: str = "", log=print) -> RunResult:
     wrk = check_tools()
     key_id = key.split(".", 1)[0]
     route_list = [r for r in routes(pki, key_id, key_hash) if route_keys is None or r.key in route_keys]
@@ -583,13 +655,17 @@ def run(binary: str, *, workers: int, route_keys: Sequence[str] | None, rounds: 
     with running(binary, workers, route_list, pki, key, server_args) as setup:
         for r in route_list:  # caches, JIT, keep-alive pools
             measure(setup, r, wrk, warmup, connections, threads, load_cpu)
+        gateway = {label: pid for label, pid in setup.processes.items()
+                   if label.startswith("nginx worker") or label.endswith(" server")}
+        start = {label: rss_kb(pid) for label, pid in gateway.items()}
         for n in range(rounds):
             order = route_list[n % len(route_list):] + route_list[:n % len(route_list)]
             for r in order:
                 sample = measure(setup, r, wrk, seconds, connections, threads, load_cpu)
                 samples[r.key].append(sample)
                 log(f"  round {n + 1}/{rounds} {r.key}: {sample.wrk.rps:,.0f} req/s")
-    return [summarise(r, samples[r.key]) for r in route_list]
+        rss = {label: (start[label], rss_kb(pid)) for label, pid in gateway.items()}
+    return RunResult([summarise(r, samples[r.key]) for r in route_list], rss)
 
 
 # -- report ----------------------------------------------------------------------------------------
@@ -645,7 +721,7 @@ def load_average() -> str:
     return " / ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def report(version: str, runs: Mapping[int, Sequence[RouteSummary]], *, rounds: int, seconds: float,
+def report(version: str, runs: Mapping[int, RunResult], *, rounds: int, seconds: float,
            connections: int, note: str) -> list[str]:
     date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     out = [f"#### Real Kong {version} ({date})", "",
@@ -658,14 +734,22 @@ def report(version: str, runs: Mapping[int, Sequence[RouteSummary]], *, rounds: 
            "plus every plugin server, per request, and *by CPU* the baseline's gateway CPU over the "
            "route's: the throughput ratio a gateway with cores of its own would see, less sensitive "
            "than req/s to the load generator and other work sharing these cores.", ""]
-    for workers, summaries in runs.items():
+    for workers, result in runs.items():
         pinned = ("Kong's worker pinned to the first core, wrk, the upstream and the TLS proxy to the last"
                   if workers == 1 else "nothing pinned")
-        out += [f"{workers} nginx worker{'s' if workers > 1 else ''} ({pinned}):", "", *table(summaries), ""]
-        costs = protocol_costs(summaries)
+        out += [f"{workers} nginx worker{'s' if workers > 1 else ''} ({pinned}):", "",
+                *table(result.summaries), ""]
+        costs = protocol_costs(result.summaries)
         if costs:
             out += [costs, ""]
+        out += [memory_line(result.rss_kb), ""]
     return out
+
+
+def memory_line(rss: Mapping[str, tuple[int, int]]) -> str:
+    """Resident memory of Kong's workers and the plugin servers over the measured rounds."""
+    parts = [f"{label} {start / 1024:.1f} → {end / 1024:.1f}" for label, (start, end) in rss.items()]
+    return "Resident memory (MiB) after the warm-up → after the last round: " + "; ".join(parts) + "."
 
 
 def protocol_costs(summaries: Sequence[RouteSummary]) -> str | None:
@@ -722,7 +806,7 @@ def main(binary: str, *, workers: Sequence[int], rounds: int, seconds: float, wa
         write_dev_pki(str(pki))
         key = generate_key("bench").key
         key_hash = hash_key(key)
-        runs: dict[int, list[RouteSummary]] = {}
+        runs: dict[int, RunResult] = {}
         for count in workers:
             print(f"Kong {version}, {count} worker(s):", file=sys.stderr)
             default = None if count == 1 else MULTI_WORKER_ROUTES

@@ -71,6 +71,35 @@ def shared_mark(plugin_name: str) -> str:
     return f"{SHARED_MARK_PREFIX}{plugin_name}"
 
 
+#: Where a plugin leaves its verdict for the guard plugin's verdict cache (lua/kong/plugins/
+#: kong-mtls-guard/verdicts.lua, docs/guard.md#the-verdict-cache): the inputs that decided it, its
+#: TTL, and the PDK calls to replay for a request with the same inputs.
+VERDICT_SLOT_PREFIX = "kong_mtls.verdict."
+#: The PDK calls the verdict cache replays (verdicts.lua's REPLAYABLE); a verdict with another is
+#: not offered to it.
+VERDICT_REPLAYABLE = frozenset({
+    "kong.client.authenticate",
+    "kong.client.tls.set_client_verify",
+    "kong.ctx.shared.set",
+    "kong.log.debug",
+    "kong.log.info",
+    "kong.log.notice",
+    "kong.log.warn",
+    "kong.log.err",
+    "kong.response.exit",
+    "kong.service.request.set_headers",
+})
+#: The plugins that offer their verdicts to the cache (a `verdict_cache_ttl` field in their schema).
+VERDICT_CACHED_PLUGINS = (IP_ALLOWLIST, CLIENT_CERT_AUTH, HEADER_CERT_AUTH, API_KEY_AUTH)
+#: `verdict_cache_ttl`: its default and its largest value (verdicts.lua's MAX_TTL), in seconds.
+DEFAULT_VERDICT_CACHE_TTL = 60
+MAX_VERDICT_CACHE_TTL = 3600
+
+
+def verdict_slot(plugin_name: str) -> str:
+    return f"{VERDICT_SLOT_PREFIX}{plugin_name}"
+
+
 # Kong's acl plugin reads the consumer's groups from here when no consumer ACL rows exist.
 SHARED_AUTHENTICATED_GROUPS = "authenticated_groups"
 

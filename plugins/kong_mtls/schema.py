@@ -19,6 +19,8 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from kong_mtls.constants import DEFAULT_VERDICT_CACHE_TTL, MAX_VERDICT_CACHE_TTL
+
 Field = dict[str, dict[str, Any]]
 
 
@@ -83,6 +85,11 @@ def records(name: str, fields: list[Field], *, default: list | None = None,
 def string_map(name: str, *, required: bool | None = None) -> Field:
     return _field(name, "map", keys={"type": "string"}, values={"type": "string"},
                   required=required)
+
+
+def verdict_cache_ttl() -> Field:
+    """`verdict_cache_ttl`: seconds the guard plugin's verdict cache may answer for the plugin (0: never)."""
+    return integer("verdict_cache_ttl", default=DEFAULT_VERDICT_CACHE_TTL, between=(0, MAX_VERDICT_CACHE_TTL))
 
 
 def validate(fields: list[Field], config: Mapping[str, Any] | None, path: str = "") -> dict[str, Any]:

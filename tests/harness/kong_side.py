@@ -36,6 +36,7 @@ belongs, so Kong went on with a nil instance id; `KongSide(kong_version="3.4")` 
 from __future__ import annotations
 
 import contextlib
+import copy
 import itertools
 import json
 import os
@@ -54,7 +55,7 @@ from urllib.parse import parse_qsl
 
 import msgpack
 
-from kong_mtls.constants import GUARD, PLUGIN_MODULES, shared_mark
+from kong_mtls.constants import GUARD, PLUGIN_MODULES, VERDICT_REPLAYABLE, shared_mark, verdict_slot
 from kong_mtls.guard import GUARD_MESSAGE, GUARD_REASON, GUARD_STATUS, missing_marks
 from tests.harness.lua_msgpack import Binary, EmptyMap, as_lua, pack
 
@@ -331,6 +332,9 @@ class Outcome:
     service_tls: dict[str, Any] = field(default_factory=dict)
     handshake: dict[str, Any] = field(default_factory=dict)
     rpc_errors: list[str] = field(default_factory=list)
+    #: (plugin name, record) for each verdict a plugin left for the verdict cache (taken out of
+    #: kong.ctx.shared as verdicts.lua takes it), each checked by `check_verdict`.
+    verdicts: list[tuple[str, Any]] = field(default_factory=list)
 
     @property
     def proxied(self) -> bool:
@@ -575,7 +579,7 @@ class RequestState:
         if not isinstance(name, str):
             return None
         nginx_vars = {
-            "remote_addr": self.request.client_ip,
+            "remote_addr": self.request.forwarded_ip or self.request.client_ip,  # get_forwarded_ip
             "realip_remote_addr": self.request.realip_remote_addr or self.request.client_ip,
             "scheme": self.request.scheme,
             "host": self.request.host,
@@ -742,6 +746,47 @@ class RequestState:
         self.outcome.upstream_body = self.request.body if self.upstream_body is None else self.upstream_body
 
 
+def _input_value(state: RequestState, kind: str, name: str) -> Any:
+    """An input of the verdict cache as verdicts.lua reads it from the request."""
+    if kind == "var":
+        return state.pdk_kong__nginx__get_var(name)
+    if kind == "header":
+        lines = [v for n, v in state.headers if n.lower() == name]
+        return lines or None
+    if kind == "chain":
+        chain = state.pdk_kong__client__tls__get_full_client_certificate_chain()
+        return _text(chain) if isinstance(chain, (bytes, str)) else chain  # as the plugin gets it
+    raise AssertionError(f"verdict input of unknown kind {kind!r}")
+
+
+#: The call that leaves a verdict for the verdict cache (after a pass's mark, before a refusal's log line).
+OFFER_VERDICT = "kong.ctx.shared.set"
+
+
+def check_verdict(record: Any, before: RequestState, after: RequestState) -> None:
+    """What verdicts.lua would do with a plugin's verdict, checked: the plugin's input values are
+    the request's, and replaying its calls on the request as it was before the plugin ran leaves
+    it exactly as the plugin left it (upstream, consumer, kong.ctx.shared, answer, log lines)."""
+    assert set(record) == {"ttl", "inputs", "calls"} and record["ttl"] > 0, record
+    for kind, name, *value in record["inputs"]:
+        ours = _input_value(before, kind, name)
+        assert ours == (value[0] if value else None), f"verdict input {kind}:{name}: {value} != {ours}"
+    replay = before
+    replay.method_cache = {}
+    logs_before = len(replay.outcome.logs)
+    for method, args, count in record["calls"]:
+        assert method in VERDICT_REPLAYABLE, method
+        try:
+            replay.call(method, list(args)[:count])
+        except _Exit:
+            break
+    live, again = after.outcome, replay.outcome
+    assert (again.exit, again.authenticated, again.client_verify, again.ctx_shared, replay.upstream,
+            replay.upstream_query, replay.upstream_body, again.logs[logs_before:]) == \
+        (live.exit, live.authenticated, live.client_verify, live.ctx_shared, after.upstream,
+         after.upstream_query, after.upstream_body, live.logs[logs_before:]), "the verdict's replay differs"
+
+
 #: Callable in the certificate phase only; and PDK namespaces that need a request (kong/pdk/client/tls.lua,
 #: kong/pdk/private/phases.lua).
 _CERTIFICATE_PHASE_ONLY = frozenset({"kong.client.tls.request_client_certificate",
@@ -835,6 +880,7 @@ class KongSide:
         for server, config in ordered:
             state.plugin_name = server.name
             calls_before = len(outcome.pdk_calls)
+            before = copy.deepcopy(state)
             try:
                 self._handle_event(server, config, phase, state)
             except _Exit:
@@ -845,6 +891,10 @@ class KongSide:
                 break
             finally:
                 outcome.events.append((server.name, len(outcome.pdk_calls) - calls_before))
+                record = outcome.ctx_shared.pop(verdict_slot(server.name), None)
+                if record is not None:
+                    outcome.verdicts.append((server.name, record))
+                    check_verdict(record, before, state)
         if outcome.exit is None and guard:
             missing = missing_marks(guard, outcome.ctx_shared)
             if missing:

@@ -33,6 +33,7 @@ from typing import Any
 import yaml
 
 from tests.integration.support import (
+    ANSWERS_SCRIPT,
     COMPOSE_FILE,
     ECHO_ADDRESS,
     IMPOSTOR_ADDRESS,
@@ -52,6 +53,7 @@ from tests.integration.support import (
     local_kong_conf,
     parse_kong_conf,
     parse_kong_version,
+    pluginserver_key,
     request,
     tls_context,
     with_config_marker,
@@ -144,6 +146,9 @@ class Gateway:
             "upstream-identity": lambda: self.https("/upstream"),
         }
         for name in self.plugins:
+            # First the plugin server itself: the verdict cache may answer a probe without it.
+            eventually(lambda name=name: self.plugin_server_answers(name), timeout,
+                       f"{self.kind} Kong: the {name} plugin server never answered", self.error_log)
             probe = probes.get(name)
             if probe is not None:
                 eventually(lambda probe=probe: probe().status == 200, timeout,
@@ -152,6 +157,10 @@ class Gateway:
     # -- provided by each runner -------------------------------------------------------------------
     def signal_plugin_server(self, name: str, signum: int) -> list[int]:
         """Send `signum` (0: none) to the plugin server of `name`; returns the pids found."""
+        raise NotImplementedError
+
+    def plugin_server_answers(self, name: str) -> bool:
+        """Whether the plugin server of `name` answers an RPC on its socket."""
         raise NotImplementedError
 
     def error_log(self) -> str:
@@ -324,6 +333,11 @@ class DockerGateway(Gateway):
         if result.exit_code != 0:
             raise RuntimeError(f"signal script failed: {result.output.decode(errors='replace')}")
         return json.loads(result.output.decode().strip().splitlines()[-1])
+
+    def plugin_server_answers(self, name: str) -> bool:
+        socket_path = parse_kong_conf(KONG_CONF_EXAMPLE.read_text())[pluginserver_key(name, "socket")]
+        result = self.kong.exec_run(["/opt/kong-mtls/bin/python", "-c", ANSWERS_SCRIPT, socket_path])
+        return result.exit_code == 0
 
     def error_log(self) -> str:
         if self.kong is None:
@@ -525,6 +539,11 @@ class LocalGateway(Gateway):
         result = subprocess.run([sys.executable, "-c", SIGNAL_SCRIPT, needle, str(signum)],
                                 capture_output=True, text=True, timeout=30, check=True)
         return json.loads(result.stdout.strip().splitlines()[-1])
+
+    def plugin_server_answers(self, name: str) -> bool:
+        result = subprocess.run([sys.executable, "-c", ANSWERS_SCRIPT, str(self.prefix / f"{name}.sock")],
+                                capture_output=True, timeout=30)
+        return result.returncode == 0
 
     def error_log(self) -> str:
         return self._log("error.log")

@@ -9,6 +9,7 @@ proves that a refused request never reached it.
 from __future__ import annotations
 
 import base64
+import contextlib
 import copy
 import datetime as dt
 import json
@@ -17,7 +18,7 @@ import signal
 import ssl
 import urllib.parse
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import quote, urlsplit
 
@@ -54,6 +55,7 @@ from tests.integration.support import (
     run_lint,
     tls_context,
     with_route_plugins,
+    without_verdict_cache,
 )
 
 VISITOR = "198.51.100.23"  # TEST-NET-2: the visitor address Cloudflare would send
@@ -68,6 +70,17 @@ def requires(gateway: Gateway, *plugins: str) -> None:
 
 def nonce() -> dict[str, str]:
     return {"X-Test-Nonce": uuid.uuid4().hex}
+
+
+@contextlib.contextmanager
+def verdict_cache_off(gateway: Gateway) -> Iterator[None]:
+    """The running config with the verdict cache off (every request asks the plugin server), then
+    the original again."""
+    gateway.load_config(without_verdict_cache(gateway.config))
+    try:
+        yield
+    finally:
+        gateway.restore()
 
 
 def dev_ca(pki: Path, stem: str, parent: Authority | None = None) -> Authority:
@@ -593,6 +606,24 @@ class Scenarios:
                        **nonce()}
             assert edge("/alb", headers, cert=None).status == 401
             assert not gateway.seen_upstream(headers["X-Test-Nonce"])
+
+            # The verdict cache, with the plugin server stopped: what it decided, Kong decides alike.
+            def from_kong_alone() -> None:
+                again = edge("/cloudflare", {**cloudflare(alice), **forged, **nonce()})
+                assert (again.status, again.upstream_headers["x-consumer-username"]) == (200, "alice")
+                assert edge("/cloudflare", {**cloudflare(stranger), **nonce()}).status == 401
+                assert edge("/alb", alb, cert=None).upstream_headers["x-consumer-username"] == "bob"
+                unseen = {"X-Amzn-Mtls-Clientcert": quote(gateway.cert("clients/alice")[0].read_text(),
+                                                          safe="+=/"), **nonce()}
+                answer = edge("/alb", unseen, cert=None)
+                assert (answer.status, answer.json()) == (GUARD_STATUS, {"message": GUARD_MESSAGE}), answer
+                assert not gateway.seen_upstream(unseen["X-Test-Nonce"])
+
+            gateway.signal_plugin_server("header-cert-auth", signal.SIGSTOP)
+            try:
+                from_kong_alone()
+            finally:   # Kong starts a new one; restore() below waits until every server answers
+                gateway.signal_plugin_server("header-cert-auth", signal.SIGKILL)
         finally:
             gateway.restore()
 
@@ -623,7 +654,14 @@ class Scenarios:
         assert gateway.https("/public").status == 200                      # removed again
 
     def test_6_fail_closed_when_the_plugin_server_dies_or_hangs(self, gateway: Gateway) -> None:
+        """With the verdict cache off, every request asks the plugin server (test_15 shows what the
+        cache answers while the server is down: only what the plugin decided before)."""
         requires(gateway, "api-key-auth")
+        with verdict_cache_off(gateway):
+            self._fail_closed_when_the_plugin_server_dies_or_hangs(gateway)
+
+    @staticmethod
+    def _fail_closed_when_the_plugin_server_dies_or_hangs(gateway: Gateway) -> None:
         valid = {"apikey": gateway.api_key("ak_alice_dev")}
         assert gateway.https("/key", headers=valid).status == 200
         before = gateway.signal_plugin_server("api-key-auth", 0)
@@ -654,8 +692,14 @@ class Scenarios:
     def test_6b_a_plugin_server_that_stops_and_continues(self, gateway: Gateway) -> None:
         """SIGSTOP then SIGCONT: while stopped, requests time out (the guard's 503); after it
         continues Kong may answer some requests 500 ("unexpected RPC response ID": answers to
-        requests it gave up on). Never is a request proxied unchecked, and service comes back."""
+        requests it gave up on). Never is a request proxied unchecked, and service comes back.
+        (Verdict cache off: every request asks the plugin server.)"""
         requires(gateway, "api-key-auth")
+        with verdict_cache_off(gateway):
+            self._stops_and_continues(gateway)
+
+    @staticmethod
+    def _stops_and_continues(gateway: Gateway) -> None:
         valid = {"apikey": gateway.api_key("ak_alice_dev")}
         assert gateway.https("/key", headers=valid).status == 200
         gateway.signal_plugin_server("api-key-auth", signal.SIGSTOP)
@@ -679,9 +723,14 @@ class Scenarios:
     def test_6c_a_restarted_plugin_server_never_serves_another_routes_config(self, gateway: Gateway) -> None:
         """Kong's worker keeps the instance ids a plugin server gave it. kong-pdk numbered them from
         0 in each server lifetime: the first instance after a restart took the id of the first one
-        before it, and a strict route was served by a report-only route's config."""
+        before it, and a strict route was served by a report-only route's config. (Verdict cache
+        off: the first requests after each restart reach the new plugin server.)"""
         requires(gateway, "client-cert-auth")
+        with verdict_cache_off(gateway):
+            self._restarted_server_serves_its_own_configs(gateway)
 
+    @staticmethod
+    def _restarted_server_serves_its_own_configs(gateway: Gateway) -> None:
         def restart_then_first(path: str, cert: str | None) -> None:
             before = gateway.signal_plugin_server("client-cert-auth", 0)
             gateway.signal_plugin_server("client-cert-auth", signal.SIGKILL)
@@ -810,7 +859,7 @@ class Scenarios:
         the guard answers 503 and logs why. Killed: no request is proxied unchecked. Restarted by
         Kong: each route's own verdicts again."""
         requires(gateway, "api-key-auth")
-        config = copy.deepcopy(gateway.config)
+        config = without_verdict_cache(gateway.config)   # every request asks the plugin server
         required = copy.deepcopy(find_route(config, "key"))
         required.update(name="key-required", paths=["/key/required"])
         required["plugins"].append(guard_plugin(["api-key-auth"]))
@@ -862,8 +911,9 @@ class Scenarios:
         valid = {"apikey": gateway.api_key("ak_alice_dev")}
         users = {"name": "post-function",
                  "config": {"access": ['kong.response.set_header("X-User-Function", "ran")']}}
-        key_plugins = find_route(gateway.config, "key")["plugins"]
-        with_user = with_route_plugins(gateway.config, "key", [*key_plugins, users])
+        uncached = without_verdict_cache(gateway.config)   # every request asks the plugin server
+        key_plugins = find_route(uncached, "key")["plugins"]
+        with_user = with_route_plugins(uncached, "key", [*key_plugins, users])
         try:
             gateway.load_config(with_user)
             ok = gateway.https("/key", headers=valid)
@@ -903,7 +953,7 @@ class Scenarios:
         the plugin server is down). A route none of ours is selected for passes (/public,
         /scoped/alice without alice)."""
         requires(gateway, "ip-allowlist", "api-key-auth", "upstream-identity")
-        config = copy.deepcopy(gateway.config)
+        config = without_verdict_cache(gateway.config)   # every request asks the plugin server
         echo = next(s for s in config["services"] if s["name"] == "echo")
         key = find_route(config, "key")
         loopback = route_plugin(find_route(config, "ip"), "ip-allowlist")
@@ -960,14 +1010,66 @@ class Scenarios:
             assert answer.status == 400 and error in answer.body, (bad, answer.status, answer.body[-500:])
         assert gateway.https("/key").status == 401                     # the running config is kept
 
+    def test_15_kong_answers_a_decided_request_itself_from_the_verdict_cache(self, gateway: Gateway) -> None:
+        """The guard plugin's verdict cache in real Kong, with each plugin server stopped: the peer,
+        key or certificate it already decided gets exactly the same verdict from Kong alone (the
+        same upstream headers; a refusal with the same answer and log line), one it never decided
+        meets the guard's 503; and a changed plugin config is decided anew."""
+        requires(gateway, "ip-allowlist", "client-cert-auth", "api-key-auth")
+        key = {"apikey": gateway.api_key("ak_alice_dev")}
+        cases = (("ip-allowlist", "/ip", None, {}, ("/ip/blocked", None, {}, 403)),
+                 ("api-key-auth", "/key", None, key, None),
+                 ("client-cert-auth", "/mtls", "clients/alice", {}, ("/mtls", None, {}, 401)))
+        varying = {"x-test-nonce", "x-kong-request-id", "x-forwarded-port"}
+        try:
+            for name, path, cert, headers, refusal in cases:
+                decided = gateway.https(path, cert=cert, headers=headers)
+                assert decided.status == 200, (name, decided)
+                identity = {k: v for k, v in decided.upstream_headers.items() if k not in varying}
+                if refusal is not None:
+                    assert gateway.https(refusal[0], cert=refusal[1], headers=refusal[2]).status == refusal[3]
+
+                def from_kong_alone(name: str = name, path: str = path, cert: str | None = cert,
+                                    headers: dict = headers, identity: dict = identity,
+                                    refusal: tuple | None = refusal) -> None:
+                    sent = {**headers, **nonce()}
+                    again = gateway.https(path, cert=cert, headers=sent)
+                    assert again.status == 200 and gateway.seen_upstream(sent["X-Test-Nonce"]), (name, again)
+                    assert {k: v for k, v in again.upstream_headers.items() if k not in varying} == identity
+                    if refusal is not None:
+                        logged = gateway.error_log().count(f"{name} refused")
+                        refused_again = gateway.https(refusal[0], cert=refusal[1], headers=refusal[2])
+                        assert refused_again.status == refusal[3], (name, refused_again)
+                        eventually(lambda: gateway.error_log().count(f"{name} refused") > logged, 10,
+                                   f"{name}: the cached refusal was not logged", gateway.error_log)
+                    undecided = {"ip-allowlist": None, "api-key-auth": ("/key", None, {"apikey": "ak_x.y"}),
+                                 "client-cert-auth": ("/mtls", "clients/bob", {})}[name]
+                    if undecided is not None:
+                        self._guarded(gateway, undecided[0], undecided[2], missing=name, cert=undecided[1])
+
+                self._while_stopped(gateway, name, from_kong_alone)
+
+            # A changed config is decided anew: Kong builds new plugin config tables, which start
+            # with no verdicts (the first request after the change already gets the new answer).
+            assert gateway.https("/ip").status == 200
+            changed = copy.deepcopy(gateway.config)
+            route_plugin(find_route(changed, "ip"), "ip-allowlist")["config"]["allow"] = ["192.0.2.0/24"]
+            gateway.load_config(changed)
+            headers = nonce()
+            assert gateway.https("/ip", headers=headers).status == 403
+            assert not gateway.seen_upstream(headers["X-Test-Nonce"])
+        finally:
+            gateway.restore()
+
     @staticmethod
-    def _guarded(gateway: Gateway, path: str, headers: dict[str, str], missing: str = "api-key-auth") -> None:
+    def _guarded(gateway: Gateway, path: str, headers: dict[str, str], missing: str = "api-key-auth",
+                 cert: str | None = None) -> None:
         """A request that must meet the guard's 503, logged for the `missing` plugin's mark, and
         never reach the upstream."""
         line = f"[kong-mtls] guard refused reason={GUARD_REASON} missing=kong_mtls.{missing}"
         logged = gateway.error_log().count(line)
         sent = {**headers, **nonce()}
-        answer = gateway.https(path, headers=sent)
+        answer = gateway.https(path, headers=sent, cert=cert)
         assert (answer.status, answer.json()) == (GUARD_STATUS, {"message": GUARD_MESSAGE}), (path, answer)
         assert "x-user-function" not in answer.headers     # the guard answered before it
         assert not gateway.seen_upstream(sent["X-Test-Nonce"])
@@ -1009,8 +1111,9 @@ class UntrustedLuaOffScenarios:
             gateway.restore()
 
         assert gateway.https("/key", headers=valid).status == 200
+        # A key the verdict cache cannot answer for (a refused key is never cached).
         Scenarios._while_stopped(gateway, "api-key-auth",
-                                 lambda: Scenarios._guarded(gateway, "/key", valid))
+                                 lambda: Scenarios._guarded(gateway, "/key", {"apikey": "ak_alice_dev.x"}))
         headers = nonce()
         assert gateway.https("/key", headers=headers).status == 401
         assert not gateway.seen_upstream(headers["X-Test-Nonce"])

@@ -27,6 +27,7 @@ from kong_mtls.constants import (
     HEADER_CERT_AUTH,
     IP_ALLOWLIST,
     PLUGIN_MODULES,
+    VERDICT_CACHED_PLUGINS,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -348,6 +349,47 @@ for entry in os.listdir("/proc"):
             os.kill(int(entry), signum)
 print(json.dumps(sorted(found)))
 """
+
+
+#: Exits 0 when the plugin server listening on argv[1] answers an RPC (plugin.GetRuntimeStats):
+#: Kong restarted it and it serves. Runs inside the Kong container and locally, like SIGNAL_SCRIPT.
+ANSWERS_SCRIPT = r"""
+import socket, sys
+import msgpack
+sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+sock.settimeout(2)
+try:
+    sock.connect(sys.argv[1])
+    sock.sendall(msgpack.packb([0, 1, "plugin.GetRuntimeStats", []]))
+    unpacker = msgpack.Unpacker()
+    while True:
+        data = sock.recv(65536)
+        if not data:
+            sys.exit(1)
+        unpacker.feed(data)
+        for message in unpacker:
+            sys.exit(0 if message[0] == 1 and message[1] == 1 and message[2] is None else 1)
+except OSError:
+    sys.exit(1)
+"""
+
+
+def without_verdict_cache(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of `config` whose plugins of ours all have `verdict_cache_ttl: 0`: every request is
+    asked of the plugin server (what the guard does when that fails needs such requests)."""
+    out = copy.deepcopy(dict(config))
+
+    def strip(plugins: list[dict[str, Any]]) -> None:
+        for plugin in plugins:
+            if plugin["name"] in VERDICT_CACHED_PLUGINS:
+                plugin["config"] = {**plugin.get("config", {}), "verdict_cache_ttl": 0}
+
+    strip(out.get("plugins", []))
+    for service in out.get("services", []):
+        strip(service.get("plugins", []))
+        for route in service.get("routes", []):
+            strip(route.get("plugins", []))
+    return out
 
 
 # -- HTTP(S) client --------------------------------------------------------------------------------

@@ -9,61 +9,18 @@ against a recording stand-in for the PDK and make its header write fail.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-from kong_mtls.constants import API_KEY_AUTH, CLIENT_CERT_AUTH, IP_ALLOWLIST, shared_mark
+from kong_mtls.constants import API_KEY_AUTH, CLIENT_CERT_AUTH, IP_ALLOWLIST, shared_mark, verdict_slot
 from kong_mtls.core.api_keys import credential_entry, generate_key
 from kong_mtls.kong import api_key_auth, client_cert_auth, ip_allowlist
+from tests.harness.recording_kong import SET_SHARED, RecordingKong
 
 ALICE = {"id": "5d0b9a36-1c5e-4f0e-9a8b-3f2d1c0b0a01", "username": "alice"}
 KEY = generate_key("marks")
 SET_HEADERS = "service.request.set_headers"
-SET_SHARED = "ctx.shared.set"
-
-
-class ConnectionGone(OSError):
-    """What a PDK call raises when Kong's side of the socket is gone."""
-
-
-class RecordingKong:
-    """The PDK calls an adapter makes, recorded in order; `answers` maps a dotted name to a callable
-    giving its result; `fail` names a call that raises `ConnectionGone`."""
-
-    def __init__(self, answers: dict[str, Callable[..., Any]], fail: str | None = None) -> None:
-        self.calls: list[str] = []
-        self.shared: dict[str, Any] = {}
-        self._answers = answers
-        self._fail = fail
-
-    def _call(self, name: str, *args: Any) -> Any:
-        self.calls.append(name)
-        if name == self._fail:
-            raise ConnectionGone("plugin-server connection lost")
-        if name == SET_SHARED:
-            self.shared[args[0]] = args[1]
-            return None
-        if name == "ctx.shared.get":
-            return self.shared.get(args[0])
-        answer = self._answers.get(name)
-        return answer(*args) if answer is not None else None
-
-    def __getattr__(self, attr: str) -> Any:
-        return _Path(self, attr)
-
-
-class _Path:
-    def __init__(self, kong: RecordingKong, name: str) -> None:
-        self._kong = kong
-        self._name = name
-
-    def __getattr__(self, attr: str) -> _Path:
-        return _Path(self._kong, f"{self._name}.{attr}")
-
-    def __call__(self, *args: Any) -> Any:
-        return self._kong._call(self._name, *args)
 
 
 def client_cert_case(pki) -> tuple[Any, dict, str]:
@@ -97,7 +54,9 @@ def test_a_pass_publishes_the_mark_last(pki, name):
     kong = RecordingKong(answers)
     plugin.access(kong)
     assert mark in kong.shared and "response.exit" not in kong.calls
-    assert kong.calls[-1] == SET_SHARED and SET_HEADERS in kong.calls
+    # The mark, then only the verdict for the guard plugin's verdict cache.
+    assert kong.calls[-2:] == [SET_SHARED, SET_SHARED] and kong.shared_keys[-2:] == [mark, verdict_slot(name)]
+    assert SET_HEADERS in kong.calls
 
 
 @pytest.mark.parametrize("name", list(CASES))

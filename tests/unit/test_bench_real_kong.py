@@ -9,9 +9,11 @@ import pytest
 
 from bench.real_kong import (
     BARE,
+    DISTINCT_CLIENTS_SCRIPT,
     README_SECTION,
     RouteSummary,
     kong_config,
+    memory_line,
     parse_proc_stat,
     parse_wrk,
     protocol_costs,
@@ -20,7 +22,7 @@ from bench.real_kong import (
     update_readme,
     wrk_duration_us,
 )
-from kong_mtls.constants import PLUGIN_MODULES, shared_mark
+from kong_mtls.constants import GUARD, PLUGIN_MODULES
 
 WRK_OUTPUT = """\
 Running 5s test @ http://127.0.0.1:41235/api-key-auth
@@ -122,17 +124,25 @@ def test_every_route_with_our_plugins_is_guarded_for_exactly_them() -> None:
         ours = [n for n in names if n in PLUGIN_MODULES]
         assert [n for n in route.served if n != BARE] == ours
         if not ours:
-            assert "post-function" not in names
+            assert GUARD not in names
             continue
         guarded += 1
-        assert names[-1] == "post-function"
-        code = declared["plugins"][-1]["config"]["access"][0]
-        marks_line = next(line for line in code.splitlines() if line.startswith("local marks"))
-        for name in PLUGIN_MODULES:
-            assert (f'"{shared_mark(name)}"' in marks_line) == (name in ours)
-    assert guarded == 4
+        assert declared["plugins"][-1]["name"] == GUARD
+        assert sorted(declared["plugins"][-1]["config"]["require"]) == sorted(ours)
+    assert guarded == 9
     assert sorted(r.key for r in route_list if BARE in r.served) == ["bare-1", "bare-2", "bare-4"]
     assert {r["name"]: r["protocols"] for r in served}["mtls"] == ["https"]
+
+
+def test_the_cache_off_rows_ask_their_plugin_servers_on_every_request() -> None:
+    by_key = {r.key: r for r in routes(Path("/pki"), "bench", "hmac-sha256:x:y")}
+    for key in ("ip-allowlist", "api-key-auth", "our-chain", "mtls"):
+        assert by_key[key].asked == []
+        assert by_key[f"{key}-rpc"].asked == by_key[key].served
+        assert [p for p in by_key[f"{key}-rpc"].plugins if p["name"] != GUARD] == [
+            {**p, "config": {**p["config"], "verdict_cache_ttl": 0}} for p in by_key[key].plugins
+            if p["name"] != GUARD]
+    assert by_key["bare-1"].asked == ["bare"]
 
 
 def _summary(route, rps: float, worker: float, servers: dict[str, float]) -> RouteSummary:
@@ -158,3 +168,17 @@ def test_table_ratios_and_protocol_costs() -> None:
         "From the bare rows: a PDK call costs about 20 µs in Kong's worker and 30 µs in the plugin "
         "server; a plugin event, beyond its calls, about 40 µs and 50 µs.")
     assert protocol_costs(summaries[:1]) is None
+
+
+def test_the_many_clients_route_varies_the_address_its_plugin_checks() -> None:
+    route = next(r for r in routes(Path("/pki"), "bench", "hmac-sha256:x:y") if r.distinct_clients)
+    config = route.plugins[0]["config"]
+    assert (config["source"], config["header_name"]) == ("header", "X-Forwarded-For")
+    script = DISTINCT_CLIENTS_SCRIPT % route.distinct_clients
+    assert f"math.random(0, {route.distinct_clients} - 1)" in script
+    assert '"10.0.%d.%d"' in script and config["allow"] == ["10.0.0.0/8"]
+
+
+def test_the_memory_line_names_every_process() -> None:
+    line = memory_line({"nginx worker": (40960, 43008), "ip-allowlist server": (30720, 30720)})
+    assert line.endswith("nginx worker 40.0 → 42.0; ip-allowlist server 30.0 → 30.0.")

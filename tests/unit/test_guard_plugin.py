@@ -28,6 +28,7 @@ from kong_mtls.guard import (
     guard_plugin,
     lua_guard,
 )
+from tests.harness.luajit import runtime as lua_runtime
 from tests.integration.support import KONG_CONF_EXAMPLE, LUA_DIR, ROOT, parse_kong_conf
 
 PLUGIN_DIR = LUA_DIR / "kong" / "plugins" / GUARD
@@ -77,7 +78,7 @@ def test_the_rockspec_installs_both_modules_at_this_version() -> None:
     assert 'type = "builtin"' in text
     modules = dict(re.findall(r'\["(kong\.plugins\.[^"]+)"\] = "([^"]+)"', text))
     assert modules == {f"kong.plugins.{GUARD}.{part}": f"lua/kong/plugins/{GUARD}/{part}.lua"
-                       for part in ("handler", "schema")}
+                       for part in ("handler", "schema", "verdicts")}
     assert all((ROOT / path).is_file() for path in modules.values())
 
 
@@ -99,13 +100,6 @@ def test_kong_conf_example_loads_the_guard_and_the_image_installs_it() -> None:
 
 
 # -- the handler in LuaJIT -------------------------------------------------------------------------
-
-def luajit() -> Any:
-    """lupa's LuaJIT 2.1 (Kong's Lua is OpenResty's LuaJIT 2.1); the tests below skip without it,
-    the ones above do not."""
-    pytest.importorskip("lupa")
-    return pytest.importorskip("lupa.luajit21")
-
 
 #: A stand-in for what the handler touches: kong.ctx.shared, kong.log.err, kong.response.exit,
 #: ngx.ctx, ngx.null, and Kong's plugins iterator (its config lookup: the most specific of
@@ -161,7 +155,7 @@ class Guard:
     """handler.lua loaded in a fresh LuaJIT runtime."""
 
     def __init__(self, iterator_present: bool = True) -> None:
-        self.lua = luajit().LuaRuntime()
+        self.lua = lua_runtime()
         self.handler, self._run = self.lua.execute(HARNESS, HANDLER, iterator_present)
 
     def access(self, conf: Mapping[str, Any] | None, ctx: Mapping[str, Any],

@@ -45,12 +45,12 @@ _MAX_ADDRESS_TEXT = 64  # longer than any IP literal (with brackets and port); a
 _DETAIL_VALUE_CHARS = 64
 
 
-def whole_header_map(headers: object) -> Mapping[str, Any] | None:
-    """Kong's `get_headers(MAX_HEADER_LINES)` map, or None when it is no map or may have been cut at
-    the limit (a line a trusted proxy added could be among those not returned)."""
+def whole_header_map(headers: object, limit: int = MAX_HEADER_LINES) -> Mapping[str, Any] | None:
+    """Kong's `get_headers(limit)` map, or None when it is no map or may have been cut at the limit
+    (a line a trusted proxy added could be among those not returned)."""
     if not isinstance(headers, Mapping):
         return None
-    if sum(len(v) if isinstance(v, list) else 1 for v in headers.values()) >= MAX_HEADER_LINES:
+    if sum(len(v) if isinstance(v, list) else 1 for v in headers.values()) >= limit:
         return None
     return headers
 

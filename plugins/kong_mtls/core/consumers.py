@@ -48,3 +48,13 @@ class ConsumerCache:
         else:
             self._lru.pop(ref)
         return row
+
+    def until(self, ref: str) -> float | None:
+        """When (on `clock`) the cached row of `ref` stops being used; None when none is cached."""
+        entry = self._lru.get(ref)
+        return entry[0] if entry is not None else None
+
+    def left(self, until: float | None) -> float:
+        """Seconds from now to `until` (an `until` answer), 0 for None or the past: how long a
+        verdict carrying that row may be kept elsewhere."""
+        return max(0.0, until - self.clock()) if until is not None else 0.0

@@ -346,6 +346,14 @@ class EdgePolicy:
                                                "(ca_certificates): pin the edge's key in edge_spki_sha256")
         return None
 
+    def edge_valid_until(self, edge_chain_pem: object) -> float | None:
+        """Until when the edge's verified certificate path is valid (epoch seconds; None when no
+        edge certificate is checked or it did not verify)."""
+        if self.edge_verifier is None:
+            return None
+        verdict = self.edge_verifier.verify(edge_chain_pem)
+        return verdict.chain.valid_until if verdict.ok and verdict.chain else None
+
     def check_verdict(self, headers: Mapping[str, Any]) -> tuple[Reason, str] | None:
         """None when no verdict is required or the edge's says verified, else (reason, detail)."""
         if self.verdict_header is not None:
@@ -374,6 +382,8 @@ class ForwardedAuthenticator:
         self.edge = edge
         self.source = source
         self.removed_headers = forwarded_headers(source, edge, remove_headers)
+        #: The headers a decision reads (once the connection is the edge's).
+        self.deciding_headers = forwarded_headers(source, edge)
 
     def authenticate(self, peer: object, edge_chain_pem: object, load_headers: Callable[[], object],
                      load_consumer: LoadConsumer) -> Decision:

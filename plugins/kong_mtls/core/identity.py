@@ -545,6 +545,9 @@ class Decision:
     mark: Mapping[str, Any] | None = None
     chain: VerifiedChain | None = None
     identity: CertIdentity | None = None
+    #: When `consumer`, a cached row, stops being used (the consumer cache's clock); None: no row,
+    #: or one that was not cached.
+    consumer_until: float | None = None
 
     @property
     def anonymous(self) -> bool:
@@ -701,7 +704,10 @@ class Authenticator:
             return remembered[1]
         decision = self._identify(chain, facts, chain_pem, load_consumer)
         if decision.allowed and decision.via not in (Via.ANONYMOUS, Via.REPORT_ONLY):
-            self._passes.put(chain.chain_sha256, (now + self.consumers.ttl, decision))
+            # No longer than its consumer row is: remembered, the row would outlive its cache time.
+            until = decision.consumer_until if decision.consumer is not None else now + self.consumers.ttl
+            if until is not None:
+                self._passes.put(chain.chain_sha256, (until, decision))
         return decision
 
     def refuse(self, reason: Reason, detail: str, load_consumer: LoadConsumer) -> Decision:
@@ -721,7 +727,8 @@ class Authenticator:
             if row is None:
                 return self._fail(Reason.NO_CONSUMER, f"mapped consumer {mapping.consumer!r} not found",
                                   chain_pem, chain.leaf, load_consumer, facts=facts, chain=chain)
-            return self._pass(Via.MAPPING, chain, facts, row, mapping.credential_id)
+            return self._pass(Via.MAPPING, chain, facts, row, mapping.credential_id,
+                              self.consumers.until(mapping.consumer or ""))
         if policy.consumer_by:
             # A consumer's username or id is compared with CNs only: a DNS name, a URI or an email
             # address never logs in as the consumer of the same spelling.
@@ -732,7 +739,8 @@ class Authenticator:
                     if facts.cn_outside:
                         return self._fail(Reason.OUTSIDE_NAME_CONSTRAINTS, facts.cn_outside, chain_pem,
                                           chain.leaf, load_consumer, facts=facts, chain=chain)
-                    return self._pass(Via.CONSUMER_BY, chain, facts, row, _credential_id("consumer_by", name))
+                    return self._pass(Via.CONSUMER_BY, chain, facts, row, _credential_id("consumer_by", name),
+                                      self.consumers.until(name))
         if policy.default_consumer is not None:
             row = self.consumers.get(policy.default_consumer, load_consumer)
             if row is None:
@@ -740,14 +748,15 @@ class Authenticator:
                                   f"default_consumer {policy.default_consumer!r} not found",
                                   chain_pem, chain.leaf, load_consumer, facts=facts, chain=chain)
             return self._pass(Via.DEFAULT_CONSUMER, chain, facts, row,
-                              _credential_id("default_consumer", policy.default_consumer))
+                              _credential_id("default_consumer", policy.default_consumer),
+                              self.consumers.until(policy.default_consumer))
         names = [f"{kind.value}:{value}" for kind, value in facts.names[:8]]
         return self._fail(Reason.NO_CONSUMER, f"no consumer for names {names}",
                           chain_pem, chain.leaf, load_consumer, facts=facts, chain=chain)
 
     # -- outcomes ------------------------------------------------------------------------------------
     def _pass(self, via: Via, chain: VerifiedChain, facts: _Facts, row: Mapping[str, Any] | None,
-              credential_id: str | None) -> Decision:
+              credential_id: str | None, consumer_until: float | None = None) -> Decision:
         identity = facts.identity
         headers = dict(_NO_HEADERS)
         credential = None
@@ -763,7 +772,7 @@ class Authenticator:
                 "fingerprint_sha256": identity.fingerprint_sha256}
         return Decision(allowed=True, via=via, verified=True, cert_presented=True, consumer=row,
                         credential=credential, groups=facts.groups, headers=headers, mark=mark,
-                        chain=chain, identity=identity)
+                        chain=chain, identity=identity, consumer_until=consumer_until)
 
     def _fail(self, reason: Reason, detail: str, chain_pem: object, leaf: x509.Certificate | None,
               load_consumer: LoadConsumer, *, facts: _Facts | None = None,
@@ -784,7 +793,8 @@ class Authenticator:
                 if facts is not None:
                     headers.update(facts.cert_headers)
                 return Decision(allowed=True, via=Via.ANONYMOUS, consumer=row, headers=headers,
-                                mark=self._mark(facts, leaf, row), **common)
+                                mark=self._mark(facts, leaf, row),
+                                consumer_until=self.consumers.until(policy.anonymous), **common)
             reason, server_error = Reason.ANONYMOUS_NOT_FOUND, True
             common["reason"] = reason
             common["detail"] = f"anonymous consumer {policy.anonymous!r} not found ({detail})"

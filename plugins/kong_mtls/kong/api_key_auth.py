@@ -17,6 +17,7 @@ from kong_pdk.exception import PDKException
 
 from kong_mtls import schema
 from kong_mtls.constants import API_KEY_AUTH, CLIENT_CERT_AUTH, HEADER_CERT_AUTH, IP_ALLOWLIST, shared_mark
+from kong_mtls.core.addresses import whole_header_map
 from kong_mtls.core.api_keys import (
     ApiKeyAuth,
     Outcome,
@@ -29,11 +30,15 @@ from kong_mtls.core.api_keys import (
 )
 from kong_mtls.core.consumers import ConsumerCache
 from kong_mtls.core.headers import with_every_spelling
-from kong_mtls.kong.runtime import PhaseResult, Refusal, phase
+from kong_mtls.kong.runtime import PhaseResult, Refusal, VerdictInputs, phase
 from kong_mtls.kong.server import serve
 
 NAME = API_KEY_AUTH
 MARK = shared_mark(API_KEY_AUTH)
+#: The nginx variable holding what `kong.request.get_method()` returns.
+METHOD_VARIABLE = "request_method"
+#: How many header lines Kong's `get_headers()` returns at most: a map this long may be cut.
+KONG_DEFAULT_HEADER_LINES = 100
 
 Schema = [
     schema.strings("key_names", default=["apikey"], required=True, len_min=1),
@@ -57,6 +62,7 @@ Schema = [
         schema.boolean("client_cert", default=False),
         schema.strings("client_spki_sha256"),
     ], default=[], required=True),
+    schema.verdict_cache_ttl(),
 ]
 
 class Plugin:
@@ -64,13 +70,28 @@ class Plugin:
         settings = schema.validate(Schema, config)
         self.auth = ApiKeyAuth.from_config(settings)
         self.consumers = ConsumerCache(float(settings["consumer_cache_ttl"]))
+        self.verdict_cache_ttl: int = settings["verdict_cache_ttl"]
+        # Only the key headers and the method decide a request (no query, body or anonymous), so a
+        # pass may be cached under them.
+        self.cacheable = (not self.auth.settings.key_in_query and not self.auth.settings.key_in_body
+                          and self.auth.anonymous is None)
 
-    @phase(NAME)
-    def access(self, kong: Any) -> PhaseResult:
+    @phase(NAME, verdicts=True)
+    def access(self, kong: Any, inputs: VerdictInputs) -> PhaseResult:
         auth = self.auth
+        read: dict[str, Any] = {}
+
+        def load_method() -> Any:
+            read["method"] = kong.request.get_method()
+            return read["method"]
+
+        def load_headers() -> Any:
+            read["headers"] = kong.request.get_headers()
+            return read["headers"]
+
         # Loaders are lambdas: each `kong.x.y` lookup builds kong-pdk objects, so only the reads the
         # request needs are even looked up.
-        skipped = auth.skip_reason(lambda: kong.request.get_method(), lambda: kong.client.get_credential())
+        skipped = auth.skip_reason(load_method, lambda: kong.client.get_credential())
         if skipped is not None:
             headers = skip_headers(skipped, kong.client.get_consumer, auth.settings)
             if headers is not None:
@@ -90,7 +111,7 @@ class Plugin:
                 return None
 
         decision = auth.authenticate(
-            load_headers=lambda: kong.request.get_headers(),
+            load_headers=load_headers,
             load_query=lambda: kong.request.get_query(),
             load_body=load_body,
             load_consumer=load_consumer,
@@ -105,6 +126,9 @@ class Plugin:
         if decision.outcome is Outcome.REFUSED:
             return Refusal(decision.status, decision.message, decision.reason.value,
                            detail=decision.log_detail(), headers=decision.headers)
+        # Now: during the calls below, another request may reload the row this decision carries.
+        row_until = (self.consumers.until(decision.credential.consumer)
+                     if decision.outcome is Outcome.AUTHENTICATED else None)
 
         credential = kong_credential(decision)
         if credential is None:  # a nil credential would leave a hole in the RPC argument list
@@ -117,7 +141,28 @@ class Plugin:
         if decision.rewrite.body is not None:
             kong.service.request.set_body(dict(decision.rewrite.body))
         kong.ctx.shared.set(MARK, pass_mark(decision))
+        if self.cacheable and decision.outcome is Outcome.AUTHENTICATED:
+            self._declare(inputs, decision.credential, read, row_until)
         return None
+
+    def _declare(self, inputs: VerdictInputs, credential: Any, read: Mapping[str, Any],
+                 row_until: float | None) -> None:
+        """The inputs of a pass decided by a key header alone: every spelling of every key name
+        (and the method, read when preflights are not authenticated), holding no longer than the
+        consumer row it carries (cached until `row_until`). A key bound to addresses or to the
+        certificate depends on more, and is not cached."""
+        headers = whole_header_map(read.get("headers"), KONG_DEFAULT_HEADER_LINES)
+        if credential.needs_client_ip or credential.needs_certificate or headers is None:
+            return
+        if "method" in read:
+            inputs.var(METHOD_VARIABLE, read["method"])
+        for name in self.auth.settings.key_names:
+            for spelling in dict.fromkeys((name.lower(), name.lower().replace("_", "-"))):
+                inputs.header(spelling, headers.get(spelling))
+        ttl = min(self.verdict_cache_ttl, self.consumers.left(row_until))
+        if credential.expires_at is not None:
+            ttl = min(ttl, credential.expires_at - time.time())
+        inputs.holds_for(ttl)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -55,14 +55,15 @@ from kong_mtls.core.identity import (
     parse_mappings,
 )
 from kong_mtls.core.revocation import RevocationChecker, RevocationMode, parse_crls
-from kong_mtls.kong.runtime import Refusal, log_line, pdk_log, phase
+from kong_mtls.kong.runtime import Refusal, VerdictInputs, log_line, pdk_log, phase
 from kong_mtls.kong.server import serve
 from kong_mtls.presets import CA_PRESET_NAMES, PresetError, load_ca_preset
 from kong_mtls.schema import ConfigError
 
 _log = logging.getLogger("kong_mtls")
 
-Schema = [
+#: The fields header-cert-auth shares: trust anchors, revocation, mapping, what reaches the upstream.
+CERTIFICATE_FIELDS = [
     # Trust anchors: PEM texts (each may hold several certificates), PEM files, shipped presets.
     schema.strings("ca_certificates"),
     schema.strings("ca_certificate_files"),
@@ -102,6 +103,8 @@ Schema = [
     schema.boolean("report_only", default=False),
     schema.integer("cache_size", default=4096, between=(0, 1_000_000)),
 ]
+
+Schema = [*CERTIFICATE_FIELDS, schema.verdict_cache_ttl()]
 
 
 @dataclass(frozen=True)
@@ -209,16 +212,20 @@ def _revocation(conf: Mapping[str, Any], clock: Callable[[], float]) -> Callable
 
 class Plugin:
     def __init__(self, config: Mapping[str, Any]) -> None:
-        compiled = compile_config(config)
+        conf = schema.validate(Schema, config)
+        compiled = compile_validated(conf)
         self.authenticator = compiled.authenticator
+        self.verdict_cache_ttl: int = conf["verdict_cache_ttl"]
         self.start_notices = tuple(("warn", w) for w in compiled.warnings)  # through Kong, first request
         for warning in compiled.warnings:
             _log.warning(warning)
 
-    @phase(CLIENT_CERT_AUTH)
-    def access(self, kong: Any) -> Refusal | None:
+    @phase(CLIENT_CERT_AUTH, verdicts=True)
+    def access(self, kong: Any, inputs: VerdictInputs) -> Refusal | None:
         pem = kong.client.tls.get_full_client_certificate_chain()
+        inputs.chain(pem)
         decision = self.authenticator.authenticate(pem, lambda ref: kong.client.load_consumer(ref, True))
+        inputs.holds_for(verdict_ttl(decision, self.verdict_cache_ttl, self.authenticator.consumers.left))
         if decision.client_verify is not None:
             kong.client.tls.set_client_verify(decision.client_verify)
         if not decision.allowed:
@@ -226,6 +233,21 @@ class Plugin:
             return Refusal(decision.status, decision.message, reason, decision.detail)
         publish(kong, CLIENT_CERT_AUTH, decision)
         return None
+
+
+def verdict_ttl(decision: Decision, cache_ttl: float, left: Callable[[float | None], float]) -> float:
+    """How long a decision holds for the same presented chain: `verdict_cache_ttl`, no longer than
+    the consumer row it carries is still cached (`left(decision.consumer_until)`, the consumer
+    cache's `left`), nor than the path is valid; not at all when the client sent certificates
+    outside the verified path."""
+    ttl = cache_ttl
+    if decision.consumer is not None:
+        ttl = min(ttl, left(decision.consumer_until))
+    if decision.chain is not None:
+        ttl = min(ttl, decision.chain.valid_until - time.time())
+        if set(decision.chain.presented) - set(decision.chain.path):
+            return 0.0  # padded with certificates of no use: each padding would be an entry of its own
+    return ttl
 
 
 def publish(kong: Any, plugin: str, decision: Decision, removed: Sequence[str] = ()) -> None:

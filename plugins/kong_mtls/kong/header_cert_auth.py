@@ -29,7 +29,7 @@ from cryptography import x509
 
 from kong_mtls import schema
 from kong_mtls.constants import CONSUMER_HEADERS, GROUP_HEADERS, HEADER_CERT_AUTH
-from kong_mtls.core.addresses import MAX_HEADER_LINES, AddressSet, parse_network
+from kong_mtls.core.addresses import MAX_HEADER_LINES, AddressSet, parse_network, whole_header_map
 from kong_mtls.core.chain import (
     ChainConfigError,
     ChainPolicy,
@@ -48,10 +48,10 @@ from kong_mtls.core.forwarded import (
     ForwardedSource,
 )
 from kong_mtls.core.headers import header_name_problem
-from kong_mtls.core.identity import HEADER_CLIENT_CERT_DN, HEADER_CLIENT_CERT_SAN
+from kong_mtls.core.identity import HEADER_CLIENT_CERT_DN, HEADER_CLIENT_CERT_SAN, Decision
 from kong_mtls.kong import client_cert_auth
 from kong_mtls.kong.ip_allowlist import PEER_VARIABLE, Presets, address_set
-from kong_mtls.kong.runtime import Refusal, log_line, phase
+from kong_mtls.kong.runtime import Refusal, VerdictInputs, log_line, phase
 from kong_mtls.kong.server import serve
 from kong_mtls.presets import CA_PRESET_NAMES, CIDR_PRESET_NAMES, load_ca_preset, load_cidr_preset
 from kong_mtls.schema import ConfigError
@@ -75,7 +75,8 @@ Schema = [
     schema.string("edge_verdict_header", len_min=1),
     schema.strings("edge_verdict_values", default=["true"], len_min=1),
     # Everything client-cert-auth has: trust anchors, revocation, mapping, headers upstream.
-    *client_cert_auth.Schema,
+    *client_cert_auth.CERTIFICATE_FIELDS,
+    schema.verdict_cache_ttl(),
 ]
 
 
@@ -190,25 +191,55 @@ def _check_header_names(conf: Mapping[str, Any]) -> None:
 
 class Plugin:
     def __init__(self, config: Mapping[str, Any]) -> None:
-        compiled = compile_config(config)
+        conf = schema.validate(Schema, config)
+        compiled = compile_config(conf)
         self.authenticator = compiled.authenticator
+        self.verdict_cache_ttl: int = conf["verdict_cache_ttl"]
         # Through Kong, on the first request.
         self.start_notices = (*(("err", line) for line in compiled.errors),
                               *(("warn", line) for line in compiled.warnings))
 
-    @phase(HEADER_CERT_AUTH)
-    def access(self, kong: Any) -> Refusal | None:
+    @phase(HEADER_CERT_AUTH, verdicts=True)
+    def access(self, kong: Any, inputs: VerdictInputs) -> Refusal | None:
         auth = self.authenticator
-        peer = kong.nginx.get_var(PEER_VARIABLE) if auth.edge.needs_peer else None
-        edge_chain = kong.client.tls.get_full_client_certificate_chain() if auth.edge.needs_edge_certificate \
-            else None
-        decision = auth.authenticate(peer, edge_chain, lambda: kong.request.get_headers(MAX_HEADER_LINES),
+        peer = edge_chain = None
+        if auth.edge.needs_peer:
+            peer = kong.nginx.get_var(PEER_VARIABLE)
+            inputs.var(PEER_VARIABLE, peer)
+        if auth.edge.needs_edge_certificate:
+            edge_chain = kong.client.tls.get_full_client_certificate_chain()
+            inputs.chain(edge_chain)
+        read: list[Any] = []
+
+        def load_headers() -> Any:
+            read.append(kong.request.get_headers(MAX_HEADER_LINES))
+            return read[0]
+
+        decision = auth.authenticate(peer, edge_chain, load_headers,
                                      lambda ref: kong.client.load_consumer(ref, True))
+        self._declare(inputs, decision, edge_chain, read)
         if not decision.allowed:
             reason = decision.reason.value if decision.reason else "UNKNOWN"
             return Refusal(decision.status, decision.message, reason, decision.detail)
         client_cert_auth.publish(kong, HEADER_CERT_AUTH, decision, auth.removed_headers)
         return None
+
+
+    def _declare(self, inputs: VerdictInputs, decision: Decision, edge_chain: Any, read: list[Any]) -> None:
+        """The headers the decision read, if it read them (a stranger's are never fetched), and how
+        long it holds: as client-cert-auth's, and no longer than the edge's own certificate."""
+        if read:
+            headers = whole_header_map(read[0])
+            if headers is None:  # refused, and never cached: the lines were not all read
+                return
+            for name in self.authenticator.deciding_headers:
+                inputs.header(name, headers.get(name.lower()))
+        ttl = client_cert_auth.verdict_ttl(decision, self.verdict_cache_ttl,
+                                           self.authenticator.authenticator.consumers.left)
+        edge_until = self.authenticator.edge.edge_valid_until(edge_chain)
+        if edge_until is not None:
+            ttl = min(ttl, edge_until - time.time())
+        inputs.holds_for(ttl)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

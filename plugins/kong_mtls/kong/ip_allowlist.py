@@ -24,15 +24,18 @@ from kong_mtls.core.addresses import (
     Policy,
     Source,
     parse_network,
+    whole_header_map,
 )
 from kong_mtls.core.headers import header_name_problem, with_every_spelling
-from kong_mtls.kong.runtime import Refusal, phase
+from kong_mtls.kong.runtime import Refusal, VerdictInputs, phase
 from kong_mtls.kong.server import serve
 from kong_mtls.presets import CIDR_PRESET_NAMES, PresetError, load_cidr_preset, width_problem
 from kong_mtls.schema import ConfigError
 
 #: The nginx variable holding the TCP peer before any real-IP rewrite.
 PEER_VARIABLE = "realip_remote_addr"
+#: The nginx variable `kong.client.get_forwarded_ip()` returns (after Kong's real-IP rewrite).
+FORWARDED_VARIABLE = "remote_addr"
 MARK = shared_mark(IP_ALLOWLIST)
 
 Schema = [
@@ -50,6 +53,7 @@ Schema = [
     schema.string("message", len_min=1),
     schema.string("client_ip_header", len_min=1),
     schema.string_map("preset_files"),
+    schema.verdict_cache_ttl(),
 ]
 
 
@@ -76,17 +80,28 @@ class Plugin:
         self.status: int = conf["status"]
         self.message: str | None = conf["message"]
         self.client_ip_header: str | None = conf["client_ip_header"]
+        self.verdict_cache_ttl: int = conf["verdict_cache_ttl"]
 
-    @phase(IP_ALLOWLIST)
-    def access(self, kong: Any) -> Refusal | None:
+    @phase(IP_ALLOWLIST, verdicts=True)
+    def access(self, kong: Any, inputs: VerdictInputs) -> Refusal | None:
         policy = self.policy
         peer = kong.nginx.get_var(PEER_VARIABLE)
+        inputs.var(PEER_VARIABLE, peer)
         if policy.source is Source.HEADER:
-            decision = policy.decide_headers(peer, kong.request.get_headers(MAX_HEADER_LINES))
+            headers = whole_header_map(kong.request.get_headers(MAX_HEADER_LINES))
+            decision = policy.decide_headers(peer, headers)
+            if headers is not None:  # else refused, and never cached: the lines were not all read
+                header = (policy.header_name or "").lower()
+                inputs.header(header, headers.get(header))
+                inputs.holds_for(self.verdict_cache_ttl)
         elif policy.source is Source.FORWARDED:
-            decision = policy.decide(peer, forwarded=kong.client.get_forwarded_ip())
+            forwarded = kong.client.get_forwarded_ip()
+            inputs.var(FORWARDED_VARIABLE, forwarded)
+            decision = policy.decide(peer, forwarded=forwarded)
+            inputs.holds_for(self.verdict_cache_ttl)
         else:
             decision = policy.decide(peer)
+            inputs.holds_for(self.verdict_cache_ttl)
         if not decision.allowed:
             return Refusal(self.status, decision.message(self.message), decision.reason.value,
                            decision.detail)

@@ -12,11 +12,11 @@ from __future__ import annotations
 import functools
 import logging
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from kong_mtls.constants import LOG_METHOD_SUFFIXES, MESSAGE_UNEXPECTED
+from kong_mtls.constants import LOG_METHOD_SUFFIXES, MESSAGE_UNEXPECTED, VERDICT_REPLAYABLE, verdict_slot
 
 #: Our own log lines carry this tag, then `plugin=... reason=...` pairs, so they can be grepped.
 LOG_TAG = "[kong-mtls]"
@@ -86,22 +86,178 @@ def pdk_log(kong: Any, plugin: str, level: str, line: str) -> None:
     getattr(kong.log, level + LOG_METHOD_SUFFIXES.get(plugin, ""))(line)
 
 
+#: A PDK call as a path of attribute names from the `kong` object, and its arguments.
+PdkCall = tuple[tuple[str, ...], tuple[Any, ...]]
+
+
+def _refusal_calls(plugin: str, refusal: Refusal) -> list[PdkCall]:
+    """The calls that log a refusal's reason, then answer it."""
+    line = log_line(plugin, "refused", status=refusal.status, reason=refusal.reason, detail=refusal.detail)
+    return [(("log", "warn" + LOG_METHOD_SUFFIXES.get(plugin, "")), (line,)),
+            (("response", "exit"), (refusal.status, {"message": refusal.message}, dict(refusal.headers)))]
+
+
+def _perform(kong: Any, calls: list[PdkCall]) -> None:
+    for path, args in calls:
+        target = kong
+        for name in path:
+            target = getattr(target, name)
+        target(*args)
+
+
 def refuse(kong: Any, plugin: str, refusal: Refusal) -> None:
     """Log the refusal's reason, then answer it. The caller must return right after."""
-    pdk_log(kong, plugin, "warn", log_line(plugin, "refused", status=refusal.status,
-                                           reason=refusal.reason, detail=refusal.detail))
-    kong.response.exit(refusal.status, {"message": refusal.message}, dict(refusal.headers))
+    _perform(kong, _refusal_calls(plugin, refusal))
 
 
-def phase(plugin: str) -> Callable[[Callable[[Any, Any], PhaseResult]], Callable[[Any, Any], None]]:
-    """Decorate a phase method `(self, kong) -> Refusal | None` so that nothing escapes it."""
+def _method(names: Sequence[str]) -> str:
+    """The PDK method a path of attribute names calls, as Kong resolves it: `kong.log.warn..` is
+    `kong.log.warn` (see LOG_METHOD_SUFFIXES)."""
+    return ".".join(part for name in ("kong", *names) for part in name.split(".") if part)
 
-    def decorate(handler: Callable[[Any, Any], PhaseResult]) -> Callable[[Any, Any], None]:
+
+#: The PDK calls that only read. A handler's other calls change the request; with its declared
+#: inputs, they are what the verdict cache replays.
+PLAIN_READS = frozenset({
+    "kong.client.get_consumer",
+    "kong.client.get_credential",
+    "kong.client.get_forwarded_ip",
+    "kong.client.get_ip",
+    "kong.client.load_consumer",
+    "kong.client.tls.get_full_client_certificate_chain",
+    "kong.ctx.shared.get",
+    "kong.nginx.get_var",
+    "kong.request.get_body",
+    "kong.request.get_header",
+    "kong.request.get_headers",
+    "kong.request.get_method",
+    "kong.request.get_query",
+})
+
+
+#: What each plain read a verdict may rest on needs among its inputs: the (kind, name) of the input
+#: that holds the value read (the name of the read's first argument when None), or, for
+#: `kong.request.get_headers`, an input of that kind (the handler names the lines that decided).
+#: A consumer row needs none: each adapter bounds the verdict by the row's cache time. A verdict
+#: resting on any other read (kong.ctx.shared, the credential, the query, the body ...) is not
+#: offered, whatever the handler declared.
+READ_INPUTS: dict[str, tuple[str, str | None] | None] = {
+    "kong.nginx.get_var": ("var", None),
+    "kong.client.get_forwarded_ip": ("var", "remote_addr"),
+    "kong.request.get_method": ("var", "request_method"),
+    "kong.client.tls.get_full_client_certificate_chain": ("chain", ""),
+    "kong.request.get_headers": ("header", None),
+    "kong.client.load_consumer": None,
+}
+
+
+class VerdictInputs:
+    """What decided one request, as a handler declares it for the guard plugin's verdict cache
+    (docs/guard.md#the-verdict-cache): every input the decision read, with the value read, and, once
+    the handler knows that any request with the same values gets the same decision, for how long.
+    A handler that never calls `holds_for` (or with 0) keeps the request out of the cache."""
+
+    __slots__ = ("inputs", "ttl", "usable")
+
+    def __init__(self) -> None:
+        self.inputs: list[tuple[str, str, Any]] = []
+        self.ttl = 0.0
+        #: False once an input was not what Kong's functions return (text, or lines of text).
+        self.usable = True
+
+    def var(self, name: str, value: Any) -> None:
+        """The nginx variable `name` (`kong.nginx.get_var`; `remote_addr` is Kong's forwarded IP)."""
+        self._add("var", name, value)
+
+    def header(self, name: str, lines: Any) -> None:
+        """Every line of request header `name` (a value of Kong's `get_headers` map, or None)."""
+        lines = [lines] if isinstance(lines, str) else lines
+        if lines is not None and not (isinstance(lines, list) and all(isinstance(v, str) for v in lines)):
+            self.usable = False
+        self.inputs.append(("header", name.lower(), lines))
+
+    def chain(self, pem: Any) -> None:
+        """The client's certificate chain (`kong.client.tls.get_full_client_certificate_chain`)."""
+        self._add("chain", "", pem)
+
+    def holds_for(self, seconds: float) -> None:
+        self.ttl = max(0.0, float(seconds))
+
+    def _add(self, kind: str, name: str, value: Any) -> None:
+        if value is not None and not isinstance(value, str):
+            self.usable = False
+        self.inputs.append((kind, name, value))
+
+    def covers(self, method: str, args: tuple) -> bool:
+        """Whether the plain read `method(*args)` is one these inputs hold (see READ_INPUTS)."""
+        if method not in READ_INPUTS:
+            return False
+        need = READ_INPUTS[method]
+        if need is None:
+            return True
+        kind, name = need
+        if method == "kong.request.get_headers":
+            return any(k == kind for k, _, _ in self.inputs)
+        if name is None:
+            name = args[0] if args and isinstance(args[0], str) else ""
+        return any(k == kind and n == name for k, n, _ in self.inputs)
+
+
+class _Recording:
+    """Kong's PDK object, noting each call (plain reads too), in order, once it returned."""
+
+    __slots__ = ("_calls", "_names", "_target")
+
+    def __init__(self, target: Any, names: tuple[str, ...], calls: list[tuple[str, tuple]]) -> None:
+        self._target = target
+        self._names = names
+        self._calls = calls
+
+    def __getattr__(self, name: str) -> _Recording:
+        return _Recording(getattr(self._target, name), (*self._names, name), self._calls)
+
+    def __call__(self, *args: Any) -> Any:
+        result = self._target(*args)
+        self._calls.append((_method(self._names), args))
+        return result
+
+
+def _offer_verdict(kong: Any, plugin: str, inputs: VerdictInputs, made: list[tuple[str, tuple]]) -> None:
+    """Leave the verdict where the guard plugin's cache takes it (one `kong.ctx.shared.set`) when
+    the handler declared how long it holds, every read it made is one of its inputs (READ_INPUTS),
+    and every other call is one the cache replays."""
+    if inputs.ttl <= 0 or not inputs.usable or not inputs.inputs:
+        return
+    calls = [(method, args) for method, args in made if method not in PLAIN_READS]
+    if not calls or any(method not in VERDICT_REPLAYABLE for method, _ in calls):
+        return
+    if not all(inputs.covers(method, args) for method, args in made if method in PLAIN_READS):
+        return
+    kong.ctx.shared.set(verdict_slot(plugin), {
+        "ttl": inputs.ttl,
+        "inputs": [list(item) for item in inputs.inputs],
+        "calls": [[method, list(args), len(args)] for method, args in calls],
+    })
+
+
+#: A plugin instance answered by the verdict cache holds its `verdict_cache_ttl` here.
+VERDICT_TTL_ATTRIBUTE = "verdict_cache_ttl"
+
+
+def phase(plugin: str, *,
+          verdicts: bool = False) -> Callable[[Callable[..., PhaseResult]], Callable[[Any, Any], None]]:
+    """Decorate a phase method `(self, kong) -> Refusal | None` so that nothing escapes it.
+
+    With `verdicts`, the method is `(self, kong, inputs: VerdictInputs)` and its verdict is offered
+    to the guard plugin's verdict cache when the instance's `verdict_cache_ttl` is not 0: `kong` then
+    notes the calls that change the request, and a refusal's log line and answer are added to them."""
+
+    def decorate(handler: Callable[..., PhaseResult]) -> Callable[[Any, Any], None]:
         @functools.wraps(handler)
         def safe_handler(self: Any, kong: Any) -> None:
             try:
                 notices = getattr(self, START_NOTICES_ATTRIBUTE, ())
-                if notices:
+                if notices:  # (a request that logs them is not offered to the verdict cache)
                     setattr(self, START_NOTICES_ATTRIBUTE, ())  # once, even with concurrent events
                     for level, line in notices:
                         pdk_log(kong, plugin, level, line)
@@ -110,10 +266,26 @@ def phase(plugin: str) -> Callable[[Callable[[Any, Any], PhaseResult]], Callable
                     refuse(kong, plugin, Refusal(500, MESSAGE_UNEXPECTED, REASON_INVALID_CONFIG,
                                                  detail=str(config_error)))
                     return
-                refusal = handler(self, kong)
-                if refusal is not None:
-                    refuse(kong, plugin, refusal)
-                return
+                if not verdicts:
+                    refusal = handler(self, kong)
+                    if refusal is not None:
+                        refuse(kong, plugin, refusal)
+                    return
+                inputs = VerdictInputs()
+                if notices or not getattr(self, VERDICT_TTL_ATTRIBUTE, 0):
+                    refusal = handler(self, kong, inputs)
+                    if refusal is not None:
+                        refuse(kong, plugin, refusal)
+                    return
+                calls: list[tuple[str, tuple]] = []
+                refusal = handler(self, _Recording(kong, (), calls), inputs)
+                if refusal is None:
+                    _offer_verdict(kong, plugin, inputs, calls)
+                    return
+                answer = _refusal_calls(plugin, refusal)
+                # Before the answer: after kong.response.exit, Kong takes no more calls for the request.
+                _offer_verdict(kong, plugin, inputs, calls + [(_method(path), args) for path, args in answer])
+                _perform(kong, answer)
             except Exception as exc:  # the point of this wrapper
                 _answer_unexpected(kong, plugin, exc)
 

@@ -29,6 +29,8 @@ for _, name in ipairs(GUARDED_PLUGINS) do
   MARKS[name] = MARK_PREFIX .. name
 end
 
+local verdicts = require "kong.plugins.kong-mtls-guard.verdicts"
+
 local ngx = ngx
 local null = ngx.null
 local type = type
@@ -123,6 +125,14 @@ end
 local function refuse(reason, detail_name, detail)
   kong.log.err("[kong-mtls] guard refused reason=", reason, " ", detail_name, "=", detail)
   return kong.response.exit(STATUS, { message = MESSAGE })
+end
+
+
+-- Each worker: the verdict cache in front of our plugins' access handlers (verdicts.lua). Kong
+-- runs init_worker for every loaded plugin, configured or not.
+function KongMtlsGuard:init_worker()
+  local db = kong.db
+  verdicts.install(db and db.plugins and db.plugins.handlers)
 end
 
 
