@@ -174,9 +174,8 @@ class Plugin:
         job = self._probe(target)
         if freshness is Freshness.REFRESH_DUE:
             return verdict  # still valid; the probe refreshes it in the background
-        # No usable verdict: wait for the probe. This log line is also a PDK call, which matters:
-        # kong-pdk holds its event lock until a handler's first PDK call, so waiting before any
-        # call would stall every other request of this plugin server.
+        # No usable verdict: wait for the probe, and say so in Kong's log (other events of the
+        # server go on meanwhile: the wait is a gevent wait).
         pdk_log(kong, UPSTREAM_IDENTITY, "info", log_line(UPSTREAM_IDENTITY, "probing", target=str(target),
                                                           reason=f"{freshness.value}_VERDICT"))
         try:
