@@ -71,11 +71,7 @@ def test_a_step_for_an_event_that_waits_for_no_step_is_refused(trivial):
         rpc.close()
 
 
-STALE_REASON = ("event ids count from 0 in every server lifetime: a Step Kong sends for an event of the "
-                "server that died resumes another request's event of the new one")
 
-
-@pytest.mark.xfail(strict=True, reason=STALE_REASON)
 def test_a_step_for_an_event_from_before_a_restart_never_resumes_another_event():
     """Kong's worker runs request A's event; its PDK call is in Kong's hands when the plugin server
     dies and Kong's process manager starts it again. The new server starts request B's event. A's

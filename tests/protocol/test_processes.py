@@ -143,9 +143,6 @@ def test_the_server_ends_when_kong_is_gone(tmp_path):
                 os.kill(pid, signal.SIGKILL)
 
 
-@pytest.mark.xfail(strict=True, reason="a child started again numbers its events as the parent did "
-                                       "when it forked: a Step for the dead child's event resumes the new "
-                                       "child's event of another request")
 def test_a_step_for_an_event_of_a_child_that_died_never_resumes_another_event(server):
     rpc = RpcConnection(server.socket_path, 10.0)
     config = json.dumps({"mode": "refuse", "route_id": "a", "__plugin_id": "a", "__seq__": 1})

@@ -177,7 +177,7 @@ class PluginServer:
         self.instance_id = instance_id
         self.instances: dict[int, Instance] = {}
         self.events: dict[int, Event] = {}
-        self._next_event = 0
+        self.number_events_afresh()
         #: Workers waiting for an event, and the fewest there were since the reaper last looked
         #: (so many were not needed: it ends them).
         self._idle: list[Worker] = []
@@ -190,6 +190,12 @@ class PluginServer:
             "plugin.GetRuntimeStats": self.get_runtime_stats,
             **dict.fromkeys(STEP_METHODS, self.step),
         }
+
+    def number_events_afresh(self) -> None:
+        """Start event ids at a random 48-bit number (exact in Lua's numbers). Kong's worker may
+        still hold an event of a server, or a `--processes` child, that died and was started again:
+        its Step must name no event here ("not found"), never another request's event."""
+        self._next_event = int.from_bytes(os.urandom(6), "big")
 
     # -- instances ---------------------------------------------------------------------------
     def start_instance(self, cfg: dict) -> dict:
@@ -441,6 +447,7 @@ def run(server: PluginServer, listener: socket.socket) -> None:
 def run_handed(server: PluginServer, channel: socket.socket) -> None:
     """A child of `--processes`: serve the connections the parent hands over `channel` (one
     SOCK_SEQPACKET message with one descriptor each) until the parent is gone."""
+    server.number_events_afresh()  # not the ids of the parent when it forked, as every child had
     gevent.spawn(server.reap_forever)
     gevent.spawn(exit_with_parent)
     handed = gsocket.socket(fileno=channel.detach())
