@@ -7,6 +7,7 @@ import json
 import multiprocessing
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -160,3 +161,36 @@ def test_a_step_for_an_event_of_a_child_that_died_never_resumes_another_event(se
     with pytest.raises(RpcError, match="not found"):
         rpc.call("plugin.Step", {"EventId": old["EventId"], "Data": "request A's header"})
     rpc.close()
+
+
+def _runtime_pid(socket_path: str, results: multiprocessing.Queue) -> None:
+    try:
+        results.put(RpcConnection(socket_path, 5.0).call("plugin.GetRuntimeStats")["Pid"])
+    except Exception as exc:  # reported to the test
+        results.put(repr(exc))
+
+
+@pytest.mark.xfail(strict=True, reason="the parent hands connections with a blocking send: once a stuck "
+                                       "child's channel is full, no Kong worker gets a new connection")
+def test_a_stuck_child_never_stops_the_other_workers_connections(server):
+    """A child that stops reading (a handler stuck on the CPU, say) while its Kong worker keeps
+    connecting (each request waits on it, so each takes a new connection) must cost only that
+    worker's requests; another worker's new connection still reaches its own child."""
+    stuck = RpcConnection(server.socket_path, 5.0).call("plugin.GetRuntimeStats")["Pid"]
+    os.kill(stuck, signal.SIGSTOP)
+    held = []
+    try:
+        for _ in range(400):
+            held.append(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+            held[-1].connect(server.socket_path)
+        context = multiprocessing.get_context("fork")
+        results = context.Queue()
+        other = context.Process(target=_runtime_pid, args=(server.socket_path, results))
+        other.start()
+        answer = results.get(timeout=30)
+        other.join(10)
+        assert answer in children(server.pid) and answer != stuck, answer
+    finally:
+        os.kill(stuck, signal.SIGCONT)
+        for sock in held:
+            sock.close()
