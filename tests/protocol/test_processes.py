@@ -170,8 +170,6 @@ def _runtime_pid(socket_path: str, results: multiprocessing.Queue) -> None:
         results.put(repr(exc))
 
 
-@pytest.mark.xfail(strict=True, reason="the parent hands connections with a blocking send: once a stuck "
-                                       "child's channel is full, no Kong worker gets a new connection")
 def test_a_stuck_child_never_stops_the_other_workers_connections(server):
     """A child that stops reading (a handler stuck on the CPU, say) while its Kong worker keeps
     connecting (each request waits on it, so each takes a new connection) must cost only that

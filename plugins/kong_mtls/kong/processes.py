@@ -51,6 +51,10 @@ class _Child:
     def __init__(self, pid: int, channel: socket.socket) -> None:
         self.pid = pid
         self.channel = channel  # the parent's end: connections are handed over it
+        # Never wait on a child: one that stopped reading (stuck) would stop every worker's new
+        # connections once its channel is full. Its own worker's requests fail open instead (the
+        # guard answers them). (MSG_DONTWAIT is not enough: a send with descriptors still waits.)
+        channel.setblocking(False)
         self.peers: set[int] = set()
 
 
@@ -127,7 +131,7 @@ class Supervisor:
         try:
             child = self._child_for(peer_pid(conn))
             socket.send_fds(child.channel, [b"c"], [conn.fileno()])
-        except OSError as exc:  # the child is gone: Kong sees the connection close, tries again
+        except OSError as exc:  # the child is gone or stuck: Kong sees the connection close
             _log.error(log_line("server", "handover-failed", error=str(exc)))
         finally:
             conn.close()
