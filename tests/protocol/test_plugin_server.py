@@ -98,8 +98,6 @@ def test_a_step_for_an_event_from_before_a_restart_never_resumes_another_event()
 
 
 
-@pytest.mark.xfail(strict=True, reason="msgpack raises TypeError for an unhashable map key, which escapes "
-                                       "the connection's handler: a traceback instead of a log line")
 def test_a_map_keyed_by_an_array_closes_that_connection_with_a_log_line():
     """MessagePack allows any key; Python's dict does not. The connection is closed and logged like
     any other undecodable input (never an uncaught exception), and the server serves on."""

@@ -391,7 +391,8 @@ class PluginServer:
                         sent = 0
                     if sent < len(out):
                         sock.sendall(out[sent:])
-        except (OSError, ValueError, msgpack.UnpackException) as exc:
+        # (TypeError: the unpacker meets a map key MessagePack allows and a dict does not, an array.)
+        except (OSError, ValueError, TypeError, msgpack.UnpackException) as exc:
             _log.warning(log_line("server", "connection-closed", error=str(exc)))
         finally:
             waiting = False
