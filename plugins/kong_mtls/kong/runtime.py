@@ -266,17 +266,12 @@ def phase(plugin: str, *,
                     refuse(kong, plugin, Refusal(500, MESSAGE_UNEXPECTED, REASON_INVALID_CONFIG,
                                                  detail=str(config_error)))
                     return
-                if not verdicts:
-                    refusal = handler(self, kong)
+                if not (verdicts and not notices and getattr(self, VERDICT_TTL_ATTRIBUTE, 0)):
+                    refusal = handler(self, kong, VerdictInputs()) if verdicts else handler(self, kong)
                     if refusal is not None:
                         refuse(kong, plugin, refusal)
                     return
                 inputs = VerdictInputs()
-                if notices or not getattr(self, VERDICT_TTL_ATTRIBUTE, 0):
-                    refusal = handler(self, kong, inputs)
-                    if refusal is not None:
-                        refuse(kong, plugin, refusal)
-                    return
                 calls: list[tuple[str, tuple]] = []
                 refusal = handler(self, _Recording(kong, (), calls), inputs)
                 if refusal is None:
