@@ -357,7 +357,10 @@ class Policy:
         a proxy that adds its own line rather than appending to the client's, the client would
         pick its own address. A map that is not a map, or may have been cut at MAX_HEADER_LINES,
         is refused."""
-        whole = whole_header_map(headers)
+        return self.decide_whole(peer, whole_header_map(headers))
+
+    def decide_whole(self, peer: object, whole: Mapping[str, Any] | None) -> Decision:
+        """`decide_headers` for a map `whole_header_map` already checked (None: not whole)."""
         if whole is None:
             return self.decide(peer, header=_UNREADABLE)
         value = whole.get((self.header_name or "").lower())

@@ -81,6 +81,8 @@ class Plugin:
         self.message: str | None = conf["message"]
         self.client_ip_header: str | None = conf["client_ip_header"]
         self.verdict_cache_ttl: int = conf["verdict_cache_ttl"]
+        #: `header_name` as Kong's header map spells it.
+        self.header_input = (conf["header_name"] or "").lower()
 
     @phase(IP_ALLOWLIST, verdicts=True)
     def access(self, kong: Any, inputs: VerdictInputs) -> Refusal | None:
@@ -89,10 +91,9 @@ class Plugin:
         inputs.var(PEER_VARIABLE, peer)
         if policy.source is Source.HEADER:
             headers = whole_header_map(kong.request.get_headers(MAX_HEADER_LINES))
-            decision = policy.decide_headers(peer, headers)
+            decision = policy.decide_whole(peer, headers)
             if headers is not None:  # else refused, and never cached: the lines were not all read
-                header = (policy.header_name or "").lower()
-                inputs.header(header, headers.get(header))
+                inputs.header(self.header_input, headers.get(self.header_input))
                 inputs.holds_for(self.verdict_cache_ttl)
         elif policy.source is Source.FORWARDED:
             forwarded = kong.client.get_forwarded_ip()
