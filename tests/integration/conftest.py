@@ -7,55 +7,52 @@ skip the whole module with one line saying why (e.g. "docker runner: no Docker e
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
 from tests.integration.runners import Gateway
 
 
-@pytest.fixture(scope="module")
-def gateway(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+@contextlib.contextmanager
+def _kong(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, suffix: str = "",
+          **options: Any) -> Iterator[Gateway]:
+    """A Kong of the module's runner, started with `options` and stopped after its tests."""
     runner = request.module.RUNNER
-    gw = runner.start(tmp_path_factory.mktemp(f"kong-{runner.kind}"))
+    gw = runner.start(tmp_path_factory.mktemp(f"kong-{runner.kind}{suffix}"), **options)
     try:
         yield gw
     finally:
         gw.stop()
+
+
+@pytest.fixture(scope="module")
+def gateway(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    with _kong(request, tmp_path_factory) as gw:
+        yield gw
 
 
 @pytest.fixture(scope="module")
 def option_a(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     """A second Kong of the same runner, asking for client certificates with nginx's optional_no_ca."""
-    runner = request.module.RUNNER
-    gw = runner.start(tmp_path_factory.mktemp(f"kong-{runner.kind}-option-a"), option_a=True)
-    try:
+    with _kong(request, tmp_path_factory, "-option-a", option_a=True) as gw:
         yield gw
-    finally:
-        gw.stop()
 
 
 @pytest.fixture(scope="module")
 def untrusted_lua_off(request: pytest.FixtureRequest,
                       tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     """A Kong of the same runner with `untrusted_lua = off` (no pre-/post-function code runs)."""
-    runner = request.module.RUNNER
-    gw = runner.start(tmp_path_factory.mktemp(f"kong-{runner.kind}-untrusted-lua-off"),
-                      settings={"untrusted_lua": "off"})
-    try:
+    with _kong(request, tmp_path_factory, "-untrusted-lua-off", settings={"untrusted_lua": "off"}) as gw:
         yield gw
-    finally:
-        gw.stop()
 
 
 @pytest.fixture(scope="module")
 def two_processes(request: pytest.FixtureRequest,
                   tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     """A Kong of the same runner with two nginx workers, each plugin server run with `--processes 2`."""
-    runner = request.module.RUNNER
-    gw = runner.start(tmp_path_factory.mktemp(f"kong-{runner.kind}-two-processes"),
-                      settings={"nginx_worker_processes": "2"}, server_args="--processes 2")
-    try:
+    with _kong(request, tmp_path_factory, "-two-processes", settings={"nginx_worker_processes": "2"},
+               server_args="--processes 2") as gw:
         yield gw
-    finally:
-        gw.stop()
