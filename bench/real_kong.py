@@ -51,6 +51,11 @@ PLUGINS = (IP_ALLOWLIST, CLIENT_CERT_AUTH, API_KEY_AUTH, CLIENT_CERT_REQUEST)
 #: The baseline plugin (bench/bare_plugin.py: N PDK reads and nothing else), served like ours.
 BARE = "bare"
 BARE_SCRIPT = Path(__file__).resolve().parent / "bare_plugin.py"
+#: The floor (bench/floor_server.py): the bare plugin's replies from the plainest Python server.
+FLOOR = "floor"
+FLOOR_SCRIPT = Path(__file__).resolve().parent / "floor_server.py"
+#: The benchmark's own plugin servers (not kong-mtls plugins), by name: their scripts.
+BENCH_SERVERS = {BARE: BARE_SCRIPT, FLOOR: FLOOR_SCRIPT}
 LOOPBACK = ["127.0.0.0/8"]
 #: Client addresses of the many-clients route (10.0.0.0 up), at random per request.
 DISTINCT_CLIENTS = 65536
@@ -85,7 +90,7 @@ class Route:
     @property
     def served(self) -> list[str]:
         """The plugins of this route served by a plugin server (ours and the bare baseline)."""
-        return [p["name"] for p in self.plugins if p["name"] in PLUGIN_MODULES or p["name"] == BARE]
+        return [p["name"] for p in self.plugins if p["name"] in PLUGIN_MODULES or p["name"] in BENCH_SERVERS]
 
     @property
     def asked(self) -> list[str]:
@@ -105,8 +110,8 @@ def uncached(plugin: dict) -> dict:
     return {**plugin, "config": {**plugin["config"], "verdict_cache_ttl": 0}}
 
 
-def bare(calls: int) -> dict:
-    return {"name": BARE, "config": {"calls": calls}}
+def bare(calls: int, server: str = BARE) -> dict:
+    return {"name": server, "config": {"calls": calls}}
 
 
 def routes(pki: Path, key_id: str, key_hash: str) -> list[Route]:
@@ -136,6 +141,8 @@ def routes(pki: Path, key_id: str, key_hash: str) -> list[Route]:
         Route("bare-1", "a bare Python plugin, 1 PDK call", (bare(1),)),
         Route("bare-2", "a bare Python plugin, 2 PDK calls", (bare(2),)),
         Route("bare-4", "a bare Python plugin, 4 PDK calls", (bare(4),)),
+        Route("floor-1", "the floor: its replies from a plain epoll loop, 1 PDK call", (bare(1, FLOOR),)),
+        Route("floor-4", "the floor: its replies from a plain epoll loop, 4 PDK calls", (bare(4, FLOOR),)),
         Route("kong-chain", "Kong's `ip-restriction` + `key-auth`", (ip_restriction, key_auth), api_key=True),
         Route("our-chain", "our `ip-allowlist` + `api-key-auth` + guard",
               (ip_allowlist, api_key_auth, guard(IP_ALLOWLIST, API_KEY_AUTH)), api_key=True),
@@ -399,11 +406,12 @@ class Kong:
                    "nginx_http_keepalive_requests": "1000000",
                    "upstream_keepalive_max_requests": "1000000",
                    "proxy_access_log": "off",
-                   "plugins": ",".join(["bundled", *PLUGINS, BARE, GUARD]),
-                   "pluginserver_names": ",".join([*PLUGINS, BARE]),
-                   f"pluginserver_{BARE}_socket": f"{self.prefix}/{BARE}.sock",
-                   f"pluginserver_{BARE}_start_cmd": self._start_cmd(str(BARE_SCRIPT)),
-                   f"pluginserver_{BARE}_query_cmd": f"{sys.executable} {BARE_SCRIPT} --dump",
+                   "plugins": ",".join(["bundled", *PLUGINS, *BENCH_SERVERS, GUARD]),
+                   "pluginserver_names": ",".join([*PLUGINS, *BENCH_SERVERS]),
+                   **{key: value for name, script in BENCH_SERVERS.items() for key, value in (
+                       (f"pluginserver_{name}_socket", f"{self.prefix}/{name}.sock"),
+                       (f"pluginserver_{name}_start_cmd", self._start_cmd(str(script))),
+                       (f"pluginserver_{name}_query_cmd", f"{sys.executable} {script} --dump"))},
                    **{pluginserver_key(name, "start_cmd"): self._start_cmd(f"-m {PLUGIN_MODULES[name]}")
                       for name in PLUGINS}})
         (self.root / "kong.conf").write_text(conf)
@@ -443,7 +451,7 @@ class Kong:
     def plugin_servers(self) -> dict[str, int]:
         """Plugin name -> pid of its server (Kong starts them with `-m <module> -p <prefix>`)."""
         needles = {name: f"-m {PLUGIN_MODULES[name]} -p {self.prefix}" for name in PLUGINS}
-        needles[BARE] = f"{BARE_SCRIPT} -p {self.prefix}"
+        needles.update({name: f"{script} -p {self.prefix}" for name, script in BENCH_SERVERS.items()})
         found: dict[str, list[int]] = {}
         for pid in _pids():
             line = _cmdline(pid)
@@ -533,7 +541,7 @@ def running(binary: str, workers: int, route_list: Sequence[Route], pki: Path, k
         upstream.check()
         proxy.check()
         servers = kong.plugin_servers()
-        missing = [name for name in (*PLUGINS, BARE) if name not in servers]
+        missing = [name for name in (*PLUGINS, *BENCH_SERVERS) if name not in servers]
         if missing:
             raise RuntimeError(f"plugin servers not found: {missing}")
         processes = {(f"nginx worker {n}" if workers > 1 else "nginx worker"): pid
@@ -753,22 +761,27 @@ def memory_line(rss: Mapping[str, tuple[int, int]]) -> str:
 
 
 def protocol_costs(summaries: Sequence[RouteSummary]) -> str | None:
-    """What a PDK call and a plugin event cost, from the bare rows: per call, the slope from 1 to 4
-    calls; per event, what a 1-call plugin adds to "no plugins" beyond its call."""
+    """What a PDK call and a plugin event cost, from the bare rows (and the floor's): per call, the
+    slope from 1 to 4 calls; per event, what a 1-call plugin adds to "no plugins" beyond its call."""
     by_key = {s.route.key: s for s in summaries}
-    if not all(key in by_key for key in ("plain", "bare-1", "bare-4")):
+    if "plain" not in by_key:
         return None
 
-    def split(s: RouteSummary) -> tuple[float, float]:
+    def split(s: RouteSummary, server: str) -> tuple[float, float]:
         worker = sum(us for label, us in s.cpu_us.items() if label.startswith("nginx worker"))
-        return worker, s.cpu_us[f"{BARE} server"]
+        return worker, s.cpu_us[f"{server} server"]
 
-    plain, one, four = split(by_key["plain"]), split(by_key["bare-1"]), split(by_key["bare-4"])
-    call = [(four[i] - one[i]) / 3 for i in (0, 1)]
-    event = [one[0] - plain[0] - call[0], one[1] - call[1]]
-    return (f"From the bare rows: a PDK call costs about {call[0]:.0f} µs in Kong's worker and "
-            f"{call[1]:.0f} µs in the plugin server; a plugin event, beyond its calls, about "
-            f"{event[0]:.0f} µs and {event[1]:.0f} µs.")
+    plain = split(by_key["plain"], BARE)
+    found = []
+    for server, what in ((BARE, "our server (the bare plugin)"), (FLOOR, "the floor server")):
+        if f"{server}-1" in by_key and f"{server}-4" in by_key:
+            one, four = split(by_key[f"{server}-1"], server), split(by_key[f"{server}-4"], server)
+            call = [(four[i] - one[i]) / 3 for i in (0, 1)]
+            event = [one[0] - plain[0] - call[0], one[1] - call[1]]
+            found.append(f"with {what}, a PDK call costs about {call[0]:.0f} µs in Kong's worker and "
+                         f"{call[1]:.0f} µs in the plugin server; a plugin event, beyond its calls, about "
+                         f"{event[0]:.0f} µs and {event[1]:.0f} µs")
+    return ("From the bare rows: " + "; ".join(found) + ".") if found else None
 
 
 README_BEGIN = "<!-- real-kong {version} begin (written by ./dev bench --kong --readme) -->"

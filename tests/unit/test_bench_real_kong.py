@@ -9,7 +9,9 @@ import pytest
 
 from bench.real_kong import (
     BARE,
+    BENCH_SERVERS,
     DISTINCT_CLIENTS_SCRIPT,
+    FLOOR,
     README_SECTION,
     RouteSummary,
     kong_config,
@@ -122,7 +124,7 @@ def test_every_route_with_our_plugins_is_guarded_for_exactly_them() -> None:
     for route, declared in zip(route_list, served):
         names = [p["name"] for p in declared["plugins"]]
         ours = [n for n in names if n in PLUGIN_MODULES]
-        assert [n for n in route.served if n != BARE] == ours
+        assert [n for n in route.served if n not in BENCH_SERVERS] == ours
         if not ours:
             assert GUARD not in names
             continue
@@ -131,6 +133,7 @@ def test_every_route_with_our_plugins_is_guarded_for_exactly_them() -> None:
         assert sorted(declared["plugins"][-1]["config"]["require"]) == sorted(ours)
     assert guarded == 9
     assert sorted(r.key for r in route_list if BARE in r.served) == ["bare-1", "bare-2", "bare-4"]
+    assert sorted(r.key for r in route_list if FLOOR in r.served) == ["floor-1", "floor-4"]
     assert {r["name"]: r["protocols"] for r in served}["mtls"] == ["https"]
 
 
@@ -153,10 +156,10 @@ def _summary(route, rps: float, worker: float, servers: dict[str, float]) -> Rou
 def test_table_ratios_and_protocol_costs() -> None:
     by_key = {r.key: r for r in routes(Path("/pki"), "bench", "hmac-sha256:x:y")}
     summaries = [
-        _summary(by_key["plain"], 10_000, 40, {BARE: 0, "ip-allowlist": 0}),
-        _summary(by_key["bare-1"], 4_000, 100, {BARE: 80, "ip-allowlist": 0}),
-        _summary(by_key["bare-4"], 2_000, 160, {BARE: 170, "ip-allowlist": 0}),
-        _summary(by_key["ip-allowlist"], 2_500, 120, {BARE: 0, "ip-allowlist": 100}),
+        _summary(by_key["plain"], 10_000, 40, {BARE: 0, FLOOR: 0, "ip-allowlist": 0}),
+        _summary(by_key["bare-1"], 4_000, 100, {BARE: 80, FLOOR: 0, "ip-allowlist": 0}),
+        _summary(by_key["bare-4"], 2_000, 160, {BARE: 170, FLOOR: 0, "ip-allowlist": 0}),
+        _summary(by_key["ip-allowlist"], 2_500, 120, {BARE: 0, FLOOR: 0, "ip-allowlist": 100}),
     ]
     rows = {line.split(" | ")[0].lstrip("| "): line for line in table(summaries)[2:]}
     ip_row = rows["our `ip-allowlist` + guard"].split(" | ")
@@ -165,8 +168,13 @@ def test_table_ratios_and_protocol_costs() -> None:
     assert ip_row[7] == "120 (30%)" and "ip-allowlist 100 (25%)" in ip_row[8]
     assert "bare" not in ip_row[8]  # a server of another route, idle
     assert protocol_costs(summaries) == (
-        "From the bare rows: a PDK call costs about 20 µs in Kong's worker and 30 µs in the plugin "
-        "server; a plugin event, beyond its calls, about 40 µs and 50 µs.")
+        "From the bare rows: with our server (the bare plugin), a PDK call costs about 20 µs in Kong's "
+        "worker and 30 µs in the plugin server; a plugin event, beyond its calls, about 40 µs and 50 µs.")
+    summaries += [_summary(by_key["floor-1"], 5_000, 90, {BARE: 0, FLOOR: 24, "ip-allowlist": 0}),
+                  _summary(by_key["floor-4"], 3_000, 150, {BARE: 0, FLOOR: 60, "ip-allowlist": 0})]
+    assert protocol_costs(summaries).endswith(
+        "; with the floor server, a PDK call costs about 20 µs in Kong's worker and 12 µs in the plugin "
+        "server; a plugin event, beyond its calls, about 30 µs and 12 µs.")
     assert protocol_costs(summaries[:1]) is None
 
 
