@@ -56,3 +56,12 @@ def two_processes(request: pytest.FixtureRequest,
     with _kong(request, tmp_path_factory, "-two-processes", settings={"nginx_worker_processes": "2"},
                server_args="--processes 2") as gw:
         yield gw
+
+
+@pytest.fixture(scope="module")
+def idle_instances(request: pytest.FixtureRequest,
+                   tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    """A Kong of the same runner whose plugin servers drop instances idle for 2 s (logged at info)."""
+    with _kong(request, tmp_path_factory, "-idle-instances", settings={"log_level": "info"},
+               server_args="--instance-idle-after 2") as gw:
+        yield gw

@@ -33,7 +33,6 @@ from typing import Any
 import yaml
 
 from tests.integration.support import (
-    ANSWERS_SCRIPT,
     COMPOSE_FILE,
     ECHO_ADDRESS,
     IMPOSTOR_ADDRESS,
@@ -43,6 +42,7 @@ from tests.integration.support import (
     PLUGIN_MODULES,
     PLUGIN_SERVER_TIMEOUT,
     ROOT,
+    RUNTIME_STATS_SCRIPT,
     SIGNAL_SCRIPT,
     TEMPLATES_DIR,
     Response,
@@ -161,6 +161,11 @@ class Gateway:
 
     def plugin_server_answers(self, name: str) -> bool:
         """Whether the plugin server of `name` answers an RPC on its socket."""
+        return self.plugin_server_stats(name) is not None
+
+    def plugin_server_stats(self, name: str) -> dict[str, Any] | None:
+        """What the plugin server of `name` answers to plugin.GetRuntimeStats (with `--processes`,
+        the process serving the caller), or None when it does not answer."""
         raise NotImplementedError
 
     def error_log(self) -> str:
@@ -334,10 +339,10 @@ class DockerGateway(Gateway):
             raise RuntimeError(f"signal script failed: {result.output.decode(errors='replace')}")
         return json.loads(result.output.decode().strip().splitlines()[-1])
 
-    def plugin_server_answers(self, name: str) -> bool:
+    def plugin_server_stats(self, name: str) -> dict[str, Any] | None:
         socket_path = parse_kong_conf(KONG_CONF_EXAMPLE.read_text())[pluginserver_key(name, "socket")]
-        result = self.kong.exec_run(["/opt/kong-mtls/bin/python", "-c", ANSWERS_SCRIPT, socket_path])
-        return result.exit_code == 0
+        result = self.kong.exec_run(["/opt/kong-mtls/bin/python", "-c", RUNTIME_STATS_SCRIPT, socket_path])
+        return json.loads(result.output.decode().strip().splitlines()[-1]) if result.exit_code == 0 else None
 
     def error_log(self) -> str:
         if self.kong is None:
@@ -540,10 +545,11 @@ class LocalGateway(Gateway):
                                 capture_output=True, text=True, timeout=30, check=True)
         return json.loads(result.stdout.strip().splitlines()[-1])
 
-    def plugin_server_answers(self, name: str) -> bool:
-        result = subprocess.run([sys.executable, "-c", ANSWERS_SCRIPT, str(self.prefix / f"{name}.sock")],
-                                capture_output=True, timeout=30)
-        return result.returncode == 0
+    def plugin_server_stats(self, name: str) -> dict[str, Any] | None:
+        socket_path = str(self.prefix / f"{name}.sock")
+        result = subprocess.run([sys.executable, "-c", RUNTIME_STATS_SCRIPT, socket_path],
+                                capture_output=True, text=True, timeout=30)
+        return json.loads(result.stdout) if result.returncode == 0 else None
 
     def error_log(self) -> str:
         return self._log("error.log")

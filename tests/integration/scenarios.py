@@ -1182,3 +1182,53 @@ class ProcessesScenarios:
         suspect = [line for line in gateway.error_log()[logged:].splitlines()
                    if "not found" in line or "[kong-mtls] guard refused" in line]
         assert not suspect, suspect[:10]
+
+
+class IdleInstancesScenarios:
+    """Plugin servers started with `--instance-idle-after 2` (docs/architecture.md, "Idle
+    instances are dropped"). Needs the `idle_instances` fixture (another Kong)."""
+
+    def test_i1_idle_instances_go_and_kong_starts_a_used_one_again(self, idle_instances: Gateway) -> None:
+        """Every config load gives each plugin config a new `__seq__`, hence a new instance. Kong
+        closes the old one only on a worker's next request for that plugin: never for a deleted
+        plugin, nor for one that gets no more requests (here /key's, started before the loads)."""
+        gateway = idle_instances
+        requires(gateway, "api-key-auth")
+        key = gateway.api_key("ak_alice_dev")
+        credentials = route_plugin(find_route(gateway.config, "key"), "api-key-auth")["config"]["credentials"]
+        guard = guard_plugin(["api-key-auth"])
+
+        def protect(key_name: str) -> dict:  # verdict cache off: every request reaches the server
+            config = {"credentials": credentials, "key_names": [key_name], "verdict_cache_ttl": 0}
+            plugins = [{"name": "api-key-auth", "config": config}, guard]
+            return with_route_plugins(gateway.config, "public", plugins)
+
+        def instances() -> int:
+            stats = gateway.plugin_server_stats("api-key-auth")
+            assert stats is not None, "the api-key-auth plugin server did not answer"
+            return stats["Instances"]
+
+        def allowed() -> bool:
+            return gateway.https("/public", headers={"x-key": key}).status == 200
+
+        refused = nonce()
+        try:
+            for key_name in ("apikey", "x-api-key", "x-key"):        # three configs, one after the other
+                gateway.load_config(protect(key_name))
+                eventually(lambda key_name=key_name: gateway.https("/public", headers={key_name: key}).status
+                           == 200, 30, f"the config for {key_name} did not take effect", gateway.error_log)
+            # No request for a while: the server drops every instance, the route's own included.
+            eventually(lambda: instances() == 0, 30, "idle instances were never dropped", gateway.error_log)
+            logged = len(gateway.error_log())
+            answer = gateway.https("/public", headers=refused)
+            assert (answer.status, answer.json()) == (401, {"message": MESSAGE_NO_KEY})
+            assert allowed()
+            # Kong's worker still held the dropped instance's id: it started the instance again.
+            assert log_lines(gateway, "[api-key-auth] no plugin instance", level="warn", since=logged)
+            # In use: exactly the route's instance (each count taken right after a request to it).
+            eventually(lambda: allowed() and instances() == 1, 30, "not only the route's instance is left",
+                       gateway.error_log)
+        finally:
+            gateway.restore()
+        assert not gateway.seen_upstream(refused["X-Test-Nonce"])
+        assert log_lines(gateway, "reason=INSTANCE_IDLE", level="info")

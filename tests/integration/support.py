@@ -351,10 +351,11 @@ print(json.dumps(sorted(found)))
 """
 
 
-#: Exits 0 when the plugin server listening on argv[1] answers an RPC (plugin.GetRuntimeStats):
-#: Kong restarted it and it serves. Runs inside the Kong container and locally, like SIGNAL_SCRIPT.
-ANSWERS_SCRIPT = r"""
-import socket, sys
+#: Prints the answer of the plugin server listening on argv[1] to plugin.GetRuntimeStats as JSON
+#: and exits 0 (Kong restarted it and it serves), else exits 1. Runs inside the Kong container and
+#: locally, like SIGNAL_SCRIPT.
+RUNTIME_STATS_SCRIPT = r"""
+import json, socket, sys
 import msgpack
 sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 sock.settimeout(2)
@@ -368,7 +369,10 @@ try:
             sys.exit(1)
         unpacker.feed(data)
         for message in unpacker:
-            sys.exit(0 if message[0] == 1 and message[1] == 1 and message[2] is None else 1)
+            if message[0] == 1 and message[1] == 1 and message[2] is None:
+                print(json.dumps(message[3]))
+                sys.exit(0)
+            sys.exit(1)
 except OSError:
     sys.exit(1)
 """

@@ -7,6 +7,7 @@ import pytest
 
 from tests.integration.runners import LocalRunner
 from tests.integration.scenarios import (
+    IdleInstancesScenarios,
     OptionAScenarios,
     ProcessesScenarios,
     Scenarios,
@@ -34,4 +35,8 @@ class TestLocalUntrustedLuaOff(UntrustedLuaOffScenarios):
 
 
 class TestLocalProcesses(ProcessesScenarios):
+    pass
+
+
+class TestLocalIdleInstances(IdleInstancesScenarios):
     pass

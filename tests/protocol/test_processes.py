@@ -192,3 +192,20 @@ def test_a_stuck_child_never_stops_the_other_workers_connections(server):
         os.kill(stuck, signal.SIGCONT)
         for sock in held:
             sock.close()
+
+
+def test_each_child_drops_its_idle_instances_and_kong_starts_them_again():
+    process = PluginServerProcess("trivial", "tests.plugins.trivial",
+                                  extra_args=["--processes", "2", "--instance-idle-after", "1"]).start()
+    try:
+        assert wait_until(lambda: len(children(process.pid)) == 2), process.output()
+        with KongSide() as kong:
+            assert kong.run(Request(), [(process, {"mode": "refuse"})]).status == 403
+            stats = kong._rpc(process).call
+            assert wait_until(lambda: stats("plugin.GetRuntimeStats")["Instances"] == 0), process.output()
+            again = kong.run(Request(), [(process, {"mode": "refuse"})])  # Kong still holds the id
+            assert again.status == 403
+            assert any("no plugin instance" in message for level, message in again.logs if level == "warn")
+        assert "reason=INSTANCE_IDLE instances=1" in process.output()
+    finally:
+        process.close()

@@ -43,11 +43,12 @@ def test_installed_console_script_runs(tmp_path):
     assert oct((tmp_path / "clients" / "alice.key").stat().st_mode & 0o777) == "0o600"
 
 
-@pytest.mark.parametrize("value", ["0", "-5", "0.5", "nan", "abc"])
-def test_plugin_servers_refuse_an_abandon_after_below_one_second(value, capsys):
-    """0 would busy-loop the reaper and reap events Kong still waits for."""
+@pytest.mark.parametrize("option", ["--abandon-after", "--instance-idle-after"])
+@pytest.mark.parametrize("value", ["0", "-5", "0.5", "nan", "abc", "86401"])
+def test_plugin_servers_refuse_a_reaper_period_out_of_range(option, value, capsys):
+    """0 would busy-loop the reaper, and reap events Kong still waits for or instances it uses."""
     from kong_mtls.kong.ip_allowlist import main as ip_allowlist
 
     with pytest.raises(SystemExit) as info:
-        ip_allowlist(["--abandon-after", value, "-p", "/tmp"])
-    assert info.value.code == 2 and "--abandon-after" in capsys.readouterr().err
+        ip_allowlist([option, value, "-p", "/tmp"])
+    assert info.value.code == 2 and option in capsys.readouterr().err

@@ -156,24 +156,27 @@ class Event:
 class Instance:
     """A started plugin instance: the plugin object built from one config."""
 
-    __slots__ = ("config", "name", "plugin", "start_time")
+    __slots__ = ("config", "name", "plugin", "start_time", "used")
 
     def __init__(self, name: str, config: Any, plugin: Any) -> None:
         self.name = name
         self.config = config
         self.plugin = plugin
         self.start_time = time.time()
+        #: Set by every event (and StartInstance), cleared by the reaper (`drop_idle_instances`).
+        self.used = True
 
 
 class PluginServer:
     """Instances, events and the RPC methods Kong calls, for one plugin class."""
 
-    def __init__(self, name: str, plugin_cls: type, *, abandon_after: float,
+    def __init__(self, name: str, plugin_cls: type, *, abandon_after: float, instance_idle_after: float,
                  instance_id: Callable[[str, str], int]) -> None:
         self.name = name
         self.plugin_cls = plugin_cls
         self.phases = frozenset(p for p in PHASES if hasattr(plugin_cls, p))
         self.abandon_after = abandon_after
+        self.instance_idle_after = instance_idle_after
         self.instance_id = instance_id
         self.instances: dict[int, Instance] = {}
         self.events: dict[int, Event] = {}
@@ -208,6 +211,8 @@ class PluginServer:
         if instance is None:  # the same config from another worker: one instance
             config = json.loads(config_json)
             instance = self.instances[iid] = Instance(name, config, self.plugin_cls(config))
+        else:
+            instance.used = True  # Kong starts it again for an event: keep it for that event
         return {"Name": name, "Id": iid, "Config": instance.config, "StartTime": time.time()}
 
     def close_instance(self, iid: int) -> dict:
@@ -222,6 +227,7 @@ class PluginServer:
         instance = self.instances.get(iid)
         if instance is None:
             raise PluginServerError(f"no plugin instance #{iid}")  # Kong starts it again
+        instance.used = True
         phase = event["EventName"]
         if phase not in self.phases:
             raise PluginServerError(f"{self.name} has no {phase} phase")
@@ -317,14 +323,39 @@ class PluginServer:
         self._idle_low = len(self._idle)
         return len(surplus)
 
+    def drop_idle_instances(self) -> int:
+        """Drop the instances no event used since the last call; returns how many.
+
+        Kong never closes the instance of a deleted plugin (nor, in a worker that gets no more
+        requests for it, that of an old config), and each holds its plugin's caches. Kong asks
+        for a dropped one again: our "no plugin instance" makes it start the instance and retry
+        the event. An event in flight holds its handler, so it ends on the dropped instance."""
+        idle = [iid for iid, instance in self.instances.items() if not instance.used]
+        for iid in idle:
+            del self.instances[iid]
+        for instance in self.instances.values():
+            instance.used = False
+        if idle:
+            _log.info(log_line("server", "reaped", reason="INSTANCE_IDLE", instances=len(idle)))
+        return len(idle)
+
     def reap_forever(self) -> None:
+        """Reap abandoned events and trim idle workers every tick; drop idle instances once
+        `instance_idle_after` seconds of ticks have passed (the tick is at most a minute), so an
+        instance goes after one to two such periods without an event."""
+        tick = min(60.0, self.abandon_after / 2, self.instance_idle_after)
+        since_instances = 0.0
         while True:
-            gevent.sleep(min(60.0, self.abandon_after / 2))
+            gevent.sleep(tick)
             self.reap_abandoned()
             self.trim_idle()
+            since_instances += tick
+            if since_instances >= self.instance_idle_after:
+                since_instances = 0.0
+                self.drop_idle_instances()
 
     def get_runtime_stats(self, *_: Any) -> dict:
-        """Open events and live greenlets (Kong never calls it; the soak test does)."""
+        """Open events, instances and live greenlets (Kong never calls it; the tests do)."""
         return {
             "Pid": os.getpid(),
             "Events": len(self.events),

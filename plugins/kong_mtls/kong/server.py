@@ -18,9 +18,12 @@ is not used: what it does unsafely for an auth plugin is done safely here, and c
   ("no plugin instance": Kong starts it again) or names the very same config;
 * events Kong gave up on (its socket timed out while the handler waited) are reaped after
   `--abandon-after` seconds without a Step from Kong; kong-pdk keeps their entry and greenlet forever;
+* instances no event used for `--instance-idle-after` seconds are dropped (Kong never closes the
+  instance of a deleted plugin; it starts a dropped one again on "no plugin instance");
 * a config the plugin refuses, or one scoped to a consumer, still starts an instance, which answers
   every request 500 with reason INVALID_CONFIG (see `_accepting_every_config`);
-* `plugin.GetRuntimeStats` reports open events and greenlets (Kong never calls it; the soak test does).
+* `plugin.GetRuntimeStats` reports open events, instances and greenlets (Kong never calls it; the
+  tests do).
 
 `--processes N` serves from N processes, each Kong worker served by one (`processes`).
 """
@@ -53,6 +56,8 @@ DEFAULT_PREFIX = "/usr/local/kong"
 #: Seconds without a Step from Kong after which an event waiting for one is reaped. Kong waits at
 #: most nginx's lua_socket_read_timeout (default 60 s) for an answer; this must stay above it.
 DEFAULT_ABANDON_AFTER = 600.0
+#: Seconds an instance may go without an event before it is dropped (Kong starts it again if asked).
+DEFAULT_INSTANCE_IDLE_AFTER = 3600.0
 
 
 def instance_id(name: str, config_json: str) -> int:
@@ -62,10 +67,11 @@ def instance_id(name: str, config_json: str) -> int:
     return int.from_bytes(digest[:6], "big")
 
 
-def new_server(name: str, plugin_cls: type, *, abandon_after: float = DEFAULT_ABANDON_AFTER) -> PluginServer:
+def new_server(name: str, plugin_cls: type, *, abandon_after: float = DEFAULT_ABANDON_AFTER,
+               instance_idle_after: float = DEFAULT_INSTANCE_IDLE_AFTER) -> PluginServer:
     """The plugin server for `plugin_cls`, whose instances start whatever the config."""
     return PluginServer(name, _accepting_every_config(name, plugin_cls), abandon_after=abandon_after,
-                        instance_id=instance_id)
+                        instance_idle_after=instance_idle_after, instance_id=instance_id)
 
 
 def plugin_info(name: str, plugin_cls: type, schema: list, priority: int | None = None) -> dict:
@@ -108,14 +114,13 @@ def _accepting_every_config(name: str, plugin_cls: type) -> type:
     return AnyConfig
 
 
-def _seconds_at_least_one(text: str) -> float:
+def _seconds(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not 1 <= value <= 86400:
-        raise argparse.ArgumentTypeError("between 1 and 86400 seconds (keep it above nginx's "
-                                         "lua_socket_read_timeout)")
+    if not 1 <= value <= 86400:  # also refuses nan: a period of 0 or nan would busy-loop the reaper
+        raise argparse.ArgumentTypeError("between 1 and 86400 seconds")
     return value
 
 
@@ -138,10 +143,13 @@ def _arguments(name: str, argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("-p", "--kong-prefix", dest="prefix", default=DEFAULT_PREFIX,
                         help=f"directory for the socket <prefix>/{name}.sock (default: %(default)s)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    parser.add_argument("--abandon-after", type=_seconds_at_least_one, default=DEFAULT_ABANDON_AFTER,
+    parser.add_argument("--abandon-after", type=_seconds, default=DEFAULT_ABANDON_AFTER, metavar="SECONDS",
+                        help="reap an event Kong has not stepped for this long (keep it above nginx's "
+                             "lua_socket_read_timeout; 1 to 86400, default %(default)g)")
+    parser.add_argument("--instance-idle-after", type=_seconds, default=DEFAULT_INSTANCE_IDLE_AFTER,
                         metavar="SECONDS",
-                        help="reap an event Kong has not stepped for this long (above nginx's "
-                             "lua_socket_read_timeout; default %(default)g)")
+                        help="drop a plugin instance no request used for this long to twice this long "
+                             "(Kong starts it again when asked; 1 to 86400, default %(default)g)")
     parser.add_argument("--processes", type=_process_count, default=1, metavar="N",
                         help="serve from N processes, each Kong worker served by one of them "
                              "(default %(default)s; about one per nginx worker)")
@@ -161,7 +169,8 @@ def serve(name: str, plugin_cls: type, schema: list, argv: Sequence[str] | None 
         sys.stderr.write(f"kong prefix {args.prefix} does not exist; cannot create the socket\n")
         return 2
     configure_stderr_logging(args.verbose)
-    server = new_server(name, plugin_cls, abandon_after=args.abandon_after)
+    server = new_server(name, plugin_cls, abandon_after=args.abandon_after,
+                        instance_idle_after=args.instance_idle_after)
     listener = plugin_server.listen(os.path.join(args.prefix, f"{name}.sock"))
     if args.processes == 1:
         with contextlib.suppress(KeyboardInterrupt):
