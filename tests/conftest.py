@@ -42,3 +42,11 @@ def plugin_server(plugin_servers):
 def kong() -> Iterator[KongSide]:
     with KongSide() as side:
         yield side
+
+
+@pytest.fixture(params=[False, True], ids=["guard-not-loaded", "guard-loaded"])
+def kong_either(request) -> Iterator[KongSide]:
+    """Kong's side without and with kong-mtls-guard loaded: with it, the guard's wrapper stands in
+    front of each plugin that offers verdicts and applies the changes they leave in them."""
+    with KongSide(verdict_wrapper=request.param) as side:
+        yield side

@@ -89,6 +89,11 @@ VERDICT_REPLAYABLE = frozenset({
     "kong.response.exit",
     "kong.service.request.set_headers",
 })
+#: The config key the guard plugin's wrapper (verdicts.lua) adds to the config of each of
+#: VERDICT_CACHED_PLUGINS before Kong starts its instance: the plugin server then leaves every change
+#: a request needs in the verdict, which the wrapper applies in-process (Kong's schemas refuse
+#: unknown keys, so no configured plugin carries it).
+VERDICT_APPLY_FLAG = "__kong_mtls_applies_verdicts"
 #: The plugins that offer their verdicts to the cache (a `verdict_cache_ttl` field in their schema).
 VERDICT_CACHED_PLUGINS = (IP_ALLOWLIST, CLIENT_CERT_AUTH, HEADER_CERT_AUTH, API_KEY_AUTH)
 #: `verdict_cache_ttl`: its default and its largest value (verdicts.lua's MAX_TTL), in seconds.

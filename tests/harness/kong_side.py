@@ -55,8 +55,17 @@ from urllib.parse import parse_qsl
 
 import msgpack
 
-from kong_mtls.constants import GUARD, PLUGIN_MODULES, VERDICT_REPLAYABLE, shared_mark, verdict_slot
+from kong_mtls.constants import (
+    GUARD,
+    PLUGIN_MODULES,
+    VERDICT_APPLY_FLAG,
+    VERDICT_CACHED_PLUGINS,
+    VERDICT_REPLAYABLE,
+    shared_mark,
+    verdict_slot,
+)
 from kong_mtls.guard import GUARD_MESSAGE, GUARD_REASON, GUARD_STATUS, missing_marks
+from kong_mtls.kong.runtime import PLAIN_READS
 from tests.harness.lua_msgpack import Binary, EmptyMap, as_lua, pack
 
 MESSAGE_UNEXPECTED = "An unexpected error occurred"  # kong/init.lua, handler errors
@@ -322,6 +331,8 @@ class Outcome:
     ctx_shared: dict[str, Any] = field(default_factory=dict)
     logs: list[tuple[str, str]] = field(default_factory=list)
     pdk_calls: list[str] = field(default_factory=list)
+    #: The calls the guard plugin's wrapper made from verdicts marked `apply` (no round trip).
+    applied: list[str] = field(default_factory=list)
     #: The arguments of each call in `pdk_calls`, as the plugin server sent them, and what Kong
     #: answered (what the plugin got back).
     pdk_args: list[list[Any]] = field(default_factory=list)
@@ -428,6 +439,13 @@ class RequestState:
         if isinstance(result, tuple):  # Lua multiple returns: value, err, ...
             return result[0], result[1] if len(result) > 1 else None
         return result, None
+
+    def apply(self, method: str, args: list) -> None:
+        """One call of a verdict, made by the guard plugin's wrapper in Kong (verdicts.lua, `replay`):
+        no round trip, and kong.log is the running plugin's logger. Raises _Exit for exit."""
+        self.outcome.applied.append(method)
+        self.log_namespace = self.plugin_name
+        _PDK_METHODS[method](self, *args)
 
     def log(self, level: str, message: str) -> None:
         self.outcome.logs.append((level, message))
@@ -763,11 +781,25 @@ def _input_value(state: RequestState, kind: str, name: str) -> Any:
 OFFER_VERDICT = "kong.ctx.shared.set"
 
 
+def decided_calls(kong: KongSide, live: list[str]) -> list[str]:
+    """The PDK round trips of a request a plugin of VERDICT_CACHED_PLUGINS decides, from `live`,
+    those of a Kong without kong-mtls-guard: with it loaded, the plugin makes its plain reads and
+    one call that leaves the verdict; the guard's wrapper makes every change."""
+    if not kong.verdict_wrapper:
+        return live
+    return [call for call in live if call in PLAIN_READS] + [OFFER_VERDICT]
+
+
+def made(outcome: Outcome) -> list[str]:
+    """Every PDK call made for the request: round trips, then the guard's wrapper's calls."""
+    return outcome.pdk_calls + outcome.applied
+
+
 def check_verdict(record: Any, before: RequestState, after: RequestState) -> None:
     """What verdicts.lua would do with a plugin's verdict, checked: the plugin's input values are
     the request's, and replaying its calls on the request as it was before the plugin ran leaves
     it exactly as the plugin left it (upstream, consumer, kong.ctx.shared, answer, log lines)."""
-    assert set(record) == {"ttl", "inputs", "calls"} and record["ttl"] > 0, record
+    assert set(record) - {"apply"} == {"ttl", "inputs", "calls"} and record["ttl"] > 0, record
     for kind, name, *value in record["inputs"]:
         ours = _input_value(before, kind, name)
         assert ours == (value[0] if value else None), f"verdict input {kind}:{name}: {value} != {ours}"
@@ -785,6 +817,25 @@ def check_verdict(record: Any, before: RequestState, after: RequestState) -> Non
             replay.upstream_query, replay.upstream_body, again.logs[logs_before:]) == \
         (live.exit, live.authenticated, live.client_verify, live.ctx_shared, after.upstream,
          after.upstream_query, after.upstream_body, live.logs[logs_before:]), "the verdict's replay differs"
+
+
+def apply_verdict(record: dict, state: RequestState) -> bool:
+    """What the guard plugin's wrapper (verdicts.lua) does with a verdict marked `apply` after the
+    plugin's event: its calls checked (else Kong's 500, nothing applied), then made in order.
+    Returns whether the request was answered."""
+    calls = record.get("calls")
+    if not (isinstance(calls, list) and calls and all(
+            isinstance(c, list) and len(c) == 3 and c[0] in VERDICT_REPLAYABLE and isinstance(c[1], list)
+            and isinstance(c[2], int) for c in calls)):
+        state.log("err", f"[{state.plugin_name}] [kong-mtls] verdict not applied reason=VERDICT_MALFORMED")
+        state.outcome.exit = Exit(500, {"message": MESSAGE_UNEXPECTED}, {}, "kong")
+        return True
+    try:
+        for method, args, count in calls:
+            state.apply(method, list(args)[:count])
+    except _Exit:
+        return True
+    return False
 
 
 #: Callable in the certificate phase only; and PDK namespaces that need a request (kong/pdk/client/tls.lua,
@@ -834,8 +885,13 @@ class _Instance:
 class KongSide:
     """Kong's end of the plugin-server sockets: one per test (or per benchmark worker)."""
 
-    def __init__(self, kong_version: str = "3.9", rpc_timeout: float = 10.0) -> None:
+    def __init__(self, kong_version: str = "3.9", rpc_timeout: float = 10.0, *,
+                 verdict_wrapper: bool = False) -> None:
         self.kong_version = kong_version
+        #: Whether this Kong loads kong-mtls-guard, whose wrapper (verdicts.lua) is in front of the
+        #: access handler of every one of VERDICT_CACHED_PLUGINS: it adds VERDICT_APPLY_FLAG to
+        #: their configs and applies the verdicts they leave (`apply_verdict`).
+        self.verdict_wrapper = verdict_wrapper
         self._version = tuple(int(part) for part in kong_version.split(".")[:2])
         self.rpc_timeout = rpc_timeout
         self._connections: dict[str, RpcConnection] = {}
@@ -881,20 +937,26 @@ class KongSide:
             state.plugin_name = server.name
             calls_before = len(outcome.pdk_calls)
             before = copy.deepcopy(state)
+            answered = False
             try:
                 self._handle_event(server, config, phase, state)
             except _Exit:
-                break
+                answered = True
             except LuaError as exc:
                 state.log("err", f"[{server.name}] {exc}")
                 outcome.exit = Exit(500, {"message": MESSAGE_UNEXPECTED}, {}, "kong")
                 break
             finally:
                 outcome.events.append((server.name, len(outcome.pdk_calls) - calls_before))
-                record = outcome.ctx_shared.pop(verdict_slot(server.name), None)
-                if record is not None:
-                    outcome.verdicts.append((server.name, record))
+            record = outcome.ctx_shared.pop(verdict_slot(server.name), None)
+            if record is not None:
+                outcome.verdicts.append((server.name, record))
+                if isinstance(record, dict) and record.get("apply") is True and not answered:
+                    answered = apply_verdict(record, state)
+                if not (isinstance(record, dict) and record.get("apply") is True and record.get("ttl") == 0):
                     check_verdict(record, before, state)
+            if answered:
+                break
         if outcome.exit is None and guard:
             missing = missing_marks(guard, outcome.ctx_shared)
             if missing:
@@ -915,6 +977,8 @@ class KongSide:
             return known.instance_id
         self._next_seq = next(_SEQUENCES)
         full = kong_config(server.schema, config)
+        if self.verdict_wrapper and server.name in VERDICT_CACHED_PLUGINS and state.phase == "access":
+            full[VERDICT_APPLY_FLAG] = True
         # A consumer-scoped config (a test passes "consumer_id" as Kong would add it).
         full.update({"route_id": request_route_id(state.request), "consumer_id": config.get("consumer_id"),
                      "__plugin_id": plugin_id,

@@ -115,3 +115,9 @@ def test_hung_responder_does_not_stall_other_requests(server, pki, ca):
             thread.join(30)
         # Released, the responder answers "good": the slow request completes and passes.
         assert results["slow"].proxied
+
+
+@pytest.fixture
+def kong(kong_either):
+    """Each test here runs in a Kong without and with kong-mtls-guard loaded (tests/conftest.py)."""
+    return kong_either

@@ -126,3 +126,9 @@ def test_a_dead_plugin_server_is_caught_by_the_guard(example, servers):
         assert outcome.exit.status == GUARD_STATUS and outcome.exit.source == "guard"
     finally:
         dead.close()
+
+
+@pytest.fixture
+def kong(kong_either):
+    """Each test here runs in a Kong without and with kong-mtls-guard loaded (tests/conftest.py)."""
+    return kong_either

@@ -7,7 +7,7 @@ import pytest
 from kong_mtls.constants import IP_ALLOWLIST, shared_mark
 from kong_mtls.core.addresses import MAX_HEADER_LINES
 from tests.harness.expect import assert_invalid_config
-from tests.harness.kong_side import OFFER_VERDICT, KongSide, PluginServerProcess, Request
+from tests.harness.kong_side import OFFER_VERDICT, KongSide, PluginServerProcess, Request, decided_calls
 
 MARK = shared_mark(IP_ALLOWLIST)
 CF_PEER = "162.158.90.12"          # inside Cloudflare's 162.158.0.0/15
@@ -41,8 +41,9 @@ def test_cloudflare_peer_with_cf_connecting_ip_passes_and_publishes_the_visitor(
     # The client-sent copy is replaced by the resolved address.
     assert outcome.upstream_headers["x-real-client-ip"] == [VISITOR]
     # Two reads, two writes, and the verdict for the verdict cache: the whole budget.
-    assert outcome.pdk_calls == ["kong.nginx.get_var", "kong.request.get_headers",
-                                 "kong.service.request.set_headers", "kong.ctx.shared.set", OFFER_VERDICT]
+    assert outcome.pdk_calls == decided_calls(kong, [
+        "kong.nginx.get_var", "kong.request.get_headers", "kong.service.request.set_headers",
+        "kong.ctx.shared.set", OFFER_VERDICT])
 
 
 def test_cf_connecting_ip_from_a_non_cloudflare_peer_is_refused_and_never_trusted(kong, allowlist):
@@ -131,7 +132,7 @@ def test_peer_mode_needs_one_read_and_checks_the_real_peer(kong, allowlist):
     config = {"allow": ["192.0.2.0/24"]}
     ok = kong.run(Request(realip_remote_addr="192.0.2.10", client_ip="192.0.2.10"), [(allowlist, config)])
     assert ok.proxied
-    assert ok.pdk_calls == ["kong.nginx.get_var", "kong.ctx.shared.set", OFFER_VERDICT]
+    assert ok.pdk_calls == decided_calls(kong, ["kong.nginx.get_var", "kong.ctx.shared.set", OFFER_VERDICT])
     assert ok.ctx_shared[MARK] == {"client_ip": "192.0.2.10", "peer_ip": "192.0.2.10", "source": "peer",
                                    "trusted": True}
     # Kong's rewrite made remote_addr look allowed; the peer is not.
@@ -153,8 +154,9 @@ def test_forwarded_mode_checks_kongs_resolved_address(kong, allowlist):
     config = {"source": "forwarded", "allow": ["203.0.113.0/24"], "client_ip_header": "X-Real-Client-IP"}
     ok = kong.run(Request(realip_remote_addr="10.0.0.5", forwarded_ip=VISITOR), [(allowlist, config)])
     assert ok.proxied
-    assert ok.pdk_calls == ["kong.nginx.get_var", "kong.client.get_forwarded_ip",
-                            "kong.service.request.set_headers", "kong.ctx.shared.set", OFFER_VERDICT]
+    assert ok.pdk_calls == decided_calls(kong, [
+        "kong.nginx.get_var", "kong.client.get_forwarded_ip", "kong.service.request.set_headers",
+        "kong.ctx.shared.set", OFFER_VERDICT])
     assert ok.ctx_shared[MARK]["source"] == "forwarded"
     assert ok.upstream_headers["x-real-client-ip"] == [VISITOR]
     refused = kong.run(Request(realip_remote_addr=VISITOR, forwarded_ip=STRANGER), [(allowlist, config)])
@@ -191,3 +193,9 @@ def test_a_request_with_more_header_lines_than_kong_returns_is_refused(kong, all
     outcome = kong.run(Request(realip_remote_addr=CF_PEER, headers=[*padding, ("CF-Connecting-IP", VISITOR)]),
                        [(allowlist, CF_LOCK)])
     assert outcome.exit.status == 403 and refusal_logged(outcome, "HEADER_MALFORMED")
+
+
+@pytest.fixture
+def kong(kong_either):
+    """Each test here runs in a Kong without and with kong-mtls-guard loaded (tests/conftest.py)."""
+    return kong_either

@@ -18,6 +18,7 @@ import pytest
 
 from kong_mtls.constants import (
     MAX_VERDICT_CACHE_TTL,
+    VERDICT_APPLY_FLAG,
     VERDICT_CACHED_PLUGINS,
     VERDICT_REPLAYABLE,
     VERDICT_SLOT_PREFIX,
@@ -81,13 +82,20 @@ kong = {
 local verdicts = require "kong.plugins.kong-mtls-guard.verdicts"
 
 -- The plugin server: leaves its verdict, then makes the calls it names (as the live plugin would:
--- the verdict goes before a refusal's answer, which yields).
-local server = { verdict = nil }
+-- the verdict goes before a refusal's answer, which yields), unless the verdict is one to apply
+-- (then it makes none; `answer_live` has it answer 403 itself all the same). It notes whether the
+-- config it got says the wrapper applies verdicts.
+local server = { verdict = nil, told = nil }
 local function access(self, conf)
   events.count = events.count + 1
+  server.told = conf[verdicts.APPLY_FLAG]
   local verdict = server.verdict
   if verdict == nil then return end
   kong.ctx.shared["kong_mtls.verdict." .. self.name] = verdict
+  if type(verdict) == "table" and verdict.apply then
+    if verdict.answer_live then kong.response.exit(403) end
+    return
+  end
   if type(verdict) ~= "table" or type(verdict.calls) ~= "table" then return end
   for _, call in ipairs(verdict.calls) do
     if type(call[2]) ~= "table" then return end
@@ -122,6 +130,7 @@ return {
     return calls, logs, kong.ctx.shared
   end,
   events = events,
+  server = server,
   clock = clock,
   module = verdicts,
 }
@@ -131,17 +140,19 @@ PEER = "realip_remote_addr"
 MARK = "kong_mtls.ip-allowlist"
 
 
-def verdict(inputs: list, calls: list, ttl: float = 60) -> dict[str, Any]:
-    """A verdict as the Python side leaves it: [kind, name, value] inputs, [method, args, n] calls."""
-    return {"ttl": ttl, "inputs": inputs, "calls": [[m, list(a), len(a)] for m, a in calls]}
+def verdict(inputs: list, calls: list, ttl: float = 60, apply: bool = False) -> dict[str, Any]:
+    """A verdict as the Python side leaves it: [kind, name, value] inputs, [method, args, n] calls;
+    `apply`: the plugin server made none of the calls, the wrapper makes them."""
+    record = {"ttl": ttl, "inputs": inputs, "calls": [[m, list(a), len(a)] for m, a in calls]}
+    return {**record, "apply": True} if apply else record
 
 
-def allow(peer: str, client_ip: str | None = None, ttl: float = 60) -> dict[str, Any]:
+def allow(peer: str, client_ip: str | None = None, ttl: float = 60, apply: bool = False) -> dict[str, Any]:
     calls = []
     if client_ip:
         calls.append(("kong.service.request.set_headers", ({"x-real-client-ip": [client_ip]},)))
     calls.append(("kong.ctx.shared.set", (MARK, {"client_ip": client_ip or peer, "trusted": True})))
-    return verdict([["var", PEER, peer]], calls, ttl)
+    return verdict([["var", PEER, peer]], calls, ttl, apply)
 
 
 class Kong:
@@ -195,6 +206,7 @@ def test_the_lua_side_replays_and_limits_what_the_python_side_says() -> None:
     listed = re.search(r"^local REPLAYABLE = \{\n(.*?)\n\}", SOURCE, re.MULTILINE | re.DOTALL)
     assert listed and frozenset(re.findall(r'"([^"]+)"', listed.group(1))) == VERDICT_REPLAYABLE
     assert _lua_constant("SLOT_PREFIX") == f'"{VERDICT_SLOT_PREFIX}"'
+    assert _lua_constant("APPLY_FLAG") == f'"{VERDICT_APPLY_FLAG}"'
     assert int(_lua_constant("MAX_TTL")) == MAX_VERDICT_CACHE_TTL
     assert int(_lua_constant("MAX_HEADER_LINES")) == MAX_HEADER_LINES
     handler = (PLUGIN_DIR / "handler.lua").read_text()
@@ -247,6 +259,61 @@ def test_a_refusal_is_replayed_with_its_log_line(kong: Kong) -> None:
     answer = ["kong.response.exit", 403, {"message": "IP address not allowed: 203.0.113.9"}, {}]
     assert replayed == live == [["kong.log.warn", line], answer]
     assert kong.events == 1 and shared == {}
+
+
+# -- applied ---------------------------------------------------------------------------------------
+
+def test_the_plugin_server_is_told_that_the_wrapper_applies_its_verdicts(kong: Kong) -> None:
+    kong.request(var={PEER: "192.0.2.10"})
+    assert kong.side.server["told"] is True
+    assert kong.conf()[VERDICT_APPLY_FLAG] is True  # in the config Kong starts the instance with
+
+
+def test_a_verdict_to_apply_makes_its_changes_here_and_is_kept(kong: Kong) -> None:
+    offer = allow("192.0.2.10", client_ip="192.0.2.10", apply=True)
+    applied, logs, shared = kong.request(var={PEER: "192.0.2.10"}, offer=offer)
+    assert applied == [["kong.service.request.set_headers", {"x-real-client-ip": ["192.0.2.10"]}]]
+    assert shared == {MARK: {"client_ip": "192.0.2.10", "trusted": True}} and logs == []
+    replayed, _, shared = kong.request(var={PEER: "192.0.2.10"})
+    assert replayed == applied and MARK in shared and kong.events == 1
+
+
+def test_a_verdict_to_apply_with_no_ttl_is_applied_and_not_kept(kong: Kong) -> None:
+    offer = {**allow("192.0.2.10", apply=True), "ttl": 0, "inputs": []}
+    _, logs, shared = kong.request(var={PEER: "192.0.2.10"}, offer=offer)
+    assert shared == {MARK: {"client_ip": "192.0.2.10", "trusted": True}} and logs == []
+    _, _, shared = kong.request(var={PEER: "192.0.2.10"})  # asked again: the server leaves nothing
+    assert shared == {} and kong.events == 2
+
+
+def test_a_refusal_to_apply_is_answered_here_with_its_log_line(kong: Kong) -> None:
+    line = "[kong-mtls] ip-allowlist refused status=403 reason=NOT_ALLOWED"
+    answer = (403, {"message": "IP address not allowed: 203.0.113.9"}, {})
+    offer = verdict([["var", PEER, "203.0.113.9"]],
+                    [("kong.log.warn", (line,)), ("kong.response.exit", answer)], apply=True)
+    applied, _, _ = kong.request(var={PEER: "203.0.113.9"}, offer=offer)
+    assert applied == [["kong.log.warn", line], ["kong.response.exit", *answer]]
+    replayed, _, _ = kong.request(var={PEER: "203.0.113.9"})
+    assert replayed == applied and kong.events == 1
+
+
+@pytest.mark.parametrize("calls", [
+    [["kong.service.request.clear_header", ["x-consumer-id"], 1]],     # not replayable
+    [], "calls", [["kong.ctx.shared.set", "args", 1]],
+])
+def test_a_malformed_verdict_to_apply_is_kongs_500_and_nothing_of_it_is_made(kong: Kong, calls: Any) -> None:
+    offer = {"ttl": 0, "inputs": [], "apply": True, "calls": calls}
+    with pytest.raises(pytest.importorskip("lupa.luajit21").LuaError,
+                       match="verdict not applied reason=VERDICT_MALFORMED"):
+        kong.request(var={PEER: "192.0.2.10"}, offer=offer)
+    assert python_value(kong.lua.eval("kong.ctx.shared")) in ({}, None)
+
+
+def test_a_verdict_to_apply_is_not_made_after_the_plugin_server_answered(kong: Kong) -> None:
+    offer = {**allow("192.0.2.10", client_ip="192.0.2.10", apply=True), "ttl": 0, "inputs": [],
+             "answer_live": True}
+    calls, _, shared = kong.request(var={PEER: "192.0.2.10"}, offer=offer)
+    assert calls == [["kong.response.exit", 403]] and MARK not in shared
 
 
 def test_arguments_are_replayed_up_to_their_count_holes_included(kong: Kong) -> None:

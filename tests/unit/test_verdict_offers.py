@@ -29,7 +29,7 @@ from kong_mtls.core.api_keys import credential_entry, generate_key
 from kong_mtls.core.chain import spki_sha256
 from kong_mtls.devpki import Authority
 from kong_mtls.kong import api_key_auth, client_cert_auth, header_cert_auth, ip_allowlist
-from kong_mtls.kong.runtime import PLAIN_READS, Refusal, VerdictInputs, phase
+from kong_mtls.kong.runtime import PLAIN_READS, VERDICT_APPLIED_ATTRIBUTE, Refusal, VerdictInputs, phase
 from tests.harness.recording_kong import RecordingKong
 
 ALICE = {"id": "5d0b9a36-1c5e-4f0e-9a8b-3f2d1c0b0a01", "username": "alice"}
@@ -429,3 +429,71 @@ def test_an_api_key_verdict_holds_no_longer_than_the_row_it_carries_even_if_anot
     record, kong = offer(plugin, {**key_answers(), "client.authenticate": meanwhile}, API_KEY_AUTH)
     assert kong.calls.count("client.authenticate") == 1 and clock.now > 1060       # passed at t=60.1
     assert record is None, record["ttl"]                        # with alice's row of t=0, past its time
+
+
+# -- changes applied by Kong's wrapper -------------------------------------------------------------
+
+def applied(plugin: Any) -> Any:
+    """`plugin` as started from a config that carries the wrapper's VERDICT_APPLY_FLAG."""
+    setattr(plugin, VERDICT_APPLIED_ATTRIBUTE, True)
+    return plugin
+
+
+def test_with_the_wrapper_a_decided_pass_is_its_reads_and_one_call() -> None:
+    plugin = applied(ip_allowlist.Plugin({"allow": ["192.0.2.0/24"], "client_ip_header": "X-Real-Client-IP"}))
+    record, kong = offer(plugin, peer_answers("192.0.2.7"), IP_ALLOWLIST)
+    assert kong.calls == ["nginx.get_var", "ctx.shared.set"]
+    assert record["apply"] is True and record["inputs"] == [["var", PEER, "192.0.2.7"]]
+    assert [call[0] for call in record["calls"]] == ["kong.service.request.set_headers",
+                                                     "kong.ctx.shared.set"]
+    assert record["calls"][-1][1][0] == shared_mark(IP_ALLOWLIST)
+    assert shared_mark(IP_ALLOWLIST) not in kong.shared  # the wrapper sets it
+
+
+def test_with_the_wrapper_and_no_cache_the_changes_come_without_inputs() -> None:
+    plugin = applied(ip_allowlist.Plugin({"allow": ["192.0.2.0/24"], "verdict_cache_ttl": 0}))
+    record, kong = offer(plugin, peer_answers("192.0.2.7"), IP_ALLOWLIST)
+    assert kong.calls == ["nginx.get_var", "ctx.shared.set"]
+    assert (record["apply"], record["ttl"], record["inputs"]) == (True, 0, [])
+    assert [call[0] for call in record["calls"]] == ["kong.ctx.shared.set"]
+
+
+def test_with_the_wrapper_a_refusal_is_answered_by_the_wrapper() -> None:
+    plugin = applied(ip_allowlist.Plugin({"allow": ["192.0.2.0/24"]}))
+    record, kong = offer(plugin, peer_answers("203.0.113.9"), IP_ALLOWLIST)
+    assert kong.calls == ["nginx.get_var", "ctx.shared.set"]
+    assert [call[0] for call in record["calls"]] == ["kong.log.warn", "kong.response.exit"]
+    assert record["calls"][1][1] == [403, {"message": "IP address not allowed: 203.0.113.9"}, {}]
+
+
+def test_with_the_wrapper_an_api_key_pass_is_its_reads_and_one_call() -> None:
+    record, kong = offer(applied(key_plugin(hide_credentials=True)), key_answers(), API_KEY_AUTH)
+    assert kong.calls == ["request.get_headers", "client.load_consumer", "ctx.shared.set"]
+    assert [call[0] for call in record["calls"]] == [
+        "kong.client.authenticate", "kong.service.request.set_headers", "kong.ctx.shared.set"]
+
+
+class ReadsAfterWriting:
+    @phase("writer", verdicts=True)
+    def access(self, kong: Any, inputs: VerdictInputs) -> None:
+        inputs.var(PEER, kong.nginx.get_var(PEER))
+        kong.service.request.set_headers({"x-a": ["1"]})
+        kong.ctx.shared.set("kong_mtls.writer.first", kong.nginx.get_var(PEER))
+        kong.ctx.shared.set("kong_mtls.writer", {"ok": True})
+        inputs.holds_for(60)
+
+
+def test_with_the_wrapper_a_read_after_a_change_sends_the_changes_first_and_for_good() -> None:
+    record, kong = offer(applied(ReadsAfterWriting()), {"nginx.get_var": lambda _: "192.0.2.1"}, "writer")
+    assert kong.calls == ["nginx.get_var", "service.request.set_headers", "nginx.get_var", "ctx.shared.set",
+                          "ctx.shared.set", "ctx.shared.set"]
+    assert kong.shared["kong_mtls.writer"] == {"ok": True}  # made live: the verdict is for the cache only
+    assert "apply" not in record and record["ttl"] == 60
+
+
+def test_with_the_wrapper_a_change_it_cannot_make_is_sent_live_in_order_and_nothing_is_offered() -> None:
+    answers = {"nginx.get_var": lambda _: "192.0.2.1"}
+    record, kong = offer(applied(Writer("service.request.set_body")), answers, "writer")
+    assert record is None
+    assert kong.calls == ["nginx.get_var", "service.request.set_body", "ctx.shared.set"]
+    assert kong.shared == {"kong_mtls.writer": {"ok": True}}

@@ -31,7 +31,7 @@ from gevent import socket as gsocket
 from gevent.server import StreamServer
 from kong_pdk.exception import PDKException
 
-from kong_mtls.kong.runtime import log_line
+from kong_mtls.kong.runtime import VERDICT_APPLIED_ATTRIBUTE, log_line
 
 #: The event's last answer: the handler returned.
 RET = "ret"
@@ -355,11 +355,14 @@ class PluginServer:
                 self.drop_idle_instances()
 
     def get_runtime_stats(self, *_: Any) -> dict:
-        """Open events, instances and live greenlets (Kong never calls it; the tests do)."""
+        """Open events, instances (and how many of them Kong's verdict wrapper serves) and live
+        greenlets (Kong never calls it; the tests do)."""
         return {
             "Pid": os.getpid(),
             "Events": len(self.events),
             "Instances": len(self.instances),
+            "InstancesWithVerdictsApplied": sum(
+                1 for i in self.instances.values() if getattr(i.plugin, VERDICT_APPLIED_ATTRIBUTE, False)),
             "Greenlets": sum(1 for o in gc.get_objects() if isinstance(o, greenlet.greenlet)),
         }
 

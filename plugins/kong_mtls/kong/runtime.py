@@ -203,12 +203,32 @@ class VerdictInputs:
         return any(k == kind and n == name for k, n, _ in self.inputs)
 
 
+class _Calls:
+    """The PDK calls of one handler run, in order (plain reads too), and the changes not yet sent
+    to Kong: while `holding`, a call that changes the request is only noted (Kong's wrapper applies
+    it from the verdict); a plain read after one sends them first and ends the holding, so that
+    what the handler reads always reflects its own changes."""
+
+    __slots__ = ("held", "holding", "made")
+
+    def __init__(self, holding: bool) -> None:
+        self.made: list[tuple[str, tuple]] = []
+        self.held: list[tuple[Any, tuple]] = []
+        self.holding = holding
+
+    def send_held(self) -> None:
+        self.holding = False
+        held, self.held = self.held, []
+        for function, args in held:
+            function(*args)
+
+
 class _Recording:
-    """Kong's PDK object, noting each call (plain reads too), in order, once it returned."""
+    """Kong's PDK object, noting each call in `calls` once it returned (or holding it there)."""
 
     __slots__ = ("_calls", "_names", "_target")
 
-    def __init__(self, target: Any, names: tuple[str, ...], calls: list[tuple[str, tuple]]) -> None:
+    def __init__(self, target: Any, names: tuple[str, ...], calls: _Calls) -> None:
         self._target = target
         self._names = names
         self._calls = calls
@@ -217,31 +237,50 @@ class _Recording:
         return _Recording(getattr(self._target, name), (*self._names, name), self._calls)
 
     def __call__(self, *args: Any) -> Any:
+        method, calls = _method(self._names), self._calls
+        if method in PLAIN_READS:
+            if calls.held:
+                calls.send_held()
+        elif calls.holding:
+            calls.held.append((self._target, args))
+            calls.made.append((method, args))
+            return None
         result = self._target(*args)
-        self._calls.append((_method(self._names), args))
+        calls.made.append((method, args))
         return result
 
 
-def _offer_verdict(kong: Any, plugin: str, inputs: VerdictInputs, made: list[tuple[str, tuple]]) -> None:
-    """Leave the verdict where the guard plugin's cache takes it (one `kong.ctx.shared.set`) when
-    the handler declared how long it holds, every read it made is one of its inputs (READ_INPUTS),
-    and every other call is one the cache replays."""
-    if inputs.ttl <= 0 or not inputs.usable or not inputs.inputs:
-        return
-    calls = [(method, args) for method, args in made if method not in PLAIN_READS]
-    if not calls or any(method not in VERDICT_REPLAYABLE for method, _ in calls):
-        return
-    if not all(inputs.covers(method, args) for method, args in made if method in PLAIN_READS):
-        return
-    kong.ctx.shared.set(verdict_slot(plugin), {
-        "ttl": inputs.ttl,
-        "inputs": [list(item) for item in inputs.inputs],
-        "calls": [[method, list(args), len(args)] for method, args in calls],
-    })
+def _leave_verdict(kong: Any, plugin: str, inputs: VerdictInputs, calls: _Calls,
+                   answer: list[PdkCall]) -> bool:
+    """Leave the verdict where the guard plugin's wrapper (verdicts.lua) takes it, with one
+    `kong.ctx.shared.set`: the calls that change the request (and the refusal's `answer`), for the
+    wrapper to apply to this request when the handler held them back (`apply`), and to replay for
+    later requests when every read the handler made is one of its declared inputs (READ_INPUTS)
+    and it declared how long they decide (`ttl`). Every change must be one the wrapper replays.
+    Returns whether the verdict was left."""
+    changes = [(method, args) for method, args in calls.made if method not in PLAIN_READS]
+    changes += [(_method(path), args) for path, args in answer]
+    if any(method not in VERDICT_REPLAYABLE for method, _ in changes):
+        return False
+    cacheable = (inputs.ttl > 0 and inputs.usable and bool(inputs.inputs) and bool(changes)
+                 and all(inputs.covers(method, args) for method, args in calls.made if method in PLAIN_READS))
+    if not (cacheable or (calls.holding and changes)):
+        return False
+    record: dict[str, Any] = {
+        "ttl": inputs.ttl if cacheable else 0,
+        "inputs": [list(item) for item in inputs.inputs] if cacheable else [],
+        "calls": [[method, list(args), len(args)] for method, args in changes],
+    }
+    if calls.holding:
+        record["apply"] = True
+    kong.ctx.shared.set(verdict_slot(plugin), record)
+    return True
 
 
 #: A plugin instance answered by the verdict cache holds its `verdict_cache_ttl` here.
 VERDICT_TTL_ATTRIBUTE = "verdict_cache_ttl"
+#: True on a plugin instance whose config carries VERDICT_APPLY_FLAG (kong_mtls.kong.server).
+VERDICT_APPLIED_ATTRIBUTE = "verdicts_applied_by_kong"
 
 
 def phase(plugin: str, *,
@@ -250,7 +289,9 @@ def phase(plugin: str, *,
 
     With `verdicts`, the method is `(self, kong, inputs: VerdictInputs)` and its verdict is offered
     to the guard plugin's verdict cache when the instance's `verdict_cache_ttl` is not 0: `kong` then
-    notes the calls that change the request, and a refusal's log line and answer are added to them."""
+    notes the calls that change the request, and a refusal's log line and answer are added to them.
+    When Kong's wrapper applies verdicts (VERDICT_APPLIED_ATTRIBUTE), those calls are not made
+    here at all: the verdict carries them, and the request costs its reads and one call."""
 
     def decorate(handler: Callable[..., PhaseResult]) -> Callable[[Any, Any], None]:
         @functools.wraps(handler)
@@ -266,20 +307,21 @@ def phase(plugin: str, *,
                     refuse(kong, plugin, Refusal(500, MESSAGE_UNEXPECTED, REASON_INVALID_CONFIG,
                                                  detail=str(config_error)))
                     return
-                if not (verdicts and not notices and getattr(self, VERDICT_TTL_ATTRIBUTE, 0)):
+                applied = getattr(self, VERDICT_APPLIED_ATTRIBUTE, False)
+                if not (verdicts and not notices and (applied or getattr(self, VERDICT_TTL_ATTRIBUTE, 0))):
                     refusal = handler(self, kong, VerdictInputs()) if verdicts else handler(self, kong)
                     if refusal is not None:
                         refuse(kong, plugin, refusal)
                     return
                 inputs = VerdictInputs()
-                calls: list[tuple[str, tuple]] = []
+                calls = _Calls(holding=applied)
                 refusal = handler(self, _Recording(kong, (), calls), inputs)
-                if refusal is None:
-                    _offer_verdict(kong, plugin, inputs, calls)
-                    return
-                answer = _refusal_calls(plugin, refusal)
+                answer = [] if refusal is None else _refusal_calls(plugin, refusal)
+                if calls.holding and _leave_verdict(kong, plugin, inputs, calls, answer):
+                    return  # Kong's wrapper makes every change, and the answer
+                calls.send_held()
                 # Before the answer: after kong.response.exit, Kong takes no more calls for the request.
-                _offer_verdict(kong, plugin, inputs, calls + [(_method(path), args) for path, args in answer])
+                _leave_verdict(kong, plugin, inputs, calls, answer)
                 _perform(kong, answer)
             except Exception as exc:  # the point of this wrapper
                 _answer_unexpected(kong, plugin, exc)

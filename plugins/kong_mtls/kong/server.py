@@ -40,13 +40,14 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from kong_mtls.constants import PLUGIN_VERSION, PRIORITIES
+from kong_mtls.constants import PLUGIN_VERSION, PRIORITIES, VERDICT_APPLY_FLAG
 from kong_mtls.kong import plugin_server
 from kong_mtls.kong.plugin_server import PHASES, PluginServer
 from kong_mtls.kong.processes import MAX_PROCESSES, Supervisor
 from kong_mtls.kong.runtime import (
     CONFIG_ERROR_ATTRIBUTE,
     REASON_INVALID_CONFIG,
+    VERDICT_APPLIED_ATTRIBUTE,
     configure_stderr_logging,
     log_line,
 )
@@ -105,6 +106,8 @@ def _accepting_every_config(name: str, plugin_cls: type) -> type:
                     raise ConfigError("consumer", "kong-mtls plugins cannot be scoped to a consumer; "
                                                   "configure them on a route, a Service or globally")
                 super().__init__(config)
+                # Kong's wrapper applies this instance's verdicts (verdicts.lua, which alone adds the key).
+                setattr(self, VERDICT_APPLIED_ATTRIBUTE, config.get(VERDICT_APPLY_FLAG) is True)
             except Exception as exc:
                 setattr(self, CONFIG_ERROR_ATTRIBUTE, exc)
                 logging.getLogger("kong_mtls").error(

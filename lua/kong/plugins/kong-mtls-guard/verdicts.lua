@@ -13,6 +13,10 @@
 --   ours must agree), under the SHA-256 of those values, for at most its TTL.
 -- * A later request with the same values under the same plugin config gets the same calls, in the
 --   same order, with fresh copies of their arguments. Nothing else reaches the plugin server.
+-- * The plugin server also leaves to Kong the calls of the request it decides: told by a key of
+--   ours in the plugin's config, it makes none that changes the request and puts them all in the
+--   verdict, marked `apply`; they are applied here, in-process, in one go (one PDK round trip
+--   for them all instead of one each), kept or not.
 --
 -- Only plain reads are inputs (an nginx variable, every line of one request header, the client's
 -- certificate chain); a header map Kong could not read whole is never an input, so such a request
@@ -30,6 +34,9 @@ local unpack = unpack
 local pairs = pairs
 
 local SLOT_PREFIX = "kong_mtls.verdict."
+-- The config key that tells a plugin server this wrapper applies its verdicts
+-- (kong_mtls.constants.VERDICT_APPLY_FLAG says the same).
+local APPLY_FLAG = "__kong_mtls_applies_verdicts"
 -- As many header lines as the plugins read (kong_mtls.core.addresses.MAX_HEADER_LINES): a request
 -- with this many or more is never answered from the cache.
 local MAX_HEADER_LINES = 1000
@@ -192,28 +199,37 @@ local function replay(calls)
 end
 
 
--- A verdict as the plugin server sent it, checked: its inputs ({kind, name} and the plugin's
--- values), calls and TTL; nil when anything is off.
-local function checked(record)
-  if type(record) ~= "table" then
+-- A verdict's calls, checked: each a REPLAYABLE PDK function with its arguments; nil when
+-- anything is off.
+local function checked_calls(calls)
+  if type(calls) ~= "table" or #calls == 0 then
     return nil
-  end
-  local ttl, inputs, calls = record.ttl, record.inputs, record.calls
-  -- `not (ttl > 0)`: a NaN is no TTL (compared, it would pass for the longest one).
-  if type(ttl) ~= "number" or not (ttl > 0) or type(inputs) ~= "table" or type(calls) ~= "table"
-     or #inputs == 0 or #calls == 0 then
-    return nil
-  end
-  for i = 1, #inputs do
-    local input = inputs[i]
-    if type(input) ~= "table" or not READERS[input[1]] or type(input[2]) ~= "string" then
-      return nil
-    end
   end
   for i = 1, #calls do
     local call = calls[i]
     if type(call) ~= "table" or not REPLAYABLE_SET[call[1]] or type(call[2]) ~= "table"
        or type(call[3]) ~= "number" then
+      return nil
+    end
+  end
+  return calls
+end
+
+
+-- A verdict as the plugin server sent it, checked for keeping: its inputs ({kind, name} and the
+-- plugin's values), calls and TTL; nil when anything is off.
+local function checked(record)
+  if type(record) ~= "table" then
+    return nil
+  end
+  local ttl, inputs, calls = record.ttl, record.inputs, checked_calls(record.calls)
+  -- `not (ttl > 0)`: a NaN is no TTL (compared, it would pass for the longest one).
+  if type(ttl) ~= "number" or not (ttl > 0) or type(inputs) ~= "table" or not calls or #inputs == 0 then
+    return nil
+  end
+  for i = 1, #inputs do
+    local input = inputs[i]
+    if type(input) ~= "table" or not READERS[input[1]] or type(input[2]) ~= "string" then
       return nil
     end
   end
@@ -253,14 +269,10 @@ local function lookup(conf, view)
 end
 
 
-local function keep(plugin_name, conf, view)
-  local shared = kong.ctx.shared
-  local slot = SLOT_PREFIX .. plugin_name
-  local record = shared[slot]
-  if record == nil then
+local function keep(record, conf, view)
+  if record == nil or type(record) == "table" and record.apply == true and record.ttl == 0 then
     return
   end
-  shared[slot] = nil
   local ttl, inputs, calls = checked(record)
   if not ttl then
     kong.log.notice("[kong-mtls] verdict not cached reason=VERDICT_MALFORMED")
@@ -312,7 +324,13 @@ end
 -- The plugin's own handler runs in a coroutine of ours: in the access phase kong.response.exit
 -- yields (Kong runs each plugin in a coroutine and never resumes one that answered), and the
 -- verdict of a refusal must be kept before this handler yields in turn.
+--
+-- APPLY_FLAG in the plugin's config (sent to the plugin server when Kong starts the instance) tells
+-- the plugin server that this wrapper applies its verdicts: it then makes no call that changes the
+-- request, and leaves them all, with the answer if any, in a verdict marked `apply`, which is
+-- applied here, in-process, whether or not it is kept.
 local function cached_access(plugin_name, access)
+  local slot = SLOT_PREFIX .. plugin_name
   return function(self, conf)
     local view = {}
     local calls = lookup(conf, view)
@@ -322,17 +340,30 @@ local function cached_access(plugin_name, access)
     if view.headers == nil then
       view.headers = read_headers()
     end
+    if conf[APPLY_FLAG] == nil then
+      conf[APPLY_FLAG] = true
+    end
     local co = coroutine.create(access)
     local ran, err = coroutine.resume(co, self, conf)
-    local kept, keep_err = pcall(keep, plugin_name, conf, view)
+    local shared = kong.ctx.shared
+    local record = shared[slot]
+    shared[slot] = nil
+    local kept, keep_err = pcall(keep, record, conf, view)
     if not kept then
       kong.log.err("[kong-mtls] verdict not cached reason=VERDICT_CACHE_ERROR detail=", tostring(keep_err))
     end
     if not ran then
       error(err, 0)
     end
-    if coroutine.status(co) == "suspended" then
+    if coroutine.status(co) == "suspended" then  -- the plugin server answered (kong.response.exit)
       return coroutine.yield()
+    end
+    if type(record) == "table" and record.apply == true then
+      local changes = checked_calls(record.calls)
+      if not changes then  -- Kong answers 500: nothing of the verdict is applied
+        error("[kong-mtls] verdict not applied reason=VERDICT_MALFORMED", 0)
+      end
+      return replay(changes)
     end
   end
 end
@@ -364,4 +395,5 @@ return {
   CACHED_PLUGINS = CACHED_PLUGINS,
   REPLAYABLE = REPLAYABLE,
   SLOT_PREFIX = SLOT_PREFIX,
+  APPLY_FLAG = APPLY_FLAG,
 }
