@@ -1,13 +1,16 @@
 """A trivial plugin served through kong_mtls.kong.server, to test the foundation itself.
 
 `mode` picks what its access handler does: echo a header upstream, refuse, raise before or after
-its first PDK call, call a PDK function Kong does not have, or take a nap.
+its first PDK call (or let a gevent.Timeout escape), call a PDK function Kong does not have, or
+take a nap.
 """
 
 from __future__ import annotations
 
 import sys
 import time
+
+import gevent
 
 from kong_mtls import schema
 from kong_mtls.constants import shared_mark
@@ -16,7 +19,8 @@ from kong_mtls.kong.server import serve
 
 NAME = "trivial"
 PRIORITY = 1000
-MODES = ("echo", "refuse", "raise-first", "raise-later", "unknown-pdk", "sleep", "exit-first")
+MODES = ("echo", "refuse", "raise-first", "raise-later", "unknown-pdk", "sleep", "exit-first",
+         "timeout-escapes")
 
 Schema = [
     schema.string("mode", default="echo", one_of=MODES),
@@ -40,6 +44,8 @@ class Plugin:
             value = kong.request.get_header("X-Echo")
         if mode == "raise-later":
             raise RuntimeError("boom after a PDK call")
+        if mode == "timeout-escapes":  # a BaseException, as a gevent.Timeout a handler left uncaught
+            raise gevent.Timeout(None, "boom: a timeout nobody caught")
         if mode == "refuse":
             return Refusal(403, "Go away", "TEST_REFUSED", detail=f"x-echo={value}")
         if mode == "unknown-pdk":

@@ -48,7 +48,7 @@ def test_refusal_answers_kong_style_and_logs_reason(kong, trivial):
     assert "kong.service.request.set_header" not in outcome.pdk_calls
 
 
-@pytest.mark.parametrize("mode", ["raise-first", "raise-later"])
+@pytest.mark.parametrize("mode", ["raise-first", "raise-later", "timeout-escapes"])
 def test_exception_gives_500_and_server_keeps_serving(kong, trivial, mode):
     for _ in range(3):
         outcome = kong.run(Request(headers={"x-echo": "v"}), [(trivial, {"mode": mode})])
@@ -149,7 +149,7 @@ def test_header_with_invalid_utf8_is_served_not_dropped(kong, trivial):
     assert outcome.upstream_headers["x-echoed"] == [b"caf\xe9\xff".decode("utf-8", "surrogateescape")]
 
 
-@pytest.mark.parametrize("mode", ["refuse", "exit-first", "raise-first", "raise-later"])
+@pytest.mark.parametrize("mode", ["refuse", "exit-first", "raise-first", "raise-later", "timeout-escapes"])
 def test_answered_requests_leave_no_greenlet_behind(kong, trivial, mode):
     # Stock kong-pdk 0.36 in gevent mode keeps one blocked greenlet per request ended by exit
     # (+100 here). A few come and go with the connections of other tests.

@@ -31,7 +31,7 @@ from gevent import socket as gsocket
 from gevent.server import StreamServer
 from kong_pdk.exception import PDKException
 
-from kong_mtls.kong.runtime import VERDICT_APPLIED_ATTRIBUTE, log_line
+from kong_mtls.kong.runtime import PROCESS_EXITS, VERDICT_APPLIED_ATTRIBUTE, log_line
 
 #: The event's last answer: the handler returned.
 RET = "ret"
@@ -89,7 +89,7 @@ class Raised:
 
     __slots__ = ("exc",)
 
-    def __init__(self, exc: Exception) -> None:
+    def __init__(self, exc: BaseException) -> None:
         self.exc = exc
 
 
@@ -110,7 +110,9 @@ class Worker(greenlet.greenlet):
             try:
                 event.handler(KONG)
                 out: Any = RET
-            except Exception as exc:
+            except PROCESS_EXITS:
+                raise
+            except BaseException as exc:
                 out = Raised(exc)
             self.event = event.worker = None
             if len(self._idle) >= self._keep_idle:

@@ -16,6 +16,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+import greenlet
+
 from kong_mtls.constants import LOG_METHOD_SUFFIXES, MESSAGE_UNEXPECTED, VERDICT_REPLAYABLE, verdict_slot
 
 #: Our own log lines carry this tag, then `plugin=... reason=...` pairs, so they can be grepped.
@@ -84,6 +86,10 @@ def pdk_log(kong: Any, plugin: str, level: str, line: str) -> None:
     """`kong.log.<level>(line)` in Kong's error log, under the plugin's own `[name]` (see
     `LOG_METHOD_SUFFIXES`)."""
     getattr(kong.log, level + LOG_METHOD_SUFFIXES.get(plugin, ""))(line)
+
+
+#: What ends a greenlet or the process: never taken for a handler's failure.
+PROCESS_EXITS = (greenlet.GreenletExit, SystemExit, KeyboardInterrupt)
 
 
 #: A PDK call as a path of attribute names from the `kong` object, and its arguments.
@@ -323,7 +329,9 @@ def phase(plugin: str, *,
                 # Before the answer: after kong.response.exit, Kong takes no more calls for the request.
                 _leave_verdict(kong, plugin, inputs, calls, answer)
                 _perform(kong, answer)
-            except Exception as exc:  # the point of this wrapper
+            except PROCESS_EXITS:
+                raise
+            except BaseException as exc:  # the point of this wrapper (a stray gevent.Timeout too)
                 _answer_unexpected(kong, plugin, exc)
 
         return safe_handler
