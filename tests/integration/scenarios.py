@@ -33,6 +33,7 @@ from kong_mtls.constants import (
     GROUP_HEADERS,
     GUARD,
     IP_ALLOWLIST,
+    VERDICT_APPLY_FLAG,
 )
 from kong_mtls.core.api_keys import MESSAGE_INVALID, MESSAGE_NO_KEY
 from kong_mtls.core.chain import MESSAGE_FAILED_VERIFICATION, MESSAGE_NO_CERTIFICATE
@@ -1008,6 +1009,14 @@ class Scenarios:
             config["plugins"] = [p for p in config["plugins"] if p["name"] != GUARD] + [bad]
             answer = gateway.admin_request("POST", "/config", {"config": json.dumps(config)})
             assert answer.status == 400 and error in answer.body, (bad, answer.status, answer.body[-500:])
+        # Only the guard's wrapper may tell a plugin server that Kong applies its verdicts (then
+        # it makes no change itself): a config author cannot, Kong refuses the key as unknown.
+        for name, route in ((IP_ALLOWLIST, "ip"), (API_KEY_AUTH, "key"), (CLIENT_CERT_AUTH, "mtls")):
+            config = copy.deepcopy(base)
+            route_plugin(find_route(config, route), name)["config"][VERDICT_APPLY_FLAG] = True
+            answer = gateway.admin_request("POST", "/config", {"config": json.dumps(config)})
+            unknown = f'"{VERDICT_APPLY_FLAG}":"unknown field"'.encode()
+            assert answer.status == 400 and unknown in answer.body, (name, answer.status, answer.body[-500:])
         assert gateway.https("/key").status == 401                     # the running config is kept
 
     def test_15_kong_answers_a_decided_request_itself_from_the_verdict_cache(self, gateway: Gateway) -> None:
