@@ -935,6 +935,9 @@ class KongSide:
         ordered = sorted(plugins, key=lambda p: -p[0].priority)
         for server, config in ordered:
             state.plugin_name = server.name
+            if self.verdict_wrapper and server.name in VERDICT_CACHED_PLUGINS and phase == "access":
+                # verdicts.lua: only what the plugin server leaves in this event is its verdict.
+                outcome.ctx_shared.pop(verdict_slot(server.name), None)
             calls_before = len(outcome.pdk_calls)
             before = copy.deepcopy(state)
             answered = False

@@ -119,9 +119,9 @@ return {
   end,
   wrapped = function(name) return handlers[name].access ~= access end,
   -- One request: fresh ngx.ctx and kong.ctx.shared, then the plugin's access handler.
-  request = function(name, conf, var, headers, chain, verdict)
+  request = function(name, conf, var, headers, chain, verdict, shared)
     calls, logs = {}, {}
-    ngx.ctx, kong.ctx.shared = {}, {}
+    ngx.ctx, kong.ctx.shared = {}, shared or {}
     request.var, request.headers, request.chain = var or {}, headers or {}, chain
     server.verdict = verdict
     -- As Kong runs an access handler: in a coroutine of its own, resumed once.
@@ -172,13 +172,16 @@ class Kong:
 
     def request(self, *, plugin: str = "ip-allowlist", conf: str = "a", var: Mapping[str, str] | None = None,
                 headers: list[tuple[str, str]] | None = None, chain: str | None = None,
-                offer: Mapping[str, Any] | None = None) -> tuple[list, list, dict]:
-        """One request; `offer` is the verdict the plugin server leaves if it is asked. Returns the
-        replayed or live calls (name, args...), the log lines, and kong.ctx.shared."""
+                offer: Mapping[str, Any] | None = None,
+                shared: Mapping[str, Any] | None = None) -> tuple[list, list, dict]:
+        """One request; `offer` is the verdict the plugin server leaves if it is asked, `shared`
+        what kong.ctx.shared holds before the plugin runs. Returns the replayed or live calls
+        (name, args...), the log lines, and kong.ctx.shared."""
         calls, logs, shared = self.side.request(
             plugin, self.conf(conf), lua_value(self.lua, dict(var or {})),
             lua_value(self.lua, [list(h) for h in headers or []]), chain,
-            lua_value(self.lua, offer) if offer is not None else None)
+            lua_value(self.lua, offer) if offer is not None else None,
+            lua_value(self.lua, dict(shared)) if shared is not None else None)
         return python_value(calls) or [], python_value(logs) or [], python_value(shared) or {}
 
     @property
@@ -314,6 +317,21 @@ def test_a_verdict_to_apply_is_not_made_after_the_plugin_server_answered(kong: K
              "answer_live": True}
     calls, _, shared = kong.request(var={PEER: "192.0.2.10"}, offer=offer)
     assert calls == [["kong.response.exit", 403]] and MARK not in shared
+
+
+@pytest.mark.parametrize("planted", [allow("192.0.2.10", apply=True), allow("192.0.2.10")],
+                         ids=["to-apply", "to-keep"])
+def test_only_a_verdict_the_plugin_server_left_in_this_event_is_applied_or_kept(kong: Kong,
+                                                                                planted: Any) -> None:
+    """A record already in the verdict slot when the plugin runs (any earlier plugin can write
+    kong.ctx.shared; one that copied client data there under a client-chosen key) is not the plugin
+    server's: when the plugin server leaves nothing (it failed, Kong carried on), nothing of it is
+    applied, so the guard still misses the mark, nor kept for the next requests."""
+    slot = VERDICT_SLOT_PREFIX + "ip-allowlist"
+    calls, logs, shared = kong.request(var={PEER: "192.0.2.10"}, shared={slot: planted})
+    assert calls == [] and logs == [] and MARK not in shared and slot not in shared
+    kong.request(var={PEER: "192.0.2.10"})
+    assert kong.events == 2
 
 
 def test_arguments_are_replayed_up_to_their_count_holes_included(kong: Kong) -> None:
