@@ -25,6 +25,7 @@ from kong_mtls.constants import (
 )
 from kong_mtls.core.addresses import MAX_HEADER_LINES
 from kong_mtls.guard import GUARDED_PLUGINS
+from tests.harness.kong_side import Outcome, Request, RequestState, apply_verdict
 from tests.harness.luajit import PLUGIN_DIR, lua_value, python_value, runtime
 
 SOURCE = (PLUGIN_DIR / "verdicts.lua").read_text()
@@ -549,3 +550,18 @@ def test_a_request_with_more_lines_than_api_key_auth_reads_can_still_be_answered
     assert shared == {"kong_mtls.api-key-auth": {"key_id": "k1"}} and kong.events == 1
     kong.request(plugin="api-key-auth", headers=[("apikey", "k1"), *padding, ("apikey", "k2")])
     assert kong.events == 2                                       # a second key line past line 100
+
+
+def test_the_harness_answers_a_verdict_whose_replay_raises_as_kong_does() -> None:
+    """A call of a verdict to apply that raises in Lua (here `set_headers` without a table)
+    leaves verdicts.lua's handler with the error, which Kong answers 500 (as it does for the same
+    error in a live PDK call): tests/harness/kong_side.py `apply_verdict` says the same, and no
+    later call of the verdict is made."""
+    state = RequestState(Request(), [], {}, "3.9", Outcome(), "access", {})
+    state.plugin_name = "api-key-auth"
+    record = {"apply": True, "ttl": 0, "inputs": [],
+              "calls": [["kong.service.request.set_headers", ["x-a"], 1],
+                        ["kong.ctx.shared.set", ["kong_mtls.api-key-auth", {"ok": True}], 2]]}
+    assert apply_verdict(record, state) is True
+    assert state.outcome.exit.status == 500 and state.outcome.ctx_shared == {}
+    assert "headers must be a table" in state.outcome.logs[-1][1]
