@@ -789,6 +789,8 @@ class Scenarios:
             lines = [line for line in log.splitlines() if f"[kong-mtls] {name} refused" in line]
             assert lines, f"no refusal of {name} in Kong's log"
             assert all(f"[{name}] [kong-mtls] {name} refused" in line for line in lines), lines[-3:]
+            # Written by the guard plugin's wrapper, which applies the verdict (docs/architecture.md).
+            assert all(" verdicts.lua:" in line for line in lines), lines[-3:]
 
     def test_10_start_time_problems_are_visible_at_kongs_default_log_level(self, gateway: Gateway) -> None:
         """Kong logs a plugin server's own output at `info` (hidden at its default `notice`): an
