@@ -821,8 +821,9 @@ def check_verdict(record: Any, before: RequestState, after: RequestState) -> Non
 
 def apply_verdict(record: dict, state: RequestState) -> bool:
     """What the guard plugin's wrapper (verdicts.lua) does with a verdict marked `apply` after the
-    plugin's event: its calls checked (else Kong's 500, nothing applied), then made in order.
-    Returns whether the request was answered."""
+    plugin's event: its calls checked (else Kong's 500, nothing applied), then made in order (a
+    call that raises is Kong's 500, as for the handler's own error). Returns whether the request
+    was answered."""
     calls = record.get("calls")
     if not (isinstance(calls, list) and calls and all(
             isinstance(c, list) and len(c) == 3 and c[0] in VERDICT_REPLAYABLE and isinstance(c[1], list)
@@ -834,6 +835,10 @@ def apply_verdict(record: dict, state: RequestState) -> bool:
         for method, args, count in calls:
             state.apply(method, list(args)[:count])
     except _Exit:
+        return True
+    except LuaError as exc:
+        state.log("err", f"[{state.plugin_name}] {exc}")
+        state.outcome.exit = Exit(500, {"message": MESSAGE_UNEXPECTED}, {}, "kong")
         return True
     return False
 
@@ -935,6 +940,9 @@ class KongSide:
         ordered = sorted(plugins, key=lambda p: -p[0].priority)
         for server, config in ordered:
             state.plugin_name = server.name
+            if self.verdict_wrapper and server.name in VERDICT_CACHED_PLUGINS and phase == "access":
+                # verdicts.lua: only what the plugin server leaves in this event is its verdict.
+                outcome.ctx_shared.pop(verdict_slot(server.name), None)
             calls_before = len(outcome.pdk_calls)
             before = copy.deepcopy(state)
             answered = False

@@ -33,6 +33,7 @@ from kong_mtls.constants import (
     GROUP_HEADERS,
     GUARD,
     IP_ALLOWLIST,
+    VERDICT_APPLY_FLAG,
 )
 from kong_mtls.core.api_keys import MESSAGE_INVALID, MESSAGE_NO_KEY
 from kong_mtls.core.chain import MESSAGE_FAILED_VERIFICATION, MESSAGE_NO_CERTIFICATE
@@ -788,6 +789,8 @@ class Scenarios:
             lines = [line for line in log.splitlines() if f"[kong-mtls] {name} refused" in line]
             assert lines, f"no refusal of {name} in Kong's log"
             assert all(f"[{name}] [kong-mtls] {name} refused" in line for line in lines), lines[-3:]
+            # Written by the guard plugin's wrapper, which applies the verdict (docs/architecture.md).
+            assert all(" verdicts.lua:" in line for line in lines), lines[-3:]
 
     def test_10_start_time_problems_are_visible_at_kongs_default_log_level(self, gateway: Gateway) -> None:
         """Kong logs a plugin server's own output at `info` (hidden at its default `notice`): an
@@ -1008,6 +1011,14 @@ class Scenarios:
             config["plugins"] = [p for p in config["plugins"] if p["name"] != GUARD] + [bad]
             answer = gateway.admin_request("POST", "/config", {"config": json.dumps(config)})
             assert answer.status == 400 and error in answer.body, (bad, answer.status, answer.body[-500:])
+        # Only the guard's wrapper may tell a plugin server that Kong applies its verdicts (then
+        # it makes no change itself): a config author cannot, Kong refuses the key as unknown.
+        for name, route in ((IP_ALLOWLIST, "ip"), (API_KEY_AUTH, "key"), (CLIENT_CERT_AUTH, "mtls")):
+            config = copy.deepcopy(base)
+            route_plugin(find_route(config, route), name)["config"][VERDICT_APPLY_FLAG] = True
+            answer = gateway.admin_request("POST", "/config", {"config": json.dumps(config)})
+            unknown = f'"{VERDICT_APPLY_FLAG}":"unknown field"'.encode()
+            assert answer.status == 400 and unknown in answer.body, (name, answer.status, answer.body[-500:])
         assert gateway.https("/key").status == 401                     # the running config is kept
 
     def test_15_kong_answers_a_decided_request_itself_from_the_verdict_cache(self, gateway: Gateway) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from kong_mtls.constants import VERDICT_APPLY_FLAG
 from kong_mtls.core.api_keys import MESSAGE_NO_KEY
 from kong_mtls.guard import GUARD_STATUS, guard_plugin
 from kong_mtls.lint.sources import ENTITY_ENDPOINTS, AdminAPI, read_admin
@@ -87,7 +88,15 @@ def test_postgres_node_serves_the_example(traditional: Gateway) -> None:
 def test_postgres_node_plugins_enabled_changed_and_removed_via_the_admin_api(traditional: Gateway) -> None:
     key = traditional.api_key("ak_alice_dev")
     key_plugin = route_plugin_id(traditional, "key", "api-key-auth")
-    credentials = admin_ok(traditional, "GET", f"/plugins/{key_plugin}")["config"]["credentials"]
+    assert traditional.https("/key", headers={"apikey": key}).status == 200
+    # The key the guard plugin's wrapper adds to the config Kong hands the plugin server stays in
+    # that worker's config table: the Admin API neither shows it nor takes it from a config author.
+    stored = admin_ok(traditional, "GET", f"/plugins/{key_plugin}")["config"]
+    assert VERDICT_APPLY_FLAG not in stored
+    flagged = traditional.admin_request("PATCH", f"/plugins/{key_plugin}",
+                                        {"config": {**stored, VERDICT_APPLY_FLAG: True}})
+    assert flagged.status == 400 and b"unknown field" in flagged.body, (flagged.status, flagged.body[:500])
+    credentials = stored["credentials"]
     assert traditional.https("/public").status == 200
     plugin = admin_ok(traditional, "POST", "/routes/public/plugins",
                       {"name": "api-key-auth", "config": {"credentials": credentials}})

@@ -7,7 +7,14 @@ from typing import Any
 
 import pytest
 
-from kong_mtls.constants import API_KEY_AUTH, CLIENT_CERT_AUTH, HEADER_CERT_AUTH, IP_ALLOWLIST, shared_mark
+from kong_mtls.constants import (
+    API_KEY_AUTH,
+    CLIENT_CERT_AUTH,
+    HEADER_CERT_AUTH,
+    IP_ALLOWLIST,
+    shared_mark,
+    verdict_slot,
+)
 from kong_mtls.core.api_keys import credential_entry, credential_identifier, generate_key
 from tests.harness.expect import assert_invalid_config
 from tests.harness.kong_side import Consumer, KongSide, Outcome, Request, decided_calls, made
@@ -328,6 +335,20 @@ def test_secret_appears_nowhere(kong: KongSide, server) -> None:
     for key in SECRETS:
         for secret in {key, key.split(".", 1)[-1]}:
             assert secret not in everything
+
+
+def test_a_record_another_plugin_planted_in_the_verdict_slot_is_never_applied(server) -> None:
+    """With kong-mtls-guard loaded, only what the plugin server leaves in this event is applied. A
+    pass whose changes the wrapper cannot make (the query rewritten without the key) leaves no
+    verdict; a record an earlier plugin put in the slot (one copying client data into
+    kong.ctx.shared, say) must not give the request another identity."""
+    planted = {"apply": True, "ttl": 0, "inputs": [],
+               "calls": [["kong.service.request.set_headers", [{"X-Consumer-Username": "admin"}], 1]]}
+    with KongSide(verdict_wrapper=True) as kong:
+        outcome = run(kong, server, Request(query={"apikey": PLAIN.key, "page": "2"}),
+                      config(hide_credentials=True), ctx_shared={verdict_slot(API_KEY_AUTH): planted})
+    assert outcome.proxied and outcome.upstream_query == {"page": ["2"]} and outcome.verdicts == []
+    assert outcome.header("X-Consumer-Username") == "alice"
 
 
 @pytest.fixture

@@ -25,6 +25,7 @@ from kong_mtls.constants import (
 )
 from kong_mtls.core.addresses import MAX_HEADER_LINES
 from kong_mtls.guard import GUARDED_PLUGINS
+from tests.harness.kong_side import Outcome, Request, RequestState, apply_verdict
 from tests.harness.luajit import PLUGIN_DIR, lua_value, python_value, runtime
 
 SOURCE = (PLUGIN_DIR / "verdicts.lua").read_text()
@@ -119,9 +120,9 @@ return {
   end,
   wrapped = function(name) return handlers[name].access ~= access end,
   -- One request: fresh ngx.ctx and kong.ctx.shared, then the plugin's access handler.
-  request = function(name, conf, var, headers, chain, verdict)
+  request = function(name, conf, var, headers, chain, verdict, shared)
     calls, logs = {}, {}
-    ngx.ctx, kong.ctx.shared = {}, {}
+    ngx.ctx, kong.ctx.shared = {}, shared or {}
     request.var, request.headers, request.chain = var or {}, headers or {}, chain
     server.verdict = verdict
     -- As Kong runs an access handler: in a coroutine of its own, resumed once.
@@ -172,13 +173,16 @@ class Kong:
 
     def request(self, *, plugin: str = "ip-allowlist", conf: str = "a", var: Mapping[str, str] | None = None,
                 headers: list[tuple[str, str]] | None = None, chain: str | None = None,
-                offer: Mapping[str, Any] | None = None) -> tuple[list, list, dict]:
-        """One request; `offer` is the verdict the plugin server leaves if it is asked. Returns the
-        replayed or live calls (name, args...), the log lines, and kong.ctx.shared."""
+                offer: Mapping[str, Any] | None = None,
+                shared: Mapping[str, Any] | None = None) -> tuple[list, list, dict]:
+        """One request; `offer` is the verdict the plugin server leaves if it is asked, `shared`
+        what kong.ctx.shared holds before the plugin runs. Returns the replayed or live calls
+        (name, args...), the log lines, and kong.ctx.shared."""
         calls, logs, shared = self.side.request(
             plugin, self.conf(conf), lua_value(self.lua, dict(var or {})),
             lua_value(self.lua, [list(h) for h in headers or []]), chain,
-            lua_value(self.lua, offer) if offer is not None else None)
+            lua_value(self.lua, offer) if offer is not None else None,
+            lua_value(self.lua, dict(shared)) if shared is not None else None)
         return python_value(calls) or [], python_value(logs) or [], python_value(shared) or {}
 
     @property
@@ -314,6 +318,21 @@ def test_a_verdict_to_apply_is_not_made_after_the_plugin_server_answered(kong: K
              "answer_live": True}
     calls, _, shared = kong.request(var={PEER: "192.0.2.10"}, offer=offer)
     assert calls == [["kong.response.exit", 403]] and MARK not in shared
+
+
+@pytest.mark.parametrize("planted", [allow("192.0.2.10", apply=True), allow("192.0.2.10")],
+                         ids=["to-apply", "to-keep"])
+def test_only_a_verdict_the_plugin_server_left_in_this_event_is_applied_or_kept(kong: Kong,
+                                                                                planted: Any) -> None:
+    """A record already in the verdict slot when the plugin runs (any earlier plugin can write
+    kong.ctx.shared; one that copied client data there under a client-chosen key) is not the plugin
+    server's: when the plugin server leaves nothing (it failed, Kong carried on), nothing of it is
+    applied, so the guard still misses the mark, nor kept for the next requests."""
+    slot = VERDICT_SLOT_PREFIX + "ip-allowlist"
+    calls, logs, shared = kong.request(var={PEER: "192.0.2.10"}, shared={slot: planted})
+    assert calls == [] and logs == [] and MARK not in shared and slot not in shared
+    kong.request(var={PEER: "192.0.2.10"})
+    assert kong.events == 2
 
 
 def test_arguments_are_replayed_up_to_their_count_holes_included(kong: Kong) -> None:
@@ -531,3 +550,18 @@ def test_a_request_with_more_lines_than_api_key_auth_reads_can_still_be_answered
     assert shared == {"kong_mtls.api-key-auth": {"key_id": "k1"}} and kong.events == 1
     kong.request(plugin="api-key-auth", headers=[("apikey", "k1"), *padding, ("apikey", "k2")])
     assert kong.events == 2                                       # a second key line past line 100
+
+
+def test_the_harness_answers_a_verdict_whose_replay_raises_as_kong_does() -> None:
+    """A call of a verdict to apply that raises in Lua (here `set_headers` without a table)
+    leaves verdicts.lua's handler with the error, which Kong answers 500 (as it does for the same
+    error in a live PDK call): tests/harness/kong_side.py `apply_verdict` says the same, and no
+    later call of the verdict is made."""
+    state = RequestState(Request(), [], {}, "3.9", Outcome(), "access", {})
+    state.plugin_name = "api-key-auth"
+    record = {"apply": True, "ttl": 0, "inputs": [],
+              "calls": [["kong.service.request.set_headers", ["x-a"], 1],
+                        ["kong.ctx.shared.set", ["kong_mtls.api-key-auth", {"ok": True}], 2]]}
+    assert apply_verdict(record, state) is True
+    assert state.outcome.exit.status == 500 and state.outcome.ctx_shared == {}
+    assert "headers must be a table" in state.outcome.logs[-1][1]

@@ -497,3 +497,14 @@ def test_with_the_wrapper_a_change_it_cannot_make_is_sent_live_in_order_and_noth
     assert record is None
     assert kong.calls == ["nginx.get_var", "service.request.set_body", "ctx.shared.set"]
     assert kong.shared == {"kong_mtls.writer": {"ok": True}}
+
+
+def test_with_the_wrapper_a_read_it_does_not_know_still_gets_kongs_answer() -> None:
+    """Only the calls the wrapper makes (VERDICT_REPLAYABLE) are held back. Any other call, a read
+    missing from PLAIN_READS say, is made at once (after the changes held before it), so the
+    handler gets Kong's answer, not None, whether or not the guard plugin is loaded."""
+    assert "kong.request.get_path" not in PLAIN_READS | VERDICT_REPLAYABLE
+    answers = {"nginx.get_var": lambda _: "192.0.2.1", "request.get_path": lambda: "/orders"}
+    record, kong = offer(applied(Reader("request.get_path")), answers, "reader")
+    assert kong.calls == ["nginx.get_var", "request.get_path", "ctx.shared.set"]   # passed
+    assert record is None and kong.shared == {"kong_mtls.reader": {"ok": True}}

@@ -211,9 +211,10 @@ class VerdictInputs:
 
 class _Calls:
     """The PDK calls of one handler run, in order (plain reads too), and the changes not yet sent
-    to Kong: while `holding`, a call that changes the request is only noted (Kong's wrapper applies
-    it from the verdict); a plain read after one sends them first and ends the holding, so that
-    what the handler reads always reflects its own changes."""
+    to Kong: while `holding`, a call Kong's wrapper can make (VERDICT_REPLAYABLE) is only noted, for
+    the wrapper to make from the verdict. Any other call (a read, or a change the wrapper cannot
+    make) is made at once, after the held ones, if any, are sent (which ends the holding): the
+    handler reads what its own changes left, and gets Kong's answer to every call not held."""
 
     __slots__ = ("held", "holding", "made")
 
@@ -244,13 +245,12 @@ class _Recording:
 
     def __call__(self, *args: Any) -> Any:
         method, calls = _method(self._names), self._calls
-        if method in PLAIN_READS:
-            if calls.held:
-                calls.send_held()
-        elif calls.holding:
+        if calls.holding and method in VERDICT_REPLAYABLE:
             calls.held.append((self._target, args))
             calls.made.append((method, args))
             return None
+        if calls.held:
+            calls.send_held()
         result = self._target(*args)
         calls.made.append((method, args))
         return result
@@ -294,10 +294,11 @@ def phase(plugin: str, *,
     """Decorate a phase method `(self, kong) -> Refusal | None` so that nothing escapes it.
 
     With `verdicts`, the method is `(self, kong, inputs: VerdictInputs)` and its verdict is offered
-    to the guard plugin's verdict cache when the instance's `verdict_cache_ttl` is not 0: `kong` then
-    notes the calls that change the request, and a refusal's log line and answer are added to them.
-    When Kong's wrapper applies verdicts (VERDICT_APPLIED_ATTRIBUTE), those calls are not made
-    here at all: the verdict carries them, and the request costs its reads and one call."""
+    to the guard plugin's verdict cache when the instance's `verdict_cache_ttl` is not 0 or Kong's
+    wrapper applies its verdicts: `kong` then notes the calls that change the request, and a
+    refusal's log line and answer are added to them. When Kong's wrapper applies verdicts
+    (VERDICT_APPLIED_ATTRIBUTE), the calls it can make are held back and the verdict carries them:
+    the request costs its reads and one call (see `_Calls` for what ends the holding)."""
 
     def decorate(handler: Callable[..., PhaseResult]) -> Callable[[Any, Any], None]:
         @functools.wraps(handler)

@@ -343,9 +343,11 @@ local function cached_access(plugin_name, access)
     if conf[APPLY_FLAG] == nil then
       conf[APPLY_FLAG] = true
     end
+    -- Only what the plugin server leaves in this event is its verdict (any plugin can write here).
+    local shared = kong.ctx.shared
+    shared[slot] = nil
     local co = coroutine.create(access)
     local ran, err = coroutine.resume(co, self, conf)
-    local shared = kong.ctx.shared
     local record = shared[slot]
     shared[slot] = nil
     local kept, keep_err = pcall(keep, record, conf, view)
