@@ -16,7 +16,7 @@ from kong_mtls.core.headers import other_spellings
 from kong_mtls.core.identity import OWNED_HEADERS, ConsumerMapping
 from kong_mtls.devpki import Authority
 from tests.harness.expect import assert_invalid_config
-from tests.harness.kong_side import OFFER_VERDICT, Consumer, KongSide, Outcome, Request, decided_calls, made
+from tests.harness.kong_side import Consumer, KongSide, Outcome, Request, decided_calls, made
 from tests.harness.tls import capture_client_chain
 
 ALICE = Consumer(id="7b0c1d2e-3f40-4a5b-8c6d-7e8f90a1b2c1", username="alice", custom_id="cust-alice")
@@ -29,9 +29,8 @@ ALICE_SUBJECT = "CN=alice,OU=admins,OU=payments,O=Example Org"
 
 GET_CHAIN = "kong.client.tls.get_full_client_certificate_chain"
 SUCCESS_CALLS = [GET_CHAIN, "kong.client.load_consumer", "kong.client.authenticate", "kong.ctx.shared.set",
-                 "kong.service.request.set_headers", "kong.ctx.shared.set",  # the mark last
-                 OFFER_VERDICT]
-REFUSAL_CALLS = [GET_CHAIN, "kong.client.tls.set_client_verify", OFFER_VERDICT, "kong.log.warn",
+                 "kong.service.request.set_headers", "kong.ctx.shared.set"]  # the mark last
+REFUSAL_CALLS = [GET_CHAIN, "kong.client.tls.set_client_verify", "kong.log.warn",
                  "kong.response.exit"]
 
 #: Every identity header, as a client would forge it (mixed case, repeated).
@@ -136,8 +135,7 @@ def test_returning_client_costs_five_round_trips(kong, server, pki, chains):
     second = run(kong, server, chains("alice"), conf)
     assert second.proxied and second.authenticated[0][0]["id"] == ALICE.id
     assert second.pdk_calls == decided_calls(kong, [
-        GET_CHAIN, "kong.client.authenticate", "kong.service.request.set_headers", "kong.ctx.shared.set",
-        OFFER_VERDICT])
+        GET_CHAIN, "kong.client.authenticate", "kong.service.request.set_headers", "kong.ctx.shared.set"])
 
 
 def test_skip_consumer_lookup(kong, server, pki, chains):
@@ -151,8 +149,7 @@ def test_skip_consumer_lookup(kong, server, pki, chains):
     assert "x-consumer-id" not in outcome.upstream_headers
     assert_no_spoofed_values(outcome)
     assert outcome.pdk_calls == decided_calls(kong, [
-        GET_CHAIN, "kong.ctx.shared.set", "kong.service.request.set_headers", "kong.ctx.shared.set",
-        OFFER_VERDICT])
+        GET_CHAIN, "kong.ctx.shared.set", "kong.service.request.set_headers", "kong.ctx.shared.set"])
 
 
 def test_partial_chain_from_a_client_that_sends_no_intermediate(kong, server, pki, chains):
@@ -197,7 +194,7 @@ def test_no_certificate(kong, server, pki, chains):
     outcome = run(kong, server, None, base_config(pki), headers=SPOOFED)
     assert outcome.exit.status == 401 and outcome.exit.body == {"message": MESSAGE_NO_CERTIFICATE}
     assert "reason=NO_CERTIFICATE" in outcome.log_text() and outcome.client_verify is None
-    assert outcome.pdk_calls == decided_calls(kong, [GET_CHAIN, OFFER_VERDICT, "kong.log.warn",
+    assert outcome.pdk_calls == decided_calls(kong, [GET_CHAIN, "kong.log.warn",
                                                      "kong.response.exit"])
 
 

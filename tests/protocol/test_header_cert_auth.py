@@ -13,7 +13,7 @@ from kong_mtls.core.chain import MESSAGE_FAILED_VERIFICATION, MESSAGE_NO_CERTIFI
 from kong_mtls.core.headers import other_spellings
 from kong_mtls.core.identity import OWNED_HEADERS
 from kong_mtls.devpki import Authority
-from tests.harness.kong_side import OFFER_VERDICT, Consumer, Request, decided_calls
+from tests.harness.kong_side import Consumer, Request, decided_calls
 
 ALICE = Consumer(id="7b0c1d2e-3f40-4a5b-8c6d-7e8f90a1b2c1", username="alice")
 MARK = shared_mark(HEADER_CERT_AUTH)
@@ -87,8 +87,10 @@ def test_a_certificate_forwarded_by_the_edge_maps_the_consumer(kong, server, clo
         "kong.client.authenticate",
         "kong.service.request.set_headers",
         "kong.ctx.shared.set",
-        OFFER_VERDICT,
     ])
+    if not kong.verdict_wrapper:  # no one would take a verdict
+        assert outcome.verdicts == []
+        return
     (name, verdict), = outcome.verdicts
     assert name == HEADER_CERT_AUTH and verdict["inputs"][0][:2] == ["var", "realip_remote_addr"]
     assert {kind for kind, *_ in verdict["inputs"][1:]} == {"header"}          # the edge's headers

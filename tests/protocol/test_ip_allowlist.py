@@ -7,7 +7,7 @@ import pytest
 from kong_mtls.constants import IP_ALLOWLIST, shared_mark
 from kong_mtls.core.addresses import MAX_HEADER_LINES
 from tests.harness.expect import assert_invalid_config
-from tests.harness.kong_side import OFFER_VERDICT, KongSide, PluginServerProcess, Request, decided_calls
+from tests.harness.kong_side import KongSide, PluginServerProcess, Request, decided_calls
 
 MARK = shared_mark(IP_ALLOWLIST)
 CF_PEER = "162.158.90.12"          # inside Cloudflare's 162.158.0.0/15
@@ -43,7 +43,7 @@ def test_cloudflare_peer_with_cf_connecting_ip_passes_and_publishes_the_visitor(
     # Two reads, two writes, and the verdict for the verdict cache: the whole budget.
     assert outcome.pdk_calls == decided_calls(kong, [
         "kong.nginx.get_var", "kong.request.get_headers", "kong.service.request.set_headers",
-        "kong.ctx.shared.set", OFFER_VERDICT])
+        "kong.ctx.shared.set"])
 
 
 def test_cf_connecting_ip_from_a_non_cloudflare_peer_is_refused_and_never_trusted(kong, allowlist):
@@ -132,7 +132,7 @@ def test_peer_mode_needs_one_read_and_checks_the_real_peer(kong, allowlist):
     config = {"allow": ["192.0.2.0/24"]}
     ok = kong.run(Request(realip_remote_addr="192.0.2.10", client_ip="192.0.2.10"), [(allowlist, config)])
     assert ok.proxied
-    assert ok.pdk_calls == decided_calls(kong, ["kong.nginx.get_var", "kong.ctx.shared.set", OFFER_VERDICT])
+    assert ok.pdk_calls == decided_calls(kong, ["kong.nginx.get_var", "kong.ctx.shared.set"])
     assert ok.ctx_shared[MARK] == {"client_ip": "192.0.2.10", "peer_ip": "192.0.2.10", "source": "peer",
                                    "trusted": True}
     # Kong's rewrite made remote_addr look allowed; the peer is not.
@@ -156,7 +156,7 @@ def test_forwarded_mode_checks_kongs_resolved_address(kong, allowlist):
     assert ok.proxied
     assert ok.pdk_calls == decided_calls(kong, [
         "kong.nginx.get_var", "kong.client.get_forwarded_ip", "kong.service.request.set_headers",
-        "kong.ctx.shared.set", OFFER_VERDICT])
+        "kong.ctx.shared.set"])
     assert ok.ctx_shared[MARK]["source"] == "forwarded"
     assert ok.upstream_headers["x-real-client-ip"] == [VISITOR]
     refused = kong.run(Request(realip_remote_addr=VISITOR, forwarded_ip=STRANGER), [(allowlist, config)])

@@ -590,19 +590,3 @@ def test_api_keys_on_a_route_that_accepts_plain_http() -> None:
     assert "api-key-plain-http" not in rules(doc)
 
 
-def test_verdicts_offered_on_a_kong_without_the_guard_plugin(pki) -> None:
-    """verdict-cache-unused: only kong-mtls-guard keeps verdicts; without it each offer is a wasted
-    round trip (the base config guards with post-function)."""
-    without = {**EXAMPLE_CONF, "plugins": "bundled,client-cert-auth,api-key-auth,client-cert-request"}
-    found = rules(base(pki), without)["verdict-cache-unused"]
-    assert [f.severity for f in found] == [Severity.WARNING] * 2
-    assert sorted(f.path.split(".")[0] for f in found) == ["routes[key]", "routes[mtls]"]
-    assert "verdict-cache-unused" not in rules(base(pki))                 # kong.conf.example loads it
-    off = base(pki)
-    for name in ("mtls", "key"):
-        route(off, name)["plugins"][0]["config"]["verdict_cache_ttl"] = 0
-    assert "verdict-cache-unused" not in rules(off, without)
-    configured = base(pki)
-    configured["plugins"].append({"name": GUARD})
-    assert "verdict-cache-unused" not in rules(configured, without)
-    assert "verdict-cache-unused" not in rules(base(pki), None)           # no kong.conf: not known

@@ -1,6 +1,7 @@
 """What each adapter offers the guard plugin's verdict cache (docs/guard.md#the-verdict-cache).
 
-Run in-process against a recording PDK stand-in: the inputs a verdict names (what decided it, with
+Run in-process against a recording PDK stand-in, each plugin as Kong with kong-mtls-guard loaded
+starts it (only then does it leave verdicts): the inputs a verdict names (what decided it, with
 the values read), how long it holds, and the calls it carries. The replay of every offer is checked
 against the live request in every protocol test (tests/harness/kong_side.py `check_verdict`); the
 Lua side in tests/unit/test_verdict_cache.py; real Kong in the integration scenario `test_15_...`.
@@ -37,12 +38,27 @@ KEY = generate_key("offers")
 PEER = "realip_remote_addr"
 
 
-def offer(plugin: Any, answers: dict, name: str,
-          shared: dict | None = None) -> tuple[dict | None, RecordingKong]:
+def decide(plugin: Any, answers: dict, shared: dict | None = None) -> RecordingKong:
+    """One request to `plugin` in a Kong with kong-mtls-guard loaded (the instance was started from
+    a config the wrapper marked): the recording PDK object, the verdict left in its kong.ctx.shared."""
+    setattr(plugin, VERDICT_APPLIED_ATTRIBUTE, True)
     kong = RecordingKong(answers)
     kong.shared.update(shared or {})
     plugin.access(kong)
-    return kong.shared.get(verdict_slot(name)), kong
+    return kong
+
+
+def offer(plugin: Any, answers: dict, name: str,
+          shared: dict | None = None) -> tuple[dict | None, RecordingKong]:
+    """`decide`, then what the wrapper does (verdicts.lua): it takes the verdict and makes the calls
+    of one to apply. Returns the verdict offered to the cache (None when there is none, or one only
+    to apply) and the recording PDK object."""
+    kong = decide(plugin, answers, shared)
+    record = kong.shared.pop(verdict_slot(name), None)
+    if record is not None and record.get("apply"):
+        for method, args, count in record["calls"]:
+            kong._call(method.removeprefix("kong."), *args[:count])
+    return (record if record is not None and record["ttl"] > 0 else None), kong
 
 
 def peer_answers(peer: str, headers: dict | None = None, forwarded: str | None = None) -> dict:
@@ -66,7 +82,7 @@ def test_ip_allowlist_offers_a_pass_decided_by_the_peer_alone() -> None:
 def test_ip_allowlist_offers_a_refusal_before_answering_it() -> None:
     plugin = ip_allowlist.Plugin({"allow": ["192.0.2.0/24"], "verdict_cache_ttl": 5})
     record, kong = offer(plugin, peer_answers("203.0.113.9"), IP_ALLOWLIST)
-    assert kong.calls[-3:] == ["ctx.shared.set", "log.warn.", "response.exit"]    # the offer first
+    assert kong.calls[-3:] == ["ctx.shared.set", "log.warn", "response.exit"]     # the wrapper answers
     assert record["ttl"] == 5 and record["inputs"] == [["var", PEER, "203.0.113.9"]]
     (log, log_args, _), (exit_, exit_args, _) = record["calls"]
     assert (log, exit_) == ("kong.log.warn", "kong.response.exit")
@@ -110,7 +126,7 @@ def test_ip_allowlist_forwarded_source_names_kongs_forwarded_address() -> None:
 def test_no_offer_and_no_extra_call_with_a_ttl_of_zero() -> None:
     plugin = ip_allowlist.Plugin({"allow": ["192.0.2.0/24"], "verdict_cache_ttl": 0})
     record, kong = offer(plugin, peer_answers("192.0.2.7"), IP_ALLOWLIST)
-    assert record is None and kong.calls == ["nginx.get_var", "ctx.shared.set"]
+    assert record is None and kong.calls == ["nginx.get_var", "ctx.shared.set", "ctx.shared.set"]  # applied
 
 
 # -- api-key-auth ----------------------------------------------------------------------------------
@@ -427,21 +443,16 @@ def test_an_api_key_verdict_holds_no_longer_than_the_row_it_carries_even_if_anot
         plugin.consumers.get("alice", lambda _: {**ALICE, "custom_id": "reloaded"})
 
     record, kong = offer(plugin, {**key_answers(), "client.authenticate": meanwhile}, API_KEY_AUTH)
-    assert kong.calls.count("client.authenticate") == 1 and clock.now > 1060       # passed at t=60.1
-    assert record is None, record["ttl"]                        # with alice's row of t=0, past its time
+    assert kong.calls.count("client.authenticate") == 1 and clock.now > 1060       # applied at t=60.1
+    assert 0 < record["ttl"] <= 0.1 + 1e-6                      # alice's row of t=0: until t=60
 
 
 # -- changes applied by Kong's wrapper -------------------------------------------------------------
 
-def applied(plugin: Any) -> Any:
-    """`plugin` as started from a config that carries the wrapper's VERDICT_APPLY_FLAG."""
-    setattr(plugin, VERDICT_APPLIED_ATTRIBUTE, True)
-    return plugin
-
-
 def test_with_the_wrapper_a_decided_pass_is_its_reads_and_one_call() -> None:
-    plugin = applied(ip_allowlist.Plugin({"allow": ["192.0.2.0/24"], "client_ip_header": "X-Real-Client-IP"}))
-    record, kong = offer(plugin, peer_answers("192.0.2.7"), IP_ALLOWLIST)
+    plugin = ip_allowlist.Plugin({"allow": ["192.0.2.0/24"], "client_ip_header": "X-Real-Client-IP"})
+    kong = decide(plugin, peer_answers("192.0.2.7"))
+    record = kong.shared[verdict_slot(IP_ALLOWLIST)]
     assert kong.calls == ["nginx.get_var", "ctx.shared.set"]
     assert record["apply"] is True and record["inputs"] == [["var", PEER, "192.0.2.7"]]
     assert [call[0] for call in record["calls"]] == ["kong.service.request.set_headers",
@@ -451,23 +462,26 @@ def test_with_the_wrapper_a_decided_pass_is_its_reads_and_one_call() -> None:
 
 
 def test_with_the_wrapper_and_no_cache_the_changes_come_without_inputs() -> None:
-    plugin = applied(ip_allowlist.Plugin({"allow": ["192.0.2.0/24"], "verdict_cache_ttl": 0}))
-    record, kong = offer(plugin, peer_answers("192.0.2.7"), IP_ALLOWLIST)
+    plugin = ip_allowlist.Plugin({"allow": ["192.0.2.0/24"], "verdict_cache_ttl": 0})
+    kong = decide(plugin, peer_answers("192.0.2.7"))
+    record = kong.shared[verdict_slot(IP_ALLOWLIST)]
     assert kong.calls == ["nginx.get_var", "ctx.shared.set"]
     assert (record["apply"], record["ttl"], record["inputs"]) == (True, 0, [])
     assert [call[0] for call in record["calls"]] == ["kong.ctx.shared.set"]
 
 
 def test_with_the_wrapper_a_refusal_is_answered_by_the_wrapper() -> None:
-    plugin = applied(ip_allowlist.Plugin({"allow": ["192.0.2.0/24"]}))
-    record, kong = offer(plugin, peer_answers("203.0.113.9"), IP_ALLOWLIST)
+    plugin = ip_allowlist.Plugin({"allow": ["192.0.2.0/24"]})
+    kong = decide(plugin, peer_answers("203.0.113.9"))
+    record = kong.shared[verdict_slot(IP_ALLOWLIST)]
     assert kong.calls == ["nginx.get_var", "ctx.shared.set"]
     assert [call[0] for call in record["calls"]] == ["kong.log.warn", "kong.response.exit"]
     assert record["calls"][1][1] == [403, {"message": "IP address not allowed: 203.0.113.9"}, {}]
 
 
 def test_with_the_wrapper_an_api_key_pass_is_its_reads_and_one_call() -> None:
-    record, kong = offer(applied(key_plugin(hide_credentials=True)), key_answers(), API_KEY_AUTH)
+    kong = decide(key_plugin(hide_credentials=True), key_answers())
+    record = kong.shared[verdict_slot(API_KEY_AUTH)]
     assert kong.calls == ["request.get_headers", "client.load_consumer", "ctx.shared.set"]
     assert [call[0] for call in record["calls"]] == [
         "kong.client.authenticate", "kong.service.request.set_headers", "kong.ctx.shared.set"]
@@ -484,7 +498,7 @@ class ReadsAfterWriting:
 
 
 def test_with_the_wrapper_a_read_after_a_change_sends_the_changes_first_and_for_good() -> None:
-    record, kong = offer(applied(ReadsAfterWriting()), {"nginx.get_var": lambda _: "192.0.2.1"}, "writer")
+    record, kong = offer(ReadsAfterWriting(), {"nginx.get_var": lambda _: "192.0.2.1"}, "writer")
     assert kong.calls == ["nginx.get_var", "service.request.set_headers", "nginx.get_var", "ctx.shared.set",
                           "ctx.shared.set", "ctx.shared.set"]
     assert kong.shared["kong_mtls.writer"] == {"ok": True}  # made live: the verdict is for the cache only
@@ -493,7 +507,7 @@ def test_with_the_wrapper_a_read_after_a_change_sends_the_changes_first_and_for_
 
 def test_with_the_wrapper_a_change_it_cannot_make_is_sent_live_in_order_and_nothing_is_offered() -> None:
     answers = {"nginx.get_var": lambda _: "192.0.2.1"}
-    record, kong = offer(applied(Writer("service.request.set_body")), answers, "writer")
+    record, kong = offer(Writer("service.request.set_body"), answers, "writer")
     assert record is None
     assert kong.calls == ["nginx.get_var", "service.request.set_body", "ctx.shared.set"]
     assert kong.shared == {"kong_mtls.writer": {"ok": True}}
@@ -505,6 +519,6 @@ def test_with_the_wrapper_a_read_it_does_not_know_still_gets_kongs_answer() -> N
     handler gets Kong's answer, not None, whether or not the guard plugin is loaded."""
     assert "kong.request.get_path" not in PLAIN_READS | VERDICT_REPLAYABLE
     answers = {"nginx.get_var": lambda _: "192.0.2.1", "request.get_path": lambda: "/orders"}
-    record, kong = offer(applied(Reader("request.get_path")), answers, "reader")
+    record, kong = offer(Reader("request.get_path"), answers, "reader")
     assert kong.calls == ["nginx.get_var", "request.get_path", "ctx.shared.set"]   # passed
     assert record is None and kong.shared == {"kong_mtls.reader": {"ok": True}}

@@ -283,8 +283,6 @@ def _leave_verdict(kong: Any, plugin: str, inputs: VerdictInputs, calls: _Calls,
     return True
 
 
-#: A plugin instance answered by the verdict cache holds its `verdict_cache_ttl` here.
-VERDICT_TTL_ATTRIBUTE = "verdict_cache_ttl"
 #: True on a plugin instance whose config carries VERDICT_APPLY_FLAG (kong_mtls.kong.server).
 VERDICT_APPLIED_ATTRIBUTE = "verdicts_applied_by_kong"
 
@@ -315,7 +313,7 @@ def phase(plugin: str, *,
                                                  detail=str(config_error)))
                     return
                 applied = getattr(self, VERDICT_APPLIED_ATTRIBUTE, False)
-                if not (verdicts and not notices and (applied or getattr(self, VERDICT_TTL_ATTRIBUTE, 0))):
+                if not (verdicts and not notices and applied):
                     refusal = handler(self, kong, VerdictInputs()) if verdicts else handler(self, kong)
                     if refusal is not None:
                         refuse(kong, plugin, refusal)

@@ -16,12 +16,10 @@ from kong_mtls.constants import (
     API_KEY_AUTH,
     CLIENT_CERT_AUTH,
     CLIENT_CERT_REQUEST,
-    DEFAULT_VERDICT_CACHE_TTL,
     GUARD,
     HEADER_CERT_AUTH,
     PLUGIN_MODULES,
     UPSTREAM_IDENTITY,
-    VERDICT_CACHED_PLUGINS,
 )
 from kong_mtls.core.chain import ChainConfigError, describe, expiring_anchors, parse_pem_certificates
 from kong_mtls.core.upstream import TLS_PROTOCOLS, Reason, Target, service_tls_problem
@@ -581,24 +579,6 @@ def rule_anonymous(ctx: Context) -> Iterator[Finding]:
                     f"create the consumer {ref!r} or fix the reference", tags)
 
 
-def rule_verdict_cache_unused(ctx: Context) -> Iterator[Finding]:
-    """verdict-cache-unused: a plugin offers its verdicts to the guard plugin's cache (one more round
-    trip per request the plugin server decides) on a Kong whose kong.conf `plugins` does not load
-    the guard plugin (and no config of it here says it is loaded)."""
-    loaded = (ctx.kong_conf or {}).get("plugins")
-    if loaded is None or ctx.config.enabled(GUARD) or GUARD in (n.strip() for n in loaded.split(",")):
-        return
-    for name in VERDICT_CACHED_PLUGINS:
-        for plugin in ctx.config.enabled(name):
-            if plugin.config.get("verdict_cache_ttl", DEFAULT_VERDICT_CACHE_TTL) != 0:
-                yield Finding(
-                    Severity.WARNING, "verdict-cache-unused", plugin.path,
-                    f"verdict_cache_ttl is on but {GUARD}, which keeps the verdicts, is not loaded: every "
-                    "request costs one more round trip to the plugin server and is never answered by Kong",
-                    f"load and enable {GUARD} (also the fail-closed guard), or set verdict_cache_ttl: 0",
-                    ctx.tags(plugin))
-
-
 # -- trust anchors and plugin configs --------------------------------------------------------------------
 
 def _expiry(ctx: Context, certs: Iterable[Any], path: str, tags: frozenset[str]) -> Iterator[Finding]:
@@ -673,7 +653,6 @@ RULES: tuple[Rule, ...] = (
     rule_report_only,
     rule_anonymous,
     rule_anchors,
-    rule_verdict_cache_unused,
 )
 
 #: Every rule id and its default severity (docs/lint.md has one section per id).
@@ -696,7 +675,6 @@ RULE_IDS = {
     "anonymous-missing": Severity.ERROR,
     "anchor-expiring": Severity.WARNING,
     "invalid-ca-certificate": Severity.ERROR,
-    "verdict-cache-unused": Severity.WARNING,
 }
 
 
