@@ -90,9 +90,11 @@ def stats(kong: KongSide, server: PluginServerProcess) -> ServerStats:
     return ServerStats(server.rss_kb(), runtime["Greenlets"], runtime["Events"])
 
 
-def soak(total: int, warmup: int, *, progress: bool = False) -> dict[str, tuple[ServerStats, ServerStats]]:
-    """Run `warmup` then `total` requests round-robin over the mix; return stats per server."""
-    with cases.world() as w, mix(w) as paths, KongSide() as kong:
+def soak(total: int, warmup: int, *, progress: bool = False,
+         guard_loaded: bool = False) -> dict[str, tuple[ServerStats, ServerStats]]:
+    """Run `warmup` then `total` requests round-robin over the mix (in a Kong with kong-mtls-guard
+    loaded: its wrapper applies the verdicts); return stats per server."""
+    with cases.world() as w, mix(w) as paths, KongSide(verdict_wrapper=guard_loaded) as kong:
         for i in range(warmup):
             run_once(paths[i % len(paths)], kong, i)
         before = {name: stats(kong, s) for name, s in w.servers.items()}
@@ -110,11 +112,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__)
     parser.add_argument("--requests", type=int, default=200_000)
     parser.add_argument("--warmup", type=int, default=5_000)
+    parser.add_argument("--guard-loaded", action="store_true",
+                        help="Kong's side as with kong-mtls-guard loaded (its wrapper applies the verdicts)")
     args = parser.parse_args(argv)
     started = time.monotonic()
-    result = soak(args.requests, args.warmup, progress=True)
+    result = soak(args.requests, args.warmup, progress=True, guard_loaded=args.guard_loaded)
     elapsed = time.monotonic() - started
-    print(f"{args.requests:,} requests after {args.warmup:,} of warm-up, every answer as expected, "
+    print(f"{args.requests:,} requests after {args.warmup:,} of warm-up"
+          f"{', kong-mtls-guard loaded' if args.guard_loaded else ''}, every answer as expected, "
           f"{elapsed:.0f} s\n")
     print("| plugin server | RSS after warm-up (KiB) | RSS at end (KiB) | growth (KiB) | greenlets "
           "| open events |")
