@@ -65,3 +65,12 @@ def idle_instances(request: pytest.FixtureRequest,
     with _kong(request, tmp_path_factory, "-idle-instances", settings={"log_level": "info"},
                server_args="--instance-idle-after 2") as gw:
         yield gw
+
+
+@pytest.fixture(scope="module")
+def guard_fallback(request: pytest.FixtureRequest,
+                   tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    """A Kong of the same runner without kong-mtls-guard loaded: each route of ours is guarded by a
+    post-function (the fallback of docs/guard.md)."""
+    with _kong(request, tmp_path_factory, "-guard-fallback", guard_fallback=True) as gw:
+        yield gw

@@ -57,6 +57,7 @@ from tests.integration.support import (
     request,
     tls_context,
     with_config_marker,
+    with_post_function_guards,
 )
 
 START_TIMEOUT = 120.0
@@ -413,15 +414,18 @@ class LocalGateway(Gateway):
       only their schemas queried);
     * `control_plane` (another LocalGateway): a hybrid data plane that takes its config from it;
     * `settings`: more kong.conf settings (e.g. `untrusted_lua = off`);
-    * `server_args`: more arguments for every plugin server (`--processes 2`).
+    * `server_args`: more arguments for every plugin server (`--processes 2`);
+    * `guard_fallback`: kong-mtls-guard not loaded, each route guarded by a post-function instead.
     """
 
     kind = "local"
 
     def __init__(self, kong: str, *, option_a: bool = False, database: Mapping[str, str] | None = None,
                  role: str = "traditional", control_plane: LocalGateway | None = None,
-                 settings: Mapping[str, str] | None = None, server_args: str = "") -> None:
+                 settings: Mapping[str, str] | None = None, server_args: str = "",
+                 guard_fallback: bool = False) -> None:
         self.kong = kong  # other attributes set by boot()
+        self.guard_fallback = guard_fallback
         self.option_a = option_a
         self.settings = dict(settings or {})
         self.server_args = server_args
@@ -458,11 +462,15 @@ class LocalGateway(Gateway):
                                 request_certificates=not self.option_a)
 
         config = adapted("kong.yml")
+        if self.guard_fallback:
+            config = with_post_function_guards(config)
         declarative = self.root / "kong.yml"
         declarative.write_text(json.dumps(config))  # JSON is YAML
         ports = {"http": free_port(), "https": free_port(), "admin": free_port(), "cluster": free_port()}
         extra: dict[str, str | None] = dict(OPTION_A_SETTINGS) if self.option_a else {}
         extra.update(self._role_settings(pki, ports))
+        if self.guard_fallback:
+            extra["plugins"] = ",".join(["bundled", *plugins])
         extra.update(self.settings)
         if self.database is not None:
             extra.update({"database": "postgres", "declarative_config": None, **self.database})

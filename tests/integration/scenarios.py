@@ -1246,3 +1246,41 @@ class IdleInstancesScenarios:
             gateway.restore()
         assert not gateway.seen_upstream(refused["X-Test-Nonce"])
         assert log_lines(gateway, "reason=INSTANCE_IDLE", level="info")
+
+
+class GuardFallbackScenarios:
+    """A Kong that does not load kong-mtls-guard (a managed gateway that takes configuration only):
+    each route of ours is guarded by a post-function instead (docs/guard.md, "The `post-function`
+    fallback"). Needs the `guard_fallback` fixture (another Kong)."""
+
+    def test_g1_without_the_guard_plugin_the_servers_make_each_change_and_the_fallback_fails_closed(
+            self, guard_fallback: Gateway) -> None:
+        """No wrapper marks the plugins' configs: the plugin servers make every change themselves
+        and hand Kong no verdict (nothing would take it). Identity headers in every spelling are
+        still removed, refusals answered, and with a plugin server stopped the post-function guard
+        answers 503."""
+        gateway = guard_fallback
+        requires(gateway, "client-cert-auth", "api-key-auth", "ip-allowlist")
+
+        def forged(*names: str) -> dict[str, str]:
+            return {spelling: "forged" for name in names for spelling in (name, *other_spellings(name))}
+
+        identity = (*CONSUMER_HEADERS, *GROUP_HEADERS)
+        key = {"apikey": gateway.api_key("ak_alice_dev")}
+        for path, cert, headers in (("/mtls", "clients/alice", forged(*identity, "X-Client-Cert-DN")),
+                                    ("/key", None, {**forged(*identity), **key})):
+            answer = gateway.https(path, cert=cert, headers=headers)
+            assert answer.status == 200, (path, answer)
+            assert answer.upstream_headers["x-consumer-username"] == "alice", path
+            assert not {k: v for k, v in answer.upstream_headers.items() if "forged" in str(v)}, path
+        assert gateway.https("/ip").status == 200
+        for path, headers, status in (("/ip/blocked", nonce(), 403),
+                                      ("/key", {"apikey": key["apikey"] + "x", **nonce()}, 401)):
+            assert gateway.https(path, headers=headers).status == status, path
+            assert not gateway.seen_upstream(headers["X-Test-Nonce"]), path
+        for name in ("ip-allowlist", "api-key-auth", "client-cert-auth"):
+            stats = gateway.plugin_server_stats(name)
+            assert stats is not None and stats["Instances"] >= 1, name
+            assert stats["InstancesWithVerdictsApplied"] == 0, name
+        Scenarios._while_stopped(gateway, "api-key-auth",
+                                 lambda: Scenarios._guarded(gateway, "/key", key, missing="api-key-auth"))

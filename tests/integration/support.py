@@ -29,6 +29,7 @@ from kong_mtls.constants import (
     PLUGIN_MODULES,
     VERDICT_CACHED_PLUGINS,
 )
+from kong_mtls.guard import GUARDED_PLUGINS, lua_guard
 
 ROOT = Path(__file__).resolve().parents[2]
 KONG_CONF_EXAMPLE = ROOT / "kong.conf.example"
@@ -228,6 +229,21 @@ def adapt_config(config: Mapping[str, Any], *, available: Iterable[str],
                     plugin["config"].pop("always_use_authenticated_groups", None)
     if kong_version < (3, 0, 0):
         out["_format_version"] = "2.1"
+    return out
+
+
+def with_post_function_guards(config: Mapping[str, Any]) -> dict[str, Any]:
+    """`config` for a Kong that does not load kong-mtls-guard (the post-function fallback of
+    docs/guard.md): every kong-mtls-guard entry goes, and each route with plugins of ours gets a
+    post-function guard that requires their marks."""
+    out = copy.deepcopy(dict(config))
+    out["plugins"] = [p for p in out.get("plugins") or () if p["name"] != GUARD]
+    for route in iter_routes(out):
+        plugins = [p for p in route.get("plugins") or () if p["name"] != GUARD]
+        ours = [name for name in route_plugins({"plugins": plugins}) if name in GUARDED_PLUGINS]
+        if ours:
+            plugins.append({"name": "post-function", "config": {"access": [lua_guard(ours)]}})
+        route["plugins"] = plugins
     return out
 
 

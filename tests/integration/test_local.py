@@ -7,6 +7,7 @@ import pytest
 
 from tests.integration.runners import LocalRunner
 from tests.integration.scenarios import (
+    GuardFallbackScenarios,
     IdleInstancesScenarios,
     OptionAScenarios,
     ProcessesScenarios,
@@ -39,4 +40,8 @@ class TestLocalProcesses(ProcessesScenarios):
 
 
 class TestLocalIdleInstances(IdleInstancesScenarios):
+    pass
+
+
+class TestLocalGuardFallback(GuardFallbackScenarios):
     pass
