@@ -12,6 +12,8 @@ import uuid
 import pytest
 import yaml
 
+from kong_mtls.constants import GUARD, PLUGIN_MODULES
+from kong_mtls.guard import post_function_guards
 from tests.integration.support import (
     COMPOSE_FILE,
     ECHO_ADDRESS,
@@ -19,14 +21,17 @@ from tests.integration.support import (
     LUA_DIR,
     SIGNAL_SCRIPT,
     STAND_IN_CLOUDFLARE,
+    TEMPLATES_DIR,
     adapt_config,
     cloudflare_test_config,
     find_route,
+    load_dev_config,
     local_kong_conf,
     parse_kong_conf,
     parse_kong_version,
     pluginserver_key,
     route_plugin,
+    with_post_function_guards,
     with_route_plugins,
 )
 
@@ -168,3 +173,45 @@ def test_compose_file_is_what_the_docker_runner_reads() -> None:
         text = json.dumps(services[name])
         assert "${" not in text, f"{name}: the runner does not interpolate variables"
     assert services["kong"]["depends_on"]["pki-init"]["condition"] == "service_completed_successfully"
+
+
+def _unguarded(config: dict, loaded: str) -> list[str]:
+    """The lint findings that a route of ours runs without a guard, or with one that cannot run, on
+    a Kong whose kong.conf `plugins` is `loaded`."""
+    from kong_mtls.lint.model import normalise
+    from kong_mtls.lint.plugin_checks import check_plugin
+    from kong_mtls.lint.rules import Context, lint
+
+    kong_conf = {**parse_kong_conf(KONG_CONF_EXAMPLE.read_text()), "plugins": loaded}
+    findings = lint(Context(normalise(json.loads(json.dumps(config))), kong_conf, check_plugin, 0.0))
+    return [f"{f.rule} {f.path}" for f in findings if f.rule in ("unguarded-route", "guard-without-plugin")]
+
+
+def test_with_post_function_guards_guards_every_route_of_ours_in_kong_yml(tmp_path) -> None:
+    """The fallback Kong of test_g1 (kong-mtls-guard not loaded): every route with a plugin of ours
+    gets a post-function guard, as lint sees it, and no kong-mtls-guard entry is left."""
+    load_dev_config().prepare(tmp_path, [str(TEMPLATES_DIR)])
+    config = yaml.safe_load((tmp_path / "config" / "kong.yml").read_text())
+    fallback = with_post_function_guards(config)
+    assert GUARD not in json.dumps(fallback)
+    assert _unguarded(fallback, "bundled," + ",".join(PLUGIN_MODULES)) == []
+    assert _unguarded(config | {"plugins": []}, "bundled," + ",".join(PLUGIN_MODULES))  # the check can fail
+
+
+def test_with_post_function_guards_sees_plugins_of_ours_on_services_and_globally() -> None:
+    """Kong runs a Service's and a global plugin on every route they reach: those routes need the
+    fallback guard too, requiring those plugins' marks."""
+    config = {
+        "_format_version": "3.0",
+        "plugins": [{"name": "ip-allowlist", "config": {"allow": ["192.0.2.0/24"]}}, {"name": GUARD}],
+        "services": [{
+            "name": "svc", "url": "http://up.example",
+            "plugins": [{"name": "api-key-auth", "config": {"key_names": ["apikey"]}}],
+            "routes": [{"name": "plain", "paths": ["/plain"]}],
+        }],
+    }
+    fallback = with_post_function_guards(config)
+    assert _unguarded(fallback, "bundled," + ",".join(PLUGIN_MODULES)) == []
+    (guard,) = find_route(fallback, "plain")["plugins"]
+    assert guard["name"] == "post-function"
+    assert set(post_function_guards(guard["config"]["access"])) == {"ip-allowlist", "api-key-auth"}
