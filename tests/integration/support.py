@@ -234,16 +234,22 @@ def adapt_config(config: Mapping[str, Any], *, available: Iterable[str],
 
 def with_post_function_guards(config: Mapping[str, Any]) -> dict[str, Any]:
     """`config` for a Kong that does not load kong-mtls-guard (the post-function fallback of
-    docs/guard.md): every kong-mtls-guard entry goes, and each route with plugins of ours gets a
-    post-function guard that requires their marks."""
+    docs/guard.md): every kong-mtls-guard entry goes, and each route that plugins of ours reach
+    (its own, its Service's, global ones) gets a post-function guard that requires their marks."""
     out = copy.deepcopy(dict(config))
-    out["plugins"] = [p for p in out.get("plugins") or () if p["name"] != GUARD]
-    for route in iter_routes(out):
-        plugins = [p for p in route.get("plugins") or () if p["name"] != GUARD]
-        ours = [name for name in route_plugins({"plugins": plugins}) if name in GUARDED_PLUGINS]
-        if ours:
-            plugins.append({"name": "post-function", "config": {"access": [lua_guard(ours)]}})
-        route["plugins"] = plugins
+
+    def ours(scope: dict[str, Any]) -> list[str]:
+        scope["plugins"] = [p for p in scope.get("plugins") or () if p["name"] != GUARD]
+        return [name for name in route_plugins(scope) if name in GUARDED_PLUGINS]
+
+    everywhere = ours(out)
+    for service in out.get("services") or ():
+        on_service = ours(service)
+        for route in service.get("routes") or ():
+            required = list(dict.fromkeys([*ours(route), *on_service, *everywhere]))
+            if required:
+                guard = {"name": "post-function", "config": {"access": [lua_guard(required)]}}
+                route["plugins"].append(guard)
     return out
 
 
