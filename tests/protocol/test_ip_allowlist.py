@@ -40,7 +40,7 @@ def test_cloudflare_peer_with_cf_connecting_ip_passes_and_publishes_the_visitor(
                                         "trusted": True}
     # The client-sent copy is replaced by the resolved address.
     assert outcome.upstream_headers["x-real-client-ip"] == [VISITOR]
-    # Two reads, two writes, and the verdict for the verdict cache: the whole budget.
+    # Two reads and two writes (with the guard's wrapper: the reads and the verdict): the whole budget.
     assert outcome.pdk_calls == decided_calls(kong, [
         "kong.nginx.get_var", "kong.request.get_headers", "kong.service.request.set_headers",
         "kong.ctx.shared.set"])

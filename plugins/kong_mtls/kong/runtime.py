@@ -291,12 +291,13 @@ def phase(plugin: str, *,
           verdicts: bool = False) -> Callable[[Callable[..., PhaseResult]], Callable[[Any, Any], None]]:
     """Decorate a phase method `(self, kong) -> Refusal | None` so that nothing escapes it.
 
-    With `verdicts`, the method is `(self, kong, inputs: VerdictInputs)` and its verdict is offered
-    to the guard plugin's verdict cache when the instance's `verdict_cache_ttl` is not 0 or Kong's
-    wrapper applies its verdicts: `kong` then notes the calls that change the request, and a
-    refusal's log line and answer are added to them. When Kong's wrapper applies verdicts
-    (VERDICT_APPLIED_ATTRIBUTE), the calls it can make are held back and the verdict carries them:
-    the request costs its reads and one call (see `_Calls` for what ends the holding)."""
+    With `verdicts`, the method is `(self, kong, inputs: VerdictInputs)`. Only on an instance whose
+    verdicts Kong's wrapper applies (VERDICT_APPLIED_ATTRIBUTE) is a verdict left: `kong` then
+    notes the calls that change the request and holds back those the wrapper can make, a refusal's
+    log line and answer are added to them, and the verdict carries them all (also to the verdict
+    cache while `verdict_cache_ttl` is not 0): the request costs its reads and one call (see
+    `_Calls` for what ends the holding). On any other instance every call is made at once and no
+    verdict is left (no one would take it)."""
 
     def decorate(handler: Callable[..., PhaseResult]) -> Callable[[Any, Any], None]:
         @functools.wraps(handler)
