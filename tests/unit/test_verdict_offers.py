@@ -429,9 +429,10 @@ def test_a_chain_padded_with_certificates_outside_its_path_is_not_offered(pki: A
 
 def test_an_api_key_verdict_holds_no_longer_than_the_row_it_carries_even_if_another_request_reloads_it(
         ) -> None:
-    """The server runs requests concurrently (gevent): while this one waits on its PDK calls,
-    another may reload the consumer row. The verdict carries the row this request read, cached until
-    t=60: it may hold until then, not for the reloaded row's time."""
+    """The server runs requests concurrently (gevent), and another request may reload the consumer
+    row at any time. The verdict carries the row this request read, cached until t=60: it may hold
+    until then, not for the reloaded row's time. (With Kong applying the verdict no PDK call is
+    left between reading the row and the verdict, so the reload here comes while Kong applies it.)"""
     plugin = key_plugin()
     clock = Clock()
     plugin.consumers.clock = clock
