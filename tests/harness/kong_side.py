@@ -959,10 +959,12 @@ class KongSide:
             record = outcome.ctx_shared.pop(verdict_slot(server.name), None)
             if record is not None:
                 outcome.verdicts.append((server.name, record))
-                if isinstance(record, dict) and record.get("apply") is True and not answered:
-                    answered = apply_verdict(record, state)
-                if not (isinstance(record, dict) and record.get("apply") is True and record.get("ttl") == 0):
-                    check_verdict(record, before, state)
+                to_apply = isinstance(record, dict) and record.get("apply") is True
+                if not (to_apply and answered):  # after an answer, verdicts.lua neither applies nor keeps it
+                    if to_apply:
+                        answered = apply_verdict(record, state)
+                    if not (to_apply and record.get("ttl") == 0):
+                        check_verdict(record, before, state)
             if answered:
                 break
         if outcome.exit is None and guard:

@@ -313,11 +313,16 @@ def test_a_malformed_verdict_to_apply_is_kongs_500_and_nothing_of_it_is_made(kon
     assert python_value(kong.lua.eval("kong.ctx.shared")) in ({}, None)
 
 
-def test_a_verdict_to_apply_is_not_made_after_the_plugin_server_answered(kong: Kong) -> None:
-    offer = {**allow("192.0.2.10", client_ip="192.0.2.10", apply=True), "ttl": 0, "inputs": [],
-             "answer_live": True}
+@pytest.mark.parametrize("ttl", [0, 60])
+def test_a_verdict_to_apply_is_neither_made_nor_kept_after_the_plugin_server_answered(kong: Kong,
+                                                                                     ttl: int) -> None:
+    offer = {**allow("192.0.2.10", client_ip="192.0.2.10", ttl=ttl, apply=True), "answer_live": True}
+    if not ttl:
+        offer["inputs"] = []
     calls, _, shared = kong.request(var={PEER: "192.0.2.10"}, offer=offer)
     assert calls == [["kong.response.exit", 403]] and MARK not in shared
+    _, _, shared = kong.request(var={PEER: "192.0.2.10"})  # asked again: nothing was kept
+    assert kong.events == 2 and MARK not in shared
 
 
 @pytest.mark.parametrize("planted", [allow("192.0.2.10", apply=True), allow("192.0.2.10")],

@@ -350,17 +350,23 @@ local function cached_access(plugin_name, access)
     local ran, err = coroutine.resume(co, self, conf)
     local record = shared[slot]
     shared[slot] = nil
-    local kept, keep_err = pcall(keep, record, conf, view)
-    if not kept then
-      kong.log.err("[kong-mtls] verdict not cached reason=VERDICT_CACHE_ERROR detail=", tostring(keep_err))
+    local to_apply = type(record) == "table" and record.apply == true
+    -- The plugin server answered (kong.response.exit): a verdict to apply is then neither applied
+    -- nor kept (later requests get nothing this one did not); a verdict it made itself is kept.
+    local answered = ran and coroutine.status(co) == "suspended"
+    if not (answered and to_apply) then
+      local kept, keep_err = pcall(keep, record, conf, view)
+      if not kept then
+        kong.log.err("[kong-mtls] verdict not cached reason=VERDICT_CACHE_ERROR detail=", tostring(keep_err))
+      end
     end
     if not ran then
       error(err, 0)
     end
-    if coroutine.status(co) == "suspended" then  -- the plugin server answered (kong.response.exit)
+    if answered then
       return coroutine.yield()
     end
-    if type(record) == "table" and record.apply == true then
+    if to_apply then
       local changes = checked_calls(record.calls)
       if not changes then  -- Kong answers 500: nothing of the verdict is applied
         error("[kong-mtls] verdict not applied reason=VERDICT_MALFORMED", 0)
