@@ -211,17 +211,18 @@ class VerdictInputs:
 
 class _Calls:
     """The PDK calls of one handler run, in order (plain reads too), and the changes not yet sent
-    to Kong: while `holding`, a call Kong's wrapper can make (VERDICT_REPLAYABLE) is only noted, for
-    the wrapper to make from the verdict. Any other call (a read, or a change the wrapper cannot
-    make) is made at once, after the held ones, if any, are sent (which ends the holding): the
-    handler reads what its own changes left, and gets Kong's answer to every call not held."""
+    to Kong: while `holding` (from the start), a call Kong's wrapper can make (VERDICT_REPLAYABLE)
+    is only noted, for the wrapper to make from the verdict. Any other call (a read, or a change the
+    wrapper cannot make) is made at once, after the held ones, if any, are sent (which ends the
+    holding): the handler reads what its own changes left, and gets Kong's answer to every call
+    not held."""
 
     __slots__ = ("held", "holding", "made")
 
-    def __init__(self, holding: bool) -> None:
+    def __init__(self) -> None:
         self.made: list[tuple[str, tuple]] = []
         self.held: list[tuple[Any, tuple]] = []
-        self.holding = holding
+        self.holding = True
 
     def send_held(self) -> None:
         self.holding = False
@@ -313,14 +314,13 @@ def phase(plugin: str, *,
                     refuse(kong, plugin, Refusal(500, MESSAGE_UNEXPECTED, REASON_INVALID_CONFIG,
                                                  detail=str(config_error)))
                     return
-                applied = getattr(self, VERDICT_APPLIED_ATTRIBUTE, False)
-                if not (verdicts and not notices and applied):
+                if not (verdicts and not notices and getattr(self, VERDICT_APPLIED_ATTRIBUTE, False)):
                     refusal = handler(self, kong, VerdictInputs()) if verdicts else handler(self, kong)
                     if refusal is not None:
                         refuse(kong, plugin, refusal)
                     return
                 inputs = VerdictInputs()
-                calls = _Calls(holding=applied)
+                calls = _Calls()
                 refusal = handler(self, _Recording(kong, (), calls), inputs)
                 answer = [] if refusal is None else _refusal_calls(plugin, refusal)
                 if calls.holding and _leave_verdict(kong, plugin, inputs, calls, answer):
