@@ -34,43 +34,29 @@ def gateway(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
         yield gw
 
 
-@pytest.fixture(scope="module")
-def option_a(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    """A second Kong of the same runner, asking for client certificates with nginx's optional_no_ca."""
-    with _kong(request, tmp_path_factory, "-option-a", option_a=True) as gw:
-        yield gw
+def _another_kong(name: str, doc: str, **options: Any) -> Any:
+    """A module-scoped fixture `name`: a Kong of the same runner as `gateway`, started with `options`."""
+
+    def fixture(request: pytest.FixtureRequest,
+                tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+        with _kong(request, tmp_path_factory, "-" + name.replace("_", "-"), **options) as gw:
+            yield gw
+
+    fixture.__doc__ = doc
+    return pytest.fixture(scope="module", name=name)(fixture)
 
 
-@pytest.fixture(scope="module")
-def untrusted_lua_off(request: pytest.FixtureRequest,
-                      tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    """A Kong of the same runner with `untrusted_lua = off` (no pre-/post-function code runs)."""
-    with _kong(request, tmp_path_factory, "-untrusted-lua-off", settings={"untrusted_lua": "off"}) as gw:
-        yield gw
-
-
-@pytest.fixture(scope="module")
-def two_processes(request: pytest.FixtureRequest,
-                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    """A Kong of the same runner with two nginx workers, each plugin server run with `--processes 2`."""
-    with _kong(request, tmp_path_factory, "-two-processes", settings={"nginx_worker_processes": "2"},
-               server_args="--processes 2") as gw:
-        yield gw
-
-
-@pytest.fixture(scope="module")
-def idle_instances(request: pytest.FixtureRequest,
-                   tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    """A Kong of the same runner whose plugin servers drop instances idle for 2 s (logged at info)."""
-    with _kong(request, tmp_path_factory, "-idle-instances", settings={"log_level": "info"},
-               server_args="--instance-idle-after 2") as gw:
-        yield gw
-
-
-@pytest.fixture(scope="module")
-def guard_fallback(request: pytest.FixtureRequest,
-                   tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    """A Kong of the same runner without kong-mtls-guard loaded: each route of ours is guarded by a
-    post-function (the fallback of docs/guard.md)."""
-    with _kong(request, tmp_path_factory, "-guard-fallback", guard_fallback=True) as gw:
-        yield gw
+option_a = _another_kong(
+    "option_a", "A second Kong asking for client certificates with nginx's optional_no_ca.", option_a=True)
+untrusted_lua_off = _another_kong(
+    "untrusted_lua_off", "A Kong with `untrusted_lua = off` (no pre-/post-function code runs).",
+    settings={"untrusted_lua": "off"})
+two_processes = _another_kong(
+    "two_processes", "A Kong with two nginx workers, each plugin server run with `--processes 2`.",
+    settings={"nginx_worker_processes": "2"}, server_args="--processes 2")
+idle_instances = _another_kong(
+    "idle_instances", "A Kong whose plugin servers drop instances idle for 2 s (logged at info).",
+    settings={"log_level": "info"}, server_args="--instance-idle-after 2")
+guard_fallback = _another_kong(
+    "guard_fallback", "A Kong without kong-mtls-guard loaded: each route of ours is guarded by a "
+    "post-function (the fallback of docs/guard.md).", guard_fallback=True)
