@@ -75,6 +75,11 @@ class Plugin:
         # pass may be cached under them.
         self.cacheable = (not self.auth.settings.key_in_query and not self.auth.settings.key_in_body
                           and self.auth.anonymous is None)
+        #: The header names a key is looked up under, as Kong's header map spells them: the inputs
+        #: of a cached pass.
+        self.key_header_inputs = tuple(
+            spelling for name in self.auth.settings.key_names
+            for spelling in dict.fromkeys((name.lower(), name.lower().replace("_", "-"))))
 
     @phase(NAME, verdicts=True)
     def access(self, kong: Any, inputs: VerdictInputs) -> PhaseResult:
@@ -156,9 +161,8 @@ class Plugin:
             return
         if "method" in read:
             inputs.var(METHOD_VARIABLE, read["method"])
-        for name in self.auth.settings.key_names:
-            for spelling in dict.fromkeys((name.lower(), name.lower().replace("_", "-"))):
-                inputs.header(spelling, headers.get(spelling))
+        for spelling in self.key_header_inputs:
+            inputs.header(spelling, headers.get(spelling))
         ttl = min(self.verdict_cache_ttl, self.consumers.left(row_until))
         if credential.expires_at is not None:
             ttl = min(ttl, credential.expires_at - time.time())
